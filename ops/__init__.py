@@ -1,0 +1,60 @@
+"""qft_ds.ops: kernels behind one dispatcher.
+
+`reference.py` holds the PyTorch maths for every op; device backends register faster kernels against
+the same op names. `get_ops(backend, device)` resolves a backend, and a backend that was asked for by
+name but cannot run here raises: there is no silent fallback.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from . import reference
+
+OP_NAMES = ("quantize_blockwise", "dequantize_blockwise", "uniform", "lion_step", "lion_step_fp32")
+
+
+@dataclass
+class BackendInfo:
+    name: str
+    module: str  # module that defines the ops and an `is_compatible(device) -> (bool, reason)`
+
+
+BACKENDS = {
+    "torch": BackendInfo("torch", "qft_ds.ops.reference"),
+    "triton": BackendInfo("triton", "qft_ds.ops.triton_backend"),
+}
+
+
+def is_compatible(backend: str, device="cpu") -> tuple[bool, str]:
+    """Whether `backend` can run on `device`, and why not (like a DeepSpeed OpBuilder)."""
+    if backend == "torch":
+        return True, "pure PyTorch reference, runs on every device"
+    try:
+        mod = importlib.import_module(BACKENDS[backend].module)
+    except ImportError as e:  # triton missing, or its kernels failed to import
+        return False, f"cannot import: {e}"
+    return mod.is_compatible(device)
+
+
+def get_ops(backend: str = "auto", device="cpu") -> SimpleNamespace:
+    """The op table for `backend` ('auto' | 'torch' | 'triton') on `device`."""
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"qft.backend: unknown backend {backend!r}; choose auto, torch or triton")
+    if backend == "auto":
+        ok, _ = is_compatible("triton", device)
+        backend = "triton" if ok else "torch"
+    ok, why = is_compatible(backend, device)
+    if not ok:
+        raise RuntimeError(f"qft.backend={backend!r} was requested but cannot run on {device}: {why}. "
+                           "Use \"backend\": \"torch\" (the PyTorch reference) or \"auto\".")
+    table = {n: getattr(reference, n) for n in OP_NAMES}
+    if backend != "torch":
+        mod = importlib.import_module(BACKENDS[backend].module)
+        table.update({n: getattr(mod, n) for n in OP_NAMES if hasattr(mod, n)})
+    return SimpleNamespace(backend=backend, **table)
+
+
+def report(device="cpu") -> list[tuple[str, bool, str]]:
+    return [(name, *is_compatible(name, device)) for name in BACKENDS]

@@ -1,0 +1,148 @@
+"""PyTorch reference of every qft_ds kernel: the maths lives here, once.
+
+All tensors are flat (1-D). A block of `block` consecutive elements shares one fp32 scale
+`s = absmax / 127`, codes are symmetric int8 in [-127, 127], and the last block may be partial.
+Device kernels (ops/triton_*.py) must compute the same functions; tests compare them.
+
+Random draws for stochastic rounding are counter-based: element `i` of the global flat space gets a
+uniform that depends only on (seed, step, stream, i). Each aligned chunk of RNG_CHUNK elements gets
+its own generator keyed by a hash of (seed, step, stream, chunk), so a shard that starts mid-tensor
+draws exactly what the unsharded tensor would, and a rerun reproduces bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+
+QMAX = 127
+RNG_CHUNK = 1 << 16
+_M64 = (1 << 64) - 1
+
+# Independent random streams inside one optimizer step.
+STREAM_WEIGHT = 0
+STREAM_MOMENTUM = 1
+STREAM_GRAD = 2
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _M64
+    return x ^ (x >> 31)
+
+
+def rng_key(seed: int, step: int, stream: int) -> int:
+    """A 63-bit key for one (seed, step, stream); chunks hash their index into it."""
+    return _splitmix64(_splitmix64(_splitmix64(seed) ^ step) ^ stream) >> 1
+
+
+def uniform(key: int, offset: int, n: int, device) -> torch.Tensor:
+    """U[0,1) draws for global elements [offset, offset+n) under `key` (fp32)."""
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    gen = torch.Generator(device=device)
+    pos = 0
+    while pos < n:
+        g = offset + pos
+        chunk, within = divmod(g, RNG_CHUNK)
+        take = min(RNG_CHUNK - within, n - pos)
+        gen.manual_seed(_splitmix64(key ^ chunk) >> 1)
+        if within == 0:
+            torch.rand(take, generator=gen, device=device, out=out[pos:pos + take])
+        else:  # a shard starting mid-chunk: draw the chunk head too, keep the tail
+            out[pos:pos + take] = torch.rand(within + take, generator=gen, device=device)[within:]
+        pos += take
+    return out
+
+
+def _blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """View a flat tensor as [nblocks, block], zero-padding a partial last block."""
+    pad = (-x.numel()) % block
+    if pad:
+        x = torch.nn.functional.pad(x, (0, pad))
+    return x.view(-1, block)
+
+
+def num_blocks(numel: int, block: int) -> int:
+    return -(-numel // block)
+
+
+def absmax_scales(x: torch.Tensor, block: int) -> torch.Tensor:
+    return _blocks(x.float(), block).abs().amax(dim=1) / QMAX
+
+
+def round_codes(y: torch.Tensor, rounding: str, key: int | None = None, offset: int = 0) -> torch.Tensor:
+    """Round y (already in units of the scale) to int8 codes; 'sr' is unbiased: E[q] = y."""
+    if rounding == "sr":
+        y = torch.floor(y + uniform(key, offset, y.numel(), y.device))
+    elif rounding in ("rtn", "ef"):
+        y = torch.round(y)
+    else:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    # Always clamp before the cast: an out-of-range float->int8 cast wraps (200 -> -56).
+    return y.clamp_(-QMAX, QMAX).to(torch.int8)
+
+
+def quantize_blockwise(x: torch.Tensor, block: int, rounding: str = "rtn", key: int | None = None,
+                       offset: int = 0, scales: torch.Tensor | None = None):
+    """Flat float tensor -> (int8 codes [numel], fp32 scales [nblocks]). Scales from absmax unless given."""
+    x = x.reshape(-1).float()
+    if scales is None:
+        scales = absmax_scales(x, block)
+    inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
+    y = (_blocks(x, block) * inv[:, None]).reshape(-1)[: x.numel()]
+    return round_codes(y, rounding, key, offset), scales
+
+
+def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, block: int,
+                         dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    n = codes.numel()
+    x = _blocks(codes.reshape(-1).to(torch.float32), block) * scales[:, None].float()
+    return x.reshape(-1)[:n].to(dtype)
+
+
+def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
+              weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
+              residual=None, grad_scale=1.0):
+    """One INT8 Lion step on a flat weight (or shard), in place.
+
+    c = b1*m + (1-b1)*g ; w <- w*(1 - lr*wd) - lr*sign(c) ; m <- b2*m + (1-b2)*g
+
+    w is dense int8 on a fixed grid (its scale only grows, when a value outgrows its block: re-rounding
+    onto a fresh grid every step would add rounding noise to every element every step). Outliers are
+    exact fp32, updated in place; their dense codes stay 0. `residual` (int8, units of s/254) is the
+    error-feedback carry when rounding == 'ef'. `offset` is the global element offset of element 0.
+    """
+    g = grad.reshape(-1).float()
+    if grad_scale != 1.0:
+        g = g * grad_scale
+    m = dequantize_blockwise(m_codes, m_scales, m_block)
+    u = torch.sign(m.mul(beta1).add_(g, alpha=1 - beta1))
+    m.mul_(beta2).add_(g, alpha=1 - beta2)
+    mq, ms = quantize_blockwise(m, m_block, "sr", rng_key(seed, step, STREAM_MOMENTUM), offset)
+    m_codes.copy_(mq)
+    m_scales.copy_(ms)
+    del m, mq
+
+    w = dequantize_blockwise(w_codes, w_scales, w_block)
+    if residual is not None:
+        w.add_(dequantize_blockwise(residual, w_scales / 254.0, w_block))
+    w.mul_(1 - lr * weight_decay).sub_(u, alpha=lr)
+    if outlier_idx is not None and outlier_idx.numel():
+        outlier_val.mul_(1 - lr * weight_decay).sub_(u[outlier_idx], alpha=lr)
+        w[outlier_idx] = 0.0
+    new_scales = torch.maximum(w_scales, absmax_scales(w, w_block))
+    inv = torch.where(new_scales > 0, 1.0 / new_scales, torch.zeros_like(new_scales))
+    y = (_blocks(w, w_block) * inv[:, None]).reshape(-1)[: w.numel()]
+    key = rng_key(seed, step, STREAM_WEIGHT)
+    q = round_codes(y, rounding, key, offset)
+    if residual is not None:
+        residual.copy_(torch.round((y - q.float()) * 254.0).clamp_(-QMAX, QMAX).to(torch.int8))
+    w_codes.copy_(q)
+    w_scales.copy_(new_scales)
+
+
+def lion_step_fp32(param, momentum, grad, *, lr, beta1, beta2, weight_decay, grad_scale=1.0):
+    """Plain fp32 Lion, in place: the float parameters' update and the tests' reference."""
+    g = grad.float() * grad_scale if grad_scale != 1.0 else grad.float()
+    u = torch.sign(momentum.mul(beta1).add_(g, alpha=1 - beta1))
+    param.mul_(1 - lr * weight_decay).sub_(u.to(param.dtype), alpha=lr)
+    momentum.mul_(beta2).add_(g, alpha=1 - beta2)

@@ -1,0 +1,154 @@
+"""DeepSpeed glue: `qft_ds.initialize` mirrors `deepspeed.initialize` and owns the int8 state.
+
+What it does with the JSON config before DeepSpeed sees it:
+- `"qft"` is parsed into a QFTConfig (unknown keys are errors) and converts the model;
+- `"optimizer": {"type": "QFTLion", ...}` is built here and handed to DeepSpeed as a client optimizer:
+  DeepSpeed would hand an optimizer only parameters, and int8 weights need their modules;
+- `"bf16": {"enabled": true}` becomes bf16 *compute* in the quantized matmuls. DeepSpeed's own bf16
+  mode is switched off, because it casts every Parameter to bf16 and adds fp32 master copies;
+- `"gradient_clipping"` is applied by QFTLion (see its docstring) and removed for DeepSpeed, whose
+  clipping would only see the float parameters.
+Everything else (batch sizes, gradient accumulation, the "scheduler" section, logging) stays
+DeepSpeed's.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from qft_ds.config import QFTConfig, gradient_accumulation_steps, load_ds_config
+from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
+from qft_ds.optim.lion import QFTLion
+
+_OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
+_ds_initialize = None  # the real deepspeed.initialize, saved before qft_ds wraps it
+
+
+def wants_qft(ds: dict) -> bool:
+    opt = ds.get("optimizer") or {}
+    return "qft" in ds or str(opt.get("type", "")).lower() == "qftlion"
+
+
+def split_config(ds: dict, world_size: int = 1):
+    """(QFTConfig, optimizer params, the config DeepSpeed gets). Raises naming the offending key."""
+    ds = copy.deepcopy(ds)
+    cfg = QFTConfig.from_dict(ds.pop("qft", {}))
+    opt = ds.pop("optimizer", None)
+    if opt is None:
+        raise ValueError('config has no "optimizer" section; add {"type": "QFTLion", "params": {"lr": 2e-5}}')
+    if str(opt.get("type", "")).lower() != "qftlion":
+        raise ValueError(f"optimizer.type must be \"QFTLion\" for qft method {cfg.method!r}, got {opt.get('type')!r}")
+    params = dict(opt.get("params", {}))
+    for key in params:
+        if key not in _OPTIMIZER_KEYS:
+            raise ValueError(f"unknown key 'optimizer.params.{key}'; QFTLion takes {', '.join(_OPTIMIZER_KEYS)}")
+    if (ds.get("fp16") or {}).get("enabled"):
+        raise ValueError('"fp16" is not supported by qft_ds: use "bf16": {"enabled": true} (bf16 compute)')
+    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
+    if stage:
+        raise ValueError(f"zero_optimization.stage={stage}: qft_ds shards its int8 state itself and this "
+                         "version runs stage 0 only (one device or plain data parallel)")
+    cfg.compute_bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
+    if "bf16" in ds:
+        ds["bf16"] = {"enabled": False}
+    cfg.max_grad_norm = float(ds.pop("gradient_clipping", 0.0) or 0.0)
+    cfg.gradient_accumulation_steps = gradient_accumulation_steps(ds, world_size)
+    return cfg, params, ds
+
+
+def build_optimizer(model: torch.nn.Module, cfg: QFTConfig, params: dict) -> QFTLion:
+    """Two groups: quantized weights get weight decay; norms and biases do not."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if hasattr(p, "_qft_weight") else no_decay).append(p)
+    wd = float(params.get("weight_decay", 0.0))
+    groups = [{"params": decay, "weight_decay": wd}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return QFTLion(groups, lr=float(params.get("lr", 1e-4)), betas=tuple(params.get("betas", (0.9, 0.99))),
+                   weight_decay=wd, rounding=cfg.rounding, flow=cfg.resolved_flow(), block_size=cfg.block_size,
+                   seed=cfg.seed, max_grad_norm=cfg.max_grad_norm, backend=cfg.backend,
+                   outlier_refresh=cfg.outlier_refresh, outlier_frac=cfg.outlier_frac)
+
+
+def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False):
+    """Convert (once) and set up checkpointing; returns the HybridWeights."""
+    if is_converted(model):
+        weights = quantized_weights(model)
+    else:
+        weights = convert_model(model, group_size=cfg.group_size, outlier_frac=cfg.outlier_frac,
+                                compute_dtype=torch.bfloat16 if cfg.compute_bf16 else torch.float32,
+                                error_feedback=cfg.rounding == "ef", progress=progress)
+    if cfg.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError("qft.gradient_checkpointing needs a transformers model")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return weights
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None, config_params=None,
+               progress: bool = False, **kwargs):
+    """Like `deepspeed.initialize`, for a config that selects QFT. Returns (engine, optimizer, loader, sched)."""
+    if model is None:
+        raise ValueError("qft_ds.initialize needs the model")
+    if optimizer is not None:
+        raise ValueError("qft_ds builds QFTLion from the config's \"optimizer\" section; do not pass optimizer=")
+    config = config if config is not None else config_params
+    if config is None:
+        config = getattr(args, "deepspeed_config", None)
+    if config is None:
+        raise ValueError("no DeepSpeed config: pass config= (dict or JSON path) or args.deepspeed_config")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, opt_params, ds = split_config(load_ds_config(config), world)
+    prepare_model(model, cfg, progress=progress and int(os.environ.get("RANK", "0")) == 0)
+    opt = build_optimizer(model, cfg, opt_params)
+    if args is not None and getattr(args, "deepspeed_config", None) is not None:
+        args = copy.copy(args)
+        args.deepspeed_config = None  # DeepSpeed would prefer it over the rewritten config
+    ds_init = _ds_initialize or _import_deepspeed().initialize
+    engine, ds_opt, loader, sched = ds_init(args=args, model=model, optimizer=opt, config=ds, **kwargs)
+    if engine.gradient_accumulation_steps() != cfg.gradient_accumulation_steps:
+        raise ValueError(f"gradient_accumulation_steps: DeepSpeed resolved {engine.gradient_accumulation_steps()} "
+                         f"but qft_ds read {cfg.gradient_accumulation_steps}; set it explicitly in the config")
+    opt.init_state()
+    engine.qft_config = cfg
+    return engine, ds_opt, loader, sched
+
+
+def _import_deepspeed():
+    import deepspeed
+    return deepspeed
+
+
+def install_deepspeed_hook() -> bool:
+    """Make plain `deepspeed.initialize` route QFT configs here, and `torch.optim.QFTLion` resolvable.
+
+    DeepSpeed has no optimizer plugin registry and would hand QFTLion only parameters, so the model
+    must be converted before the optimizer exists: wrapping `deepspeed.initialize` is the one place
+    that sees both. Configs without a "qft" section or QFTLion pass through untouched.
+    """
+    global _ds_initialize
+    torch.optim.QFTLion = QFTLion
+    try:
+        deepspeed = _import_deepspeed()
+    except ImportError:
+        return False
+    if getattr(deepspeed.initialize, "_qft_wrapped", False):
+        return True
+    _ds_initialize = deepspeed.initialize
+
+    def initialize(*args, **kwargs):
+        names = ("args", "model", "optimizer", "model_parameters")
+        kw = dict(zip(names, args), **kwargs)
+        config = kw.get("config") or kw.get("config_params") or getattr(kw.get("args"), "deepspeed_config", None)
+        if config is not None and wants_qft(load_ds_config(config)):
+            return globals()["initialize"](**kw)
+        return _ds_initialize(*args, **kwargs)
+
+    initialize._qft_wrapped = True
+    initialize.__doc__ = _ds_initialize.__doc__
+    deepspeed.initialize = initialize
+    return True

@@ -1,0 +1,173 @@
+"""QFTLion: Lion over int8 weights with int8 blockwise momentum (torch.optim.Optimizer API).
+
+Params are of two kinds:
+- the `anchor` of a HybridWeight (empty Parameters made by conversion): int8 weight + int8 momentum,
+  updated when the flow hands over the gradient (inside backward in fused mode, at step() in stack
+  mode) by ops.lion_step;
+- ordinary float Parameters (norms, biases): fp32 Lion with fp32 momentum, updated in step().
+
+Clipping (DeepSpeed's "gradient_clipping"): Lion's update is sign(b1*m + (1-b1)*g), so clipping only
+rescales g against m. The stack flow knows the whole gradient at the boundary and clips exactly. The
+fused flow updates each layer before later ones exist, so it clips step t with the global norm
+measured in step t-1 (one pass, no extra memory); step 0 is not clipped.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qft_ds.flow import GradientFlow
+from qft_ds.ops import get_ops
+
+
+def _qweight(p):
+    return getattr(p, "_qft_weight", None)
+
+
+class QFTLion(torch.optim.Optimizer):
+    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
+                 rounding: str = "sr", flow: str = "fused", block_size: int = 256, seed: int = 0,
+                 max_grad_norm: float = 0.0, backend: str = "auto", outlier_refresh: int = 0,
+                 outlier_frac: float = 0.01):
+        if lr < 0:
+            raise ValueError(f"QFTLion: lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"QFTLion: betas must be in [0, 1), got {betas}")
+        if weight_decay < 0:
+            raise ValueError(f"QFTLion: weight_decay must be >= 0, got {weight_decay}")
+        if rounding not in ("sr", "ef", "rtn"):
+            raise ValueError(f"QFTLion: rounding must be sr, ef or rtn, got {rounding!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
+        self.rounding, self.block_size, self.seed = rounding, block_size, seed
+        self.max_grad_norm, self.backend = max_grad_norm, backend
+        self.outlier_refresh, self.outlier_frac = outlier_refresh, outlier_frac
+        self.weights = [_qweight(p) for g in self.param_groups for p in g["params"] if _qweight(p)]
+        self._group_of = {id(_qweight(p)): g for g in self.param_groups for p in g["params"] if _qweight(p)}
+        self.flow = GradientFlow(flow, self._apply, block_size)
+        self.flow.attach(self.weights)
+        self._ops = None
+        self.step_count = 0          # optimizer steps taken; keys the stochastic rounding
+        self.prev_grad_norm = None   # fused clipping uses the previous step's global norm
+        self._sq_norm = None         # this step's squared gradient norm, summed as it arrives
+        if rounding == "ef":
+            for w in self.weights:
+                if w.residual is None:
+                    w.residual = torch.zeros_like(w.codes)
+
+    # -- state -------------------------------------------------------------------------------
+    @property
+    def ops(self):
+        if self._ops is None:
+            dev = self.weights[0].codes.device if self.weights else "cpu"
+            self._ops = get_ops(self.backend, dev)
+        return self._ops
+
+    def _qstate(self, w):
+        st = self.state[w.anchor]
+        if "m_codes" not in st:
+            n = w.codes.numel()
+            st["m_codes"] = torch.zeros(n, dtype=torch.int8, device=w.codes.device)
+            st["m_scales"] = torch.zeros(-(-n // self.block_size), dtype=torch.float32, device=w.codes.device)
+        return st
+
+    def init_state(self) -> None:
+        """Allocate every int8 momentum now (on the weights' current device), not in the first step."""
+        for w in self.weights:
+            self._qstate(w)
+
+    def state_nbytes(self) -> dict:
+        """Model-state bytes counted from tensor storage."""
+        q_params = sum(w.numel for w in self.weights)
+        q_bytes = sum(w.state_nbytes() for w in self.weights)
+        q_bytes += sum(t.numel() * t.element_size() for w in self.weights
+                       for t in self.state.get(w.anchor, {}).values() if torch.is_tensor(t))
+        f_params = f_bytes = 0
+        for g in self.param_groups:
+            for p in g["params"]:
+                if _qweight(p) is None:
+                    f_params += p.numel()
+                    f_bytes += p.numel() * p.element_size()
+                    f_bytes += sum(t.numel() * t.element_size() for t in self.state.get(p, {}).values()
+                                   if torch.is_tensor(t))
+        return {"quantized_params": q_params, "quantized_bytes": q_bytes,
+                "float_params": f_params, "float_bytes": f_bytes,
+                "bytes_per_quantized_param": q_bytes / max(q_params, 1)}
+
+    # -- updates -----------------------------------------------------------------------------
+    def _clip_coef(self, norm) -> float:
+        if self.max_grad_norm <= 0 or norm is None or not math.isfinite(norm):
+            return 1.0
+        return min(1.0, self.max_grad_norm / (norm + 1e-6))
+
+    def _add_sq(self, sq):
+        self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
+
+    def _apply(self, w, grad, coef=None):
+        """Update one quantized weight with its full fp32 gradient (called by the flow)."""
+        if coef is None:  # fused: inside backward
+            self._add_sq(grad.float().pow(2).sum())
+            coef = self._clip_coef(self.prev_grad_norm)
+        group = self._group_of[id(w)]
+        st = self._qstate(w)
+        self.ops.lion_step(w.codes, w.scales, w.group, st["m_codes"], st["m_scales"], self.block_size, grad,
+                           lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                           weight_decay=group["weight_decay"], rounding=self.rounding, seed=self.seed,
+                           step=self.step_count, offset=w.global_offset, outlier_idx=w.outlier_idx,
+                           outlier_val=w.outlier_val, residual=w.residual, grad_scale=coef)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        float_params = [(g, p) for g in self.param_groups for p in g["params"]
+                        if _qweight(p) is None and p.grad is not None]
+        for _, p in float_params:
+            self._add_sq(p.grad.float().pow(2).sum())
+        if self.flow.mode == "fused":
+            for w, grad in self.flow.held():  # a tied weight whose second use never came
+                self._apply(w, grad)
+            coef = self._clip_coef(self.prev_grad_norm)
+            stacked = []
+        else:
+            stacked_sq = self.flow.stacked_sq_norm()
+            if stacked_sq is not None:
+                self._add_sq(stacked_sq)
+            coef = self._clip_coef(self._norm_now())
+            stacked = self.flow.pop_all()
+        for w, grad in stacked:
+            self._apply(w, grad, coef)
+        for g, p in float_params:
+            st = self.state[p]
+            if "momentum" not in st:
+                st["momentum"] = torch.zeros_like(p, dtype=torch.float32)
+            self.ops.lion_step_fp32(p, st["momentum"], p.grad, lr=g["lr"], beta1=g["betas"][0],
+                                    beta2=g["betas"][1], weight_decay=g["weight_decay"], grad_scale=coef)
+        self.prev_grad_norm = self._norm_now()
+        self._sq_norm = None
+        self.step_count += 1
+        if self.outlier_refresh and self.step_count % self.outlier_refresh == 0:
+            for w in self.weights:
+                w.refresh_outliers(self.outlier_frac)
+        return loss
+
+    def _norm_now(self):
+        return None if self._sq_norm is None else float(self._sq_norm) ** 0.5
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["qft"] = {"step_count": self.step_count, "prev_grad_norm": self.prev_grad_norm,
+                     "rounding": self.rounding, "block_size": self.block_size, "seed": self.seed}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("qft", None)
+        if extra is not None:
+            if extra["block_size"] != self.block_size:
+                raise ValueError(f"checkpoint momentum block_size {extra['block_size']} != {self.block_size}")
+            self.step_count, self.prev_grad_norm = extra["step_count"], extra["prev_grad_norm"]
+        super().load_state_dict(state_dict)

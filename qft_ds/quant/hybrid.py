@@ -1,0 +1,95 @@
+"""The hybrid weight quantizer: dense symmetric int8 per group of input columns + sparse fp32 outliers.
+
+The top `outlier_frac` of |w| are kept exact in fp32 with sorted int32 flat indices; their dense
+codes are 0, and the dense scales are computed without them so the int8 step stays small. Outliers
+are fp32, not bf16: a bf16 value near 0.5 has a step of 2e-3 and would never move at lr 2e-5.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qft_ds.ops import reference as ref
+from qft_ds.quant.qtensor import QTensor
+
+
+def choose_group(cols: int, group_size: int) -> int:
+    """Largest divisor of the row length <= group_size, so groups tile each row exactly.
+
+    If the best divisor is under half of group_size (an awkward width), groups of group_size run
+    across row ends instead: still a valid flat block layout, just less local.
+    """
+    if cols <= group_size:
+        return cols
+    best = max(d for d in range(1, group_size + 1) if cols % d == 0)
+    return best if 2 * best >= group_size else group_size
+
+
+class HybridWeight(nn.Module):
+    """A quantized 2-D weight: one instance is shared by every module that uses it (tied weights).
+
+    Buffers move with `.to()`; `anchor` is an empty trainable Parameter that makes autograd run the
+    quantized modules' backward and that the optimizer keys its state on.
+    """
+
+    def __init__(self, weight: torch.Tensor, group_size: int = 128, outlier_frac: float = 0.01,
+                 global_offset: int = 0):
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"HybridWeight expects a 2-D weight, got shape {tuple(weight.shape)}")
+        self.shape = tuple(weight.shape)
+        self.group = choose_group(self.shape[1], group_size)
+        self.global_offset = global_offset
+        self.n_uses = 0  # modules that read this weight; set by conversion
+        flat = weight.detach().reshape(-1).float().clone()
+        k = int(round(outlier_frac * flat.numel()))
+        if k > 0:
+            idx = torch.topk(flat.abs(), k, sorted=False).indices.sort().values.to(torch.int32)
+            val = flat[idx].clone()
+            flat[idx] = 0.0
+        else:
+            idx = torch.zeros(0, dtype=torch.int32, device=flat.device)
+            val = torch.zeros(0, dtype=torch.float32, device=flat.device)
+        codes, scales = ref.quantize_blockwise(flat, self.group, "rtn")
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.register_buffer("outlier_idx", idx)
+        self.register_buffer("outlier_val", val)
+        self.anchor = nn.Parameter(torch.empty(0, device=flat.device))
+        self.anchor._qft_weight = self
+        # int8 error-feedback carry (units of scale/254), set when rounding == 'ef'
+        self.register_buffer("residual", None)
+        self.grad = None      # dense fp32 gradient, only when no optimizer consumes it (inspection)
+
+    @property
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    @property
+    def qtensor(self) -> QTensor:
+        return QTensor(self.codes, self.scales, self.group, self.shape)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        w = ref.dequantize_blockwise(self.codes, self.scales, self.group, torch.float32)
+        if self.outlier_idx.numel():
+            w[self.outlier_idx] = self.outlier_val
+        return w.view(self.shape).to(dtype)
+
+    def refresh_outliers(self, outlier_frac: float) -> None:
+        """Re-select outliers from the current weights (costs one RTN re-rounding of the tensor)."""
+        fresh = HybridWeight(self.dequantize(), self.group, outlier_frac, self.global_offset)
+        for name in ("codes", "scales", "outlier_idx", "outlier_val"):
+            setattr(self, name, getattr(fresh, name))
+        if self.residual is not None:
+            self.residual.zero_()
+
+    def state_nbytes(self) -> int:
+        """Bytes of model state held by this weight (codes, scales, outliers, EF residual)."""
+        n = sum(t.numel() * t.element_size() for t in (self.codes, self.scales, self.outlier_idx,
+                                                        self.outlier_val))
+        return n + (self.residual.numel() if self.residual is not None else 0)
+
+    def extra_repr(self) -> str:
+        return (f"shape={self.shape}, group={self.group}, outliers={self.outlier_idx.numel()}, "
+                f"uses={self.n_uses}")
+
