@@ -45,10 +45,16 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_llama(vocab=128, hidden=64, layers=2, tie=True, seed=0):
+def make_tiny_llama(vocab=128, hidden=64, layers=2, tie=True, seed=0):
+    """A random-init LlamaForCausalLM: real code paths, fake weights."""
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       tie_word_embeddings=tie)
     return LlamaForCausalLM(cfg)
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama

@@ -171,3 +171,7 @@ class QFTLion(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint momentum block_size {extra['block_size']} != {self.block_size}")
             self.step_count, self.prev_grad_norm = extra["step_count"], extra["prev_grad_norm"]
         super().load_state_dict(state_dict)
+        for w in self.weights:  # torch casts state to the param's dtype; codes must stay int8
+            st = self.state.get(w.anchor)
+            if st and "m_codes" in st:
+                st["m_codes"] = st["m_codes"].to(torch.int8)

@@ -1,0 +1,85 @@
+"""Quantized modules: exact gradients against dense twins, tied weights, conversion."""
+import pytest
+import torch
+from torch import nn
+
+from qft_ds.nn import QEmbedding, QLinear, convert_model, quantized_weights
+from qft_ds.quant import HybridWeight
+
+
+def test_qlinear_matches_dense_linear_on_the_dequantized_weight():
+    hw = HybridWeight(torch.randn(48, 96) * 0.1, 32, 0.02)
+    q = QLinear(hw, bias=torch.randn(48))
+    dense = nn.Linear(96, 48)
+    dense.weight.data = hw.dequantize()
+    dense.bias.data = q.bias.data.clone()
+    x = torch.randn(3, 5, 96, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    gy = torch.randn(3, 5, 48)
+    (q(x) * gy).sum().backward()
+    (dense(x2) * gy).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5)
+    assert torch.allclose(hw.grad, dense.weight.grad, atol=1e-4)  # no optimizer: kept for inspection
+    assert torch.allclose(q.bias.grad, dense.bias.grad, atol=1e-5)
+    assert hw.anchor.grad is None  # the weight gradient never entered autograd
+
+
+def test_qlinear_bf16_compute_is_close():
+    hw = HybridWeight(torch.randn(64, 128) * 0.1, 128, 0.0)
+    x = torch.randn(8, 128)
+    y32 = QLinear(hw)(x)
+    y16 = QLinear(hw, compute_dtype=torch.bfloat16)(x)
+    assert y16.dtype == torch.bfloat16
+    assert ((y16.float() - y32).norm() / y32.norm()).item() < 1e-2
+
+
+def test_qembedding_gradient_and_padding():
+    hw = HybridWeight(torch.randn(50, 32), 32, 0.01)
+    emb = QEmbedding(hw, padding_idx=0)
+    dense = nn.Embedding(50, 32, padding_idx=0)
+    dense.weight.data = hw.dequantize()
+    ids = torch.randint(0, 50, (4, 9))
+    ids[0, 0] = 0
+    gy = torch.randn(4, 9, 32)
+    out = emb(ids)
+    assert torch.equal(out, dense(ids))
+    (out * gy).sum().backward()
+    (dense(ids) * gy).sum().backward()
+    assert torch.allclose(hw.grad, dense.weight.grad, atol=1e-5)
+
+
+def test_convert_ties_embedding_and_head(tiny_llama):
+    model = tiny_llama(tie=True)
+    x = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+    weights = convert_model(model, group_size=64, outlier_frac=0.0)
+    assert model.lm_head.qweight is model.model.embed_tokens.qweight
+    assert weights[0].n_uses == 2 and all(w.n_uses == 1 for w in weights[1:])
+    assert len(weights) == len(quantized_weights(model)) == 1 + 2 * 7
+    offsets = [w.global_offset for w in weights]
+    assert offsets == sorted(offsets) and offsets[0] == 0
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad():
+        after = model(input_ids=x).logits
+    assert ((after - before).norm() / before.norm()).item() < 0.02  # int8 weights, same function
+
+
+def test_tied_gradient_is_the_sum_of_both_uses(tiny_llama):
+    model = tiny_llama(tie=True)
+    x = torch.randint(0, 128, (2, 16))
+    dense = tiny_llama(tie=True)
+    convert_model(model, group_size=64, outlier_frac=0.0)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, (QLinear, QEmbedding)):
+                dense.get_submodule(name).weight.data.copy_(mod.qweight.dequantize())
+    model(input_ids=x, labels=x).loss.backward()
+    dense(input_ids=x, labels=x).loss.backward()
+    g = model.model.embed_tokens.qweight.grad
+    assert torch.allclose(g, dense.model.embed_tokens.weight.grad, atol=1e-5)
+
+
+def test_convert_rejects_a_model_without_layers():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        convert_model(nn.Sequential(nn.ReLU()))
