@@ -46,6 +46,15 @@ def lone_process_env():
                           MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
 
 
+def skip_cpu_shm_build():
+    """One CPU process needs no shared-memory allreduce; DeepSpeed would JIT-build it (about 34 s)."""
+    try:
+        import deepspeed.comm.torch  # noqa: F401
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    except (ImportError, AttributeError):
+        pass
+
+
 def schedule_horizon(config_path: str) -> int | None:
     sched = json.loads(Path(config_path).read_text()).get("scheduler") or {}
     return (sched.get("params") or {}).get("total_num_steps")
@@ -82,6 +91,8 @@ def main(argv=None):
 
     if not Path(args.deepspeed).is_file():
         sys.exit(f"--deepspeed: config file not found: {args.deepspeed}")
+    if os.environ["WORLD_SIZE"] == "1" and not torch.cuda.is_available():
+        skip_cpu_shm_build()
     deepspeed.init_distributed()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if rank == 0:  # fetch and convert the default model and data once, before the others read them

@@ -72,7 +72,7 @@ def absmax_scales(x: torch.Tensor, block: int) -> torch.Tensor:
 def round_codes(y: torch.Tensor, rounding: str, key: int | None = None, offset: int = 0) -> torch.Tensor:
     """Round y (already in units of the scale) to int8 codes; 'sr' is unbiased: E[q] = y."""
     if rounding == "sr":
-        y = torch.floor(y + uniform(key, offset, y.numel(), y.device))
+        y = uniform(key, offset, y.numel(), y.device).add_(y).floor_()
     elif rounding in ("rtn", "ef"):
         y = torch.round(y)
     else:
@@ -115,8 +115,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if grad_scale != 1.0:
         g = g * grad_scale
     m = dequantize_blockwise(m_codes, m_scales, m_block)
-    u = torch.sign(m.mul(beta1).add_(g, alpha=1 - beta1))
-    m.mul_(beta2).add_(g, alpha=1 - beta2)
+    u = torch.lerp(m, g, 1 - beta1).sign_()  # sign(b1*m + (1-b1)*g)
+    m.lerp_(g, 1 - beta2)                     # b2*m + (1-b2)*g
     mq, ms = quantize_blockwise(m, m_block, "sr", rng_key(seed, step, STREAM_MOMENTUM), offset)
     m_codes.copy_(mq)
     m_scales.copy_(ms)

@@ -53,7 +53,8 @@ def split_config(ds: dict, world_size: int = 1):
     cfg.compute_bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
     if "bf16" in ds:
         ds["bf16"] = {"enabled": False}
-    cfg.max_grad_norm = float(ds.pop("gradient_clipping", 0.0) or 0.0)
+    cfg.max_grad_norm = float(ds.get("gradient_clipping", 0.0) or 0.0)
+    ds["gradient_clipping"] = 0.0  # explicit: DeepSpeed's default is 1.0, over the float params only
     cfg.gradient_accumulation_steps = gradient_accumulation_steps(ds, world_size)
     return cfg, params, ds
 

@@ -1,0 +1,54 @@
+"""Shared benchmark plumbing: environment record, result files, single-process distributed env."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit(given: str | None = None) -> str:
+    """The GPU machine's copy has no git history: the caller passes the commit in."""
+    if given:
+        return given
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def header(commit: str | None) -> dict:
+    return {"device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(commit),
+            "torch": torch.__version__}
+
+
+def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
+    out_dir = Path(out_dir or RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}_{time.strftime('%Y%m%d-%H%M')}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def single_process_env(port: int = 29511) -> None:
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
+                       ("MASTER_PORT", str(port))):
+        os.environ.setdefault(key, value)
+
+
+def peak_gib() -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
