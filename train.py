@@ -133,7 +133,7 @@ def main(argv=None):
     tokens, t0 = 0, time.time()
     bar = tqdm(range(steps), desc="qft", unit="step", disable=rank != 0)
     for step in bar:
-        loss_sum = 0.0
+        loss_sum, lr = 0.0, optimizer.param_groups[0]["lr"]  # the lr this step uses
         for _ in range(gas):
             x = next(batches).to(engine.device)
             loss = engine(input_ids=x, labels=x).loss
@@ -144,7 +144,7 @@ def main(argv=None):
         elapsed = time.time() - t0
         bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / elapsed:.0f}")
         if metrics:
-            row = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "tokens": tokens,
+            row = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": tokens,
                    "seconds": round(elapsed, 3), "tok_s": tokens / elapsed, "grad_norm": optimizer.prev_grad_norm,
                    "peak_gib": round(peak_memory_gib(engine.device), 3)}
             metrics.write(json.dumps(row) + "\n")

@@ -58,3 +58,37 @@ def make_tiny_llama(vocab=128, hidden=64, layers=2, tie=True, seed=0):
 @pytest.fixture
 def tiny_llama():
     return make_tiny_llama
+
+
+WORDS = "the king queen a play of and to is fool lord".split()
+
+
+def make_word_tokenizer():
+    """A word-level tokenizer built in memory (no hub): one id per word."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "<eos>", *WORDS])}
+    t = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>", unk_token="[UNK]", pad_token="<eos>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    """A saved tiny random LLaMA + word tokenizer, loadable with --model PATH."""
+    path = tmp_path / "tiny-llama"
+    make_tiny_llama(vocab=len(WORDS) + 2).save_pretrained(path)
+    make_word_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_text_file(tmp_path):
+    """A .txt corpus of many short paragraphs built from WORDS."""
+    g = torch.Generator().manual_seed(0)
+    paras = [" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g).tolist())
+             for _ in range(60)]
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paras))
+    return path
