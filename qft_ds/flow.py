@@ -71,6 +71,12 @@ class GradientFlow:
         self._held.clear()
         return out
 
+    def map_buffers(self, fn) -> None:
+        """Stack: replace each int8 buffer by quantize(fn(dequantize(buffer))), one at a time."""
+        for w in self._stack:
+            q = QTensor.quantize(fn(self._buffers[w].dequantize()), self.block_size, "rtn")
+            self._buffers[w].codes, self._buffers[w].scales = q.codes, q.scales
+
     def stacked_sq_norm(self) -> torch.Tensor | None:
         sq = None
         for w in self._stack:

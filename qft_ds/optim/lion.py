@@ -103,9 +103,20 @@ class QFTLion(torch.optim.Optimizer):
     def _add_sq(self, sq):
         self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
 
+    @staticmethod
+    def _all_reduce_mean(grad):
+        """Data parallel: every rank applies the mean gradient, so int8 states stay identical (the
+        stochastic-rounding draws are keyed by global offset and match on every rank)."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(grad)
+            grad /= dist.get_world_size()
+        return grad
+
     def _apply(self, w, grad, coef=None):
         """Update one quantized weight with its full fp32 gradient (called by the flow)."""
         if coef is None:  # fused: inside backward
+            grad = self._all_reduce_mean(grad)
             self._add_sq(grad.float().pow(2).sum())
             coef = self._clip_coef(self.prev_grad_norm)
         group = self._group_of[id(w)]
@@ -132,6 +143,7 @@ class QFTLion(torch.optim.Optimizer):
             coef = self._clip_coef(self.prev_grad_norm)
             stacked = []
         else:
+            self.flow.map_buffers(self._all_reduce_mean)
             stacked_sq = self.flow.stacked_sq_norm()
             if stacked_sq is not None:
                 self._add_sq(stacked_sq)
