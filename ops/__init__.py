@@ -42,8 +42,8 @@ def get_ops(backend: str = "auto", device="cpu") -> SimpleNamespace:
     """The op table for `backend` ('auto' | 'torch' | 'triton') on `device`."""
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"qft.backend: unknown backend {backend!r}; choose auto, torch or triton")
-    if backend == "auto":
-        ok, _ = is_compatible("triton", device)
+    if backend == "auto":  # Triton on CUDA when it can run; never the (slow) interpreter by default
+        ok = str(device).startswith("cuda") and is_compatible("triton", device)[0]
         backend = "triton" if ok else "torch"
     ok, why = is_compatible(backend, device)
     if not ok:
@@ -54,6 +54,31 @@ def get_ops(backend: str = "auto", device="cpu") -> SimpleNamespace:
         mod = importlib.import_module(BACKENDS[backend].module)
         table.update({n: getattr(mod, n) for n in OP_NAMES if hasattr(mod, n)})
     return SimpleNamespace(backend=backend, **table)
+
+
+_configured = "auto"
+_tables: dict = {}
+
+
+def configure(backend: str) -> None:
+    """Select the backend that modules use for their own ops (qft_ds.initialize sets it from the config)."""
+    global _configured
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"qft.backend: unknown backend {backend!r}; choose auto, torch or triton")
+    _configured = backend
+    _tables.clear()
+
+
+def current(device) -> SimpleNamespace:
+    """The op table of the configured backend for `device` (cached per device type)."""
+    key = torch_device_type(device)
+    if key not in _tables:
+        _tables[key] = get_ops(_configured, device)
+    return _tables[key]
+
+
+def torch_device_type(device) -> str:
+    return device.type if hasattr(device, "type") else str(device).split(":")[0]
 
 
 def report(device="cpu") -> list[tuple[str, bool, str]]:

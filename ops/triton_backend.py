@@ -1,11 +1,103 @@
-"""Triton backend. Its kernels are not written yet (GPU issue); until they are, asking for it is an
-error, never a silent fallback to the reference."""
+"""Triton backend: registers faster kernels for the reference ops of the same names.
+
+Runs on CUDA GPUs (compute capability >= 8.0), or on CPU tensors under TRITON_INTERPRET=1 (slow; for
+tests at small sizes). Asking for it where it cannot run is an error raised by the dispatcher.
+"""
 from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from . import reference as ref
 
 
 def is_compatible(device="cpu") -> tuple[bool, str]:
-    try:
+    try:  # import triton only: the kernels module is decorated once, on first use, with the env then
         import triton  # noqa: F401
-    except ImportError:
-        return False, "triton is not installed"
-    return False, "this version of qft_ds ships no Triton kernels yet; the torch reference runs on CUDA too"
+    except ImportError as e:
+        return False, f"triton is not installed ({e})"
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, "TRITON_INTERPRET=1: interpreted on the CPU (slow, for tests)"
+        return False, "no CUDA device (set TRITON_INTERPRET=1 to interpret kernels on the CPU)"
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return False, f"device {dev} is not CUDA"
+    cap = torch.cuda.get_device_capability(dev)
+    if cap < (8, 0):
+        return False, f"compute capability {cap} < 8.0"
+    return True, f"CUDA {torch.cuda.get_device_name(dev)}"
+
+
+def _kernels():
+    from . import triton_kernels
+    return triton_kernels
+
+
+def _rounding_id(rounding: str) -> int:
+    return {"sr": 0, "rtn": 1, "ef": 2}[rounding]
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << (x - 1).bit_length()
+
+
+def dequantize_blockwise(codes, scales, block, dtype=torch.float32):
+    n = codes.numel()
+    out = torch.empty(n, dtype=dtype, device=codes.device)
+    BLOCK = 4096
+    _kernels().dequant_kernel[(triton_cdiv(n, BLOCK),)](codes, scales, out, n, G=block, BLOCK=BLOCK)
+    return out
+
+
+def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None):
+    if scales is not None:
+        raise ValueError("the triton quantize computes its own absmax scales; pass scales=None")
+    x = x.reshape(-1)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    n = x.numel()
+    nb = ref.num_blocks(n, block)
+    codes = torch.empty(n, dtype=torch.int8, device=x.device)
+    out_scales = torch.empty(nb, dtype=torch.float32, device=x.device)
+    _kernels().quant_kernel[(nb,)](x, codes, out_scales, n, key or 0, offset, B=block, BP2=_next_pow2(block),
+                                   ROUNDING=_rounding_id(rounding))
+    return codes, out_scales
+
+
+def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
+              weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
+              residual=None, grad_scale=1.0):
+    """Same contract as reference.lion_step; the dense part is one fused kernel per tensor."""
+    if m_block & (m_block - 1):
+        raise ValueError(f"the triton Lion kernel needs a power-of-two momentum block_size, got {m_block}")
+    g = grad.reshape(-1)
+    if not g.is_contiguous():
+        g = g.contiguous()
+    n = w_codes.numel()
+    has_outliers = outlier_idx is not None and outlier_idx.numel() > 0
+    if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
+        idx = outlier_idx.long()
+        m_o = m_codes[idx].float() * m_scales[idx // m_block]
+        u_o = torch.lerp(m_o, g[idx].float() * grad_scale, 1 - beta1).sign_()
+        outlier_val.mul_(1 - lr * weight_decay).sub_(u_o, alpha=lr)
+    chunk = math.lcm(w_block, m_block)
+    while chunk < 2048 and chunk * 2 // w_block <= 64:
+        chunk *= 2
+    rw, rm = chunk // w_block, chunk // m_block
+    _kernels().lion_kernel[(triton_cdiv(n, chunk),)](
+        w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, n,
+        float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
+        ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
+        G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
+        ROUNDING=_rounding_id(rounding))
+    if has_outliers:  # the kernel rounded -lr*u at outlier slots; their dense code must stay 0
+        w_codes[idx] = 0
+        if residual is not None:
+            residual[idx] = 0
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+if not torch.cuda.is_available():  # Triton kernels run interpreted on CPU tensors (small sizes only)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _free_port() -> int:

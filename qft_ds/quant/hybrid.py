@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qft_ds import ops
 from qft_ds.ops import reference as ref
 from qft_ds.quant.qtensor import QTensor
 
@@ -70,10 +71,10 @@ class HybridWeight(nn.Module):
         return QTensor(self.codes, self.scales, self.group, self.shape)
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        w = ref.dequantize_blockwise(self.codes, self.scales, self.group, torch.float32)
+        w = ops.current(self.codes.device).dequantize_blockwise(self.codes, self.scales, self.group, dtype)
         if self.outlier_idx.numel():
-            w[self.outlier_idx] = self.outlier_val
-        return w.view(self.shape).to(dtype)
+            w[self.outlier_idx] = self.outlier_val.to(dtype)
+        return w.view(self.shape)
 
     def refresh_outliers(self, outlier_frac: float) -> None:
         """Re-select outliers from the current weights (costs one RTN re-rounding of the tensor)."""

@@ -1,0 +1,101 @@
+"""Triton kernels. Each computes the same function as its twin in reference.py (tests compare them).
+
+Random draws: `tl.rand(key, global_offset)` (Philox, counter-based), so a rerun is bit-identical and a
+shard draws what the whole tensor would. The CPU reference uses another generator: the two agree in
+distribution, not bit for bit.
+"""
+import triton
+import triton.language as tl
+
+SR, RTN, EF = 0, 1, 2
+
+
+@triton.jit
+def _round(y, key, offs, ROUNDING: tl.constexpr):
+    if ROUNDING == 0:
+        y = tl.floor(y + tl.rand(key, offs))
+    else:  # half away from zero differs from torch's half-to-even only on exact ties
+        y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(-y + 0.5))
+    return tl.minimum(tl.maximum(y, -127.0), 127.0)  # clamp before the cast: int8 casts wrap
+
+
+@triton.jit
+def dequant_kernel(codes_ptr, scales_ptr, out_ptr, n, G: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    q = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.float32)
+    s = tl.load(scales_ptr + offs // G, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def quant_kernel(x_ptr, codes_ptr, scales_ptr, n, key, offset, B: tl.constexpr, BP2: tl.constexpr,
+                 ROUNDING: tl.constexpr):
+    """One program per block of B elements: absmax scale, then round (B padded to a power of two)."""
+    pid = tl.program_id(0).to(tl.int64)
+    col = tl.arange(0, BP2)
+    offs = pid * B + col
+    mask = (col < B) & (offs < n)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.max(tl.abs(x), axis=0) / 127.0
+    inv = tl.where(s > 0, 1.0 / s, 0.0)
+    q = _round(x * inv, key, offs + offset, ROUNDING)
+    tl.store(codes_ptr + offs, q.to(tl.int8), mask=mask)
+    tl.store(scales_ptr + pid, s)
+
+
+@triton.jit
+def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, n, lr, beta1, beta2, decay, grad_scale,
+                w_key, m_key, offset,
+                G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
+                B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr):
+    """One INT8 Lion step over a chunk of RW*G = RM*B elements (a common multiple of both groupings).
+
+    The weight half runs first, in weight-group rows, reading the *old* momentum to get sign(c); the
+    momentum half then re-reads its inputs (cache hits) in momentum-block rows and overwrites m. No
+    other program touches this chunk, so the order inside the program is the whole synchronisation.
+    """
+    start = tl.program_id(0).to(tl.int64) * (RW * G)
+    # ---- weights: rows are groups of G (padded to GP2 lanes)
+    rw = tl.arange(0, RWP2)
+    cg = tl.arange(0, GP2)
+    offs = start + rw[:, None] * G + cg[None, :]
+    mask = (rw[:, None] < RW) & (cg[None, :] < G) & (offs < n)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32) * tl.load(ms_ptr + offs // B, mask=mask, other=0.0)
+    u = m * beta1 + g * (1.0 - beta1)
+    u = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
+    grow = start // G + rw
+    rmask = (rw < RW) & (grow * G < n)
+    s = tl.load(ws_ptr + grow, mask=rmask, other=0.0)
+    w = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.float32) * s[:, None]
+    if ROUNDING == 2:
+        w += tl.load(r_ptr + offs, mask=mask, other=0).to(tl.float32) * (s[:, None] / 254.0)
+    w = w * decay - lr * u
+    w = tl.where(mask, w, 0.0)
+    s_new = tl.maximum(s, tl.max(tl.abs(w), axis=1) / 127.0)
+    inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
+    y = w * inv[:, None]
+    q = _round(y, w_key, offs + offset, ROUNDING)
+    tl.store(w_ptr + offs, q.to(tl.int8), mask=mask)
+    tl.store(ws_ptr + grow, s_new, mask=rmask)
+    if ROUNDING == 2:
+        r = (y - q) * 254.0
+        r = tl.where(r >= 0, tl.floor(r + 0.5), -tl.floor(-r + 0.5))
+        tl.store(r_ptr + offs, tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8), mask=mask)
+    # ---- momentum: rows are blocks of B
+    rm = tl.arange(0, RMP2)
+    cb = tl.arange(0, B)
+    offs = start + rm[:, None] * B + cb[None, :]
+    mask = (rm[:, None] < RM) & (offs < n)
+    brow = start // B + rm
+    bmask = (rm < RM) & (brow * B < n)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    ms = tl.load(ms_ptr + brow, mask=bmask, other=0.0)
+    m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32) * ms[:, None]
+    m = m * beta2 + g * (1.0 - beta2)
+    ms_new = tl.max(tl.abs(m), axis=1) / 127.0
+    inv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
+    q = _round(m * inv[:, None], m_key, offs + offset, 0)  # momentum: always stochastic (unbiased EMA)
+    tl.store(m_ptr + offs, q.to(tl.int8), mask=mask)
+    tl.store(ms_ptr + brow, ms_new, mask=bmask)
