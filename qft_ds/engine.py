@@ -10,10 +10,15 @@ What it does with the JSON config before DeepSpeed sees it:
   clipping would only see the float parameters.
 Everything else (batch sizes, gradient accumulation, the "scheduler" section, logging) stays
 DeepSpeed's.
+
+The engine's `backward` is guarded: a non-finite loss (on any rank) skips backward, and the optimizer
+then skips the step (see QFTLion). This covers every loop that calls `engine.backward`: train.py,
+user scripts, HF Trainer and accelerate.
 """
 from __future__ import annotations
 
 import copy
+import functools
 import os
 
 import torch
@@ -34,6 +39,11 @@ def wants_qft(ds: dict) -> bool:
 def split_config(ds: dict, world_size: int = 1):
     """(QFTConfig, optimizer params, the config DeepSpeed gets). Raises naming the offending key."""
     ds = copy.deepcopy(ds)
+    auto = _auto_keys({k: v for k, v in ds.items() if k != "qft"})  # "auto" is a real value in the qft section
+    if auto:
+        raise ValueError(f"config value \"auto\" at {', '.join(auto)}: only HF Trainer and accelerate resolve "
+                         "\"auto\"; with train.py or deepspeed.initialize use explicit values "
+                         "(ds_configs/qft.json), with Trainer/accelerate use ds_configs/qft_hf.json")
     cfg = QFTConfig.from_dict(ds.pop("qft", {}))
     opt = ds.pop("optimizer", None)
     if opt is None:
@@ -57,6 +67,25 @@ def split_config(ds: dict, world_size: int = 1):
     ds["gradient_clipping"] = 0.0  # explicit: DeepSpeed's default is 1.0, over the float params only
     cfg.gradient_accumulation_steps = gradient_accumulation_steps(ds, world_size)
     return cfg, params, ds
+
+
+def _auto_keys(obj, prefix="") -> list[str]:
+    if isinstance(obj, dict):
+        return [k for key, v in obj.items() for k in _auto_keys(v, f"{prefix}{key}.")]
+    return [prefix.rstrip(".")] if obj == "auto" else []
+
+
+def guard_backward(engine, opt: QFTLion) -> None:
+    """Skip backward for a non-finite loss: nothing non-finite may reach the int8 state."""
+    real = engine.backward
+
+    @functools.wraps(real)
+    def backward(loss, *args, **kwargs):
+        if opt.check_loss(loss):
+            return real(loss, *args, **kwargs)
+        return loss.detach()  # engine.step() still runs: the optimizer then skips the step
+
+    engine.backward = backward
 
 
 def build_optimizer(model: torch.nn.Module, cfg: QFTConfig, params: dict) -> QFTLion:
@@ -115,6 +144,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         raise ValueError(f"gradient_accumulation_steps: DeepSpeed resolved {engine.gradient_accumulation_steps()} "
                          f"but qft_ds read {cfg.gradient_accumulation_steps}; set it explicitly in the config")
     opt.init_state()
+    guard_backward(engine, opt)
     engine.qft_config = cfg
     return engine, ds_opt, loader, sched
 

@@ -8,6 +8,9 @@ Gradients arrive last layer first, one weight at a time, from QLinear/QEmbedding
 - `stack`: each gradient is quantized to an int8 blockwise buffer and pushed on a LIFO stack (O(1));
   later micro-batches accumulate into the same buffer. At the accumulation boundary the optimizer pops
   them all and updates. This is the gradient-accumulation buffer: 1 byte/param instead of 4.
+
+Non-finite gradients (stack): a NaN/inf would poison a whole int8 block's scale, so it is never
+quantized; a device-side flag records it (no host sync per layer) and the optimizer skips the step.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class GradientFlow:
         self._held = {}     # fused: weight -> [summed grad, uses seen]
         self._stack = []    # stack: weights in arrival order
         self._buffers = {}  # stack: weight -> int8 QTensor
+        self._bad = None    # stack: device bool, True once a non-finite gradient arrived this step
 
     def attach(self, weights) -> None:
         for w in weights:
@@ -56,6 +60,9 @@ class GradientFlow:
                 grad = self._held.pop(weight)[0]
             self.apply_fn(weight, grad)
             return
+        bad = ~torch.isfinite(grad.sum())  # a sum is NaN/inf iff an element is (or it overflows: also bad)
+        self._bad = bad if self._bad is None else self._bad | bad
+        grad.nan_to_num_(0.0, 0.0, 0.0)  # in place: keeps the int8 buffer finite; the step is skipped anyway
         buf = self._buffers.get(weight)
         if buf is None:
             self._buffers[weight] = QTensor.quantize(grad.reshape(-1), self.block_size, "rtn")
@@ -86,9 +93,21 @@ class GradientFlow:
 
     def pop_all(self):
         """Stack: yield (weight, fp32 grad) last-in first-out and empty the stack."""
+        self._bad = None
         while self._stack:
             w = self._stack.pop()
             yield w, self._buffers.pop(w).dequantize()
+
+    def nonfinite(self) -> bool:
+        """Stack: did any gradient of this step hold a NaN or inf? (one host sync per step)"""
+        return bool(self._bad) if self._bad is not None else False
+
+    def discard(self) -> None:
+        """Drop every held or stacked gradient of this step (a skipped step)."""
+        self._held.clear()
+        self._stack.clear()
+        self._buffers.clear()
+        self._bad = None
 
     def gradient_nbytes(self) -> int:
         return sum(b.nbytes() for b in self._buffers.values())

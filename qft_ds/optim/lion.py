@@ -10,15 +10,27 @@ Clipping (DeepSpeed's "gradient_clipping"): Lion's update is sign(b1*m + (1-b1)*
 rescales g against m. The stack flow knows the whole gradient at the boundary and clips exactly. The
 fused flow updates each layer before later ones exist, so it clips step t with the global norm
 measured in step t-1 (one pass, no extra memory); step 0 is not clipped.
+
+Non-finite values never reach the int8 state:
+- a non-finite loss (`check_loss`, called by the engine's backward) skips the whole step before backward;
+- stack flow: a non-finite gradient anywhere (quantized or float) skips the whole step at the boundary;
+- fused flow: layers updated earlier in the same backward cannot be undone without a copy the fused
+  mode must not spend, so a weight whose gradient is non-finite is not written and the step counts as
+  *partial* (the other weights, the step counter and the LR schedule advance).
+A skipped step sets `overflow`, which DeepSpeed reads: it then counts `skipped_steps` and does not step
+the LR scheduler. Every skip and partial step is counted here and logged.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
 from qft_ds.flow import GradientFlow
 from qft_ds.ops import get_ops
+
+logger = logging.getLogger("qft_ds")
 
 
 def _qweight(p):
@@ -50,6 +62,10 @@ class QFTLion(torch.optim.Optimizer):
         self.step_count = 0          # optimizer steps taken; keys the stochastic rounding
         self.prev_grad_norm = None   # fused clipping uses the previous step's global norm
         self._sq_norm = None         # this step's squared gradient norm, summed as it arrives
+        self.overflow = False        # the last step was skipped (DeepSpeed reads this attribute)
+        self.skipped_steps = self.partial_steps = self.nonfinite_tensors = 0
+        self._skip_reason = None     # set before step() when the step must be skipped
+        self._bad_now = 0            # tensors left unwritten in this (fused) step
         if rounding == "ef":
             for w in self.weights:
                 if w.residual is None:
@@ -113,11 +129,32 @@ class QFTLion(torch.optim.Optimizer):
             grad /= dist.get_world_size()
         return grad
 
+    @staticmethod
+    def _any_rank(flag: bool) -> bool:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([float(flag)])
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            return bool(t.item())
+        return flag
+
+    def check_loss(self, loss) -> bool:
+        """False (and the step will be skipped) if the loss is non-finite on any rank: call before backward."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self._any_rank(not finite):
+            self._skip_reason = "non-finite loss"
+            return False
+        return True
+
     def _apply(self, w, grad, coef=None):
         """Update one quantized weight with its full fp32 gradient (called by the flow)."""
         if coef is None:  # fused: inside backward
-            grad = self._all_reduce_mean(grad)
-            self._add_sq(grad.float().pow(2).sum())
+            grad = self._all_reduce_mean(grad)  # NaN on any rank is NaN on all: every rank skips alike
+            sq = grad.float().pow(2).sum()
+            if not torch.isfinite(sq):  # never written; the step becomes partial
+                self._bad_now += 1
+                return
+            self._add_sq(sq)
             coef = self._clip_coef(self.prev_grad_norm)
         group = self._group_of[id(w)]
         st = self._qstate(w)
@@ -135,8 +172,21 @@ class QFTLion(torch.optim.Optimizer):
                 loss = closure()
         float_params = [(g, p) for g in self.param_groups for p in g["params"]
                         if _qweight(p) is None and p.grad is not None]
-        for _, p in float_params:
-            self._add_sq(p.grad.float().pow(2).sum())
+        sqs = [p.grad.float().pow(2).sum() for _, p in float_params]
+        if sqs and not torch.isfinite(torch.stack(sqs).sum()):  # one sync; find the culprits only then
+            keep = [bool(torch.isfinite(s)) for s in sqs]
+            self._bad_now += keep.count(False)
+            float_params = [fp for fp, k in zip(float_params, keep) if k]
+            sqs = [s for s, k in zip(sqs, keep) if k]
+            if self.flow.mode == "stack" and self._skip_reason is None:
+                self._skip_reason = "non-finite gradient"
+        if self.flow.mode == "stack" and self._skip_reason is None and self._any_rank(self.flow.nonfinite()):
+            self._skip_reason = "non-finite gradient"
+        if self._skip_reason is not None:
+            return self._skip(loss)
+        self.overflow = False
+        for s in sqs:
+            self._add_sq(s)
         if self.flow.mode == "fused":
             for w, grad in self.flow.held():  # a tied weight whose second use never came
                 self._apply(w, grad)
@@ -159,11 +209,33 @@ class QFTLion(torch.optim.Optimizer):
                                     beta2=g["betas"][1], weight_decay=g["weight_decay"], grad_scale=coef)
         self.prev_grad_norm = self._norm_now()
         self._sq_norm = None
+        if self._bad_now:
+            self.partial_steps += 1
+            self.nonfinite_tensors += self._bad_now
+            self._log(f"step {self.step_count} partial: {self._bad_now} tensor(s) with a non-finite gradient "
+                      f"left unwritten (partial steps so far: {self.partial_steps})")
+            self._bad_now = 0
         self.step_count += 1
         if self.outlier_refresh and self.step_count % self.outlier_refresh == 0:
             for w in self.weights:
                 w.refresh_outliers(self.outlier_frac)
         return loss
+
+    def _skip(self, loss):
+        """Write nothing: drop this step's gradients; step_count (the SR key) does not advance."""
+        reason, self._skip_reason = self._skip_reason, None
+        self.flow.discard()
+        self._sq_norm, self._bad_now = None, 0
+        self.overflow = True
+        self.skipped_steps += 1
+        self._log(f"step {self.step_count} skipped: {reason} (skipped steps so far: {self.skipped_steps})")
+        return loss
+
+    @staticmethod
+    def _log(msg: str) -> None:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            logger.warning(msg)
 
     def _norm_now(self):
         return None if self._sq_norm is None else float(self._sq_norm) ** 0.5
@@ -172,7 +244,9 @@ class QFTLion(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["qft"] = {"step_count": self.step_count, "prev_grad_norm": self.prev_grad_norm,
-                     "rounding": self.rounding, "block_size": self.block_size, "seed": self.seed}
+                     "rounding": self.rounding, "block_size": self.block_size, "seed": self.seed,
+                     "skipped_steps": self.skipped_steps, "partial_steps": self.partial_steps,
+                     "nonfinite_tensors": self.nonfinite_tensors}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -182,7 +256,11 @@ class QFTLion(torch.optim.Optimizer):
             if extra["block_size"] != self.block_size:
                 raise ValueError(f"checkpoint momentum block_size {extra['block_size']} != {self.block_size}")
             self.step_count, self.prev_grad_norm = extra["step_count"], extra["prev_grad_norm"]
+            for key in ("skipped_steps", "partial_steps", "nonfinite_tensors"):
+                setattr(self, key, extra.get(key, 0))
         super().load_state_dict(state_dict)
+        # torch replaces the group dicts: re-key weights to the live ones (the scheduler writes lr there)
+        self._group_of = {id(_qweight(p)): g for g in self.param_groups for p in g["params"] if _qweight(p)}
         for w in self.weights:  # torch casts state to the param's dtype; codes must stay int8
             st = self.state.get(w.anchor)
             if st and "m_codes" in st:

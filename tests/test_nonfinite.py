@@ -1,0 +1,111 @@
+"""A non-finite loss or gradient never reaches the int8 weights or momentum; every skip is counted."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import qft_ds
+import qft_ds.nn.qmodules as qmodules
+from qft_ds.checkpoint import state_hash
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_engine(tiny_llama, gas=1):
+    cfg = json.loads((ROOT / "ds_configs" / "qft.json").read_text())
+    cfg["optimizer"]["params"]["lr"] = 2e-3
+    cfg["scheduler"]["params"].update(total_num_steps=20, warmup_num_steps=4)
+    cfg["gradient_accumulation_steps"] = gas
+    engine, opt, _, sched = qft_ds.initialize(model=tiny_llama(tie=False), config=cfg)
+    return engine, opt
+
+
+def batch(i=0):
+    return torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(i))
+
+
+def micro_step(engine, x, nan_loss=False):
+    loss = engine(input_ids=x, labels=x).loss
+    if nan_loss:
+        loss = loss * float("nan")
+    engine.backward(loss)
+    engine.step()
+
+
+def weight_state(opt, w):
+    st = opt.state[w.anchor]
+    return [t.clone() for t in (w.codes, w.scales, w.outlier_val, st["m_codes"], st["m_scales"])]
+
+
+def same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.fixture
+def nan_grad_for(monkeypatch):
+    """Make the gradient delivered for one HybridWeight NaN (others untouched)."""
+    def arm(target):
+        real = qmodules.deliver
+
+        def deliver(weight, grad):
+            if weight is target:
+                grad = grad.clone()
+                grad.view(-1)[0] = float("nan")
+            real(weight, grad)
+        monkeypatch.setattr(qmodules, "deliver", deliver)
+    return arm
+
+
+@pytest.mark.parametrize("gas", [1, 2])
+def test_nonfinite_loss_skips_the_step(tiny_llama, gas):
+    engine, opt = make_engine(tiny_llama, gas)
+    for k in range(gas):  # one good step
+        micro_step(engine, batch(k))
+    before, lr, steps = state_hash(engine.module, opt), opt.param_groups[0]["lr"], opt.step_count
+    for k in range(gas):  # stack: the good first micro-batch is already in the int8 buffers
+        micro_step(engine, batch(2 + k), nan_loss=(k == gas - 1))
+    assert state_hash(engine.module, opt) == before         # nothing written, momentum included
+    assert opt.step_count == steps                           # the SR key does not advance
+    assert opt.param_groups[0]["lr"] == lr                   # DeepSpeed did not step the scheduler
+    assert opt.skipped_steps == 1 and engine.skipped_steps == 1 and opt.overflow
+    for k in range(gas):
+        micro_step(engine, batch(5 + k))
+    assert state_hash(engine.module, opt) != before and not opt.overflow  # training goes on
+
+
+def test_stack_nonfinite_gradient_skips_the_whole_step(tiny_llama, nan_grad_for):
+    engine, opt = make_engine(tiny_llama, gas=2)
+    micro_step(engine, batch(0))
+    micro_step(engine, batch(1))
+    before = state_hash(engine.module, opt)
+    nan_grad_for(engine.module.model.layers[1].mlp.down_proj.qweight)
+    micro_step(engine, batch(2))
+    micro_step(engine, batch(3))
+    assert state_hash(engine.module, opt) == before
+    assert opt.skipped_steps == 1 and engine.skipped_steps == 1 and opt.step_count == 1
+
+
+def test_stack_nonfinite_float_gradient_skips_the_whole_step(tiny_llama):
+    engine, opt = make_engine(tiny_llama, gas=2)
+    norm = engine.module.model.norm.weight
+    norm.register_hook(lambda g: g * float("inf"))
+    before = state_hash(engine.module, opt)
+    micro_step(engine, batch(0))
+    micro_step(engine, batch(1))
+    assert state_hash(engine.module, opt) == before and opt.skipped_steps == 1
+
+
+def test_fused_nonfinite_gradient_leaves_that_weight_unwritten(tiny_llama, nan_grad_for):
+    engine, opt = make_engine(tiny_llama)
+    micro_step(engine, batch(0))  # step 0 sets prev_grad_norm
+    bad = engine.module.model.layers[0].self_attn.q_proj.qweight
+    good = engine.module.model.layers[1].mlp.up_proj.qweight
+    bad0, good0 = weight_state(opt, bad), weight_state(opt, good)
+    nan_grad_for(bad)
+    micro_step(engine, batch(1))
+    assert same(weight_state(opt, bad), bad0)          # int8 weight and momentum untouched
+    assert not same(weight_state(opt, good), good0)    # the rest of the step happened
+    assert opt.partial_steps == 1 and opt.nonfinite_tensors == 1 and opt.skipped_steps == 0
+    assert opt.step_count == 2 and opt.prev_grad_norm is not None and torch.isfinite(torch.tensor(opt.prev_grad_norm))
+    assert engine.skipped_steps == 0
