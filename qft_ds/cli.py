@@ -1,4 +1,9 @@
-"""`qft_ds` command line. `qft_ds report` prints which kernel backends can run here, like `ds_report`."""
+"""`qft_ds` command line.
+
+- `qft_ds report`: which kernel backends can run here, like `ds_report`;
+- `qft_ds export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--int8]`: an HF folder from a checkpoint;
+- `qft_ds plot RUN_DIR [--out PNG]`: loss and peak memory over steps from RUN_DIR/metrics.jsonl.
+"""
 from __future__ import annotations
 
 import argparse
@@ -19,14 +24,51 @@ def report() -> int:
     return 0
 
 
+def export(args) -> int:
+    from qft_ds.checkpoint import CheckpointError
+    from qft_ds.export import export as run_export
+    try:
+        out = run_export(args.checkpoint, args.out_dir, dtype=args.dtype, int8=args.int8,
+                         max_shard_gb=args.max_shard_gb)
+    except (CheckpointError, FileExistsError) as e:
+        print(f"qft_ds export: {e}", file=sys.stderr)
+        return 2
+    what = "int8 (load with qft_ds.export.load_int8)" if args.int8 else f"{args.dtype} (AutoModelForCausalLM)"
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"exported {args.checkpoint} -> {out}: {what}, {size:.1f} MiB")
+    return 0
+
+
+def plot(args) -> int:
+    from qft_ds.monitor import plot as run_plot
+    try:
+        path = run_plot(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"qft_ds plot: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="qft_ds", description="qft_ds tools")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("report", help="which kernel backends can run on this machine, and why not")
+    e = sub.add_parser("export", help="write a Hugging Face folder from a checkpoint")
+    e.add_argument("checkpoint", help="a checkpoint-STEP folder, or a run folder (its latest checkpoint)")
+    e.add_argument("out_dir", help="a new (or empty) folder")
+    e.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="dense dtype (default bf16)")
+    e.add_argument("--int8", action="store_true", help="keep int8 codes + scales + outliers (qft_ds loader)")
+    e.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors shard size (default 5)")
+    pl = sub.add_parser("plot", help="PNG of loss and peak memory over steps of a train.py run")
+    pl.add_argument("run_dir", help="a train.py output_dir (holds metrics.jsonl)")
+    pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/metrics.png)")
     args = p.parse_args(argv)
-    if args.cmd == "report":
-        return report()
-    return 1
+    if args.cmd == "export":
+        if args.int8 and args.dtype:
+            p.error("--int8 keeps the int8 form; --dtype applies to dense exports only")
+        args.dtype = args.dtype or "bf16"
+    return {"report": lambda: report(), "export": lambda: export(args), "plot": lambda: plot(args)}[args.cmd]()
 
 
 if __name__ == "__main__":

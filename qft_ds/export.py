@@ -1,0 +1,159 @@
+"""`qft_ds export`: a checkpoint -> a Hugging Face folder.
+
+- default: every int8 weight dequantized (groups x scales, outliers put back) to bf16 (or fp16/fp32),
+  written as sharded safetensors with the model's config.json and tokenizer. Plain
+  `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads it; qft_ds is not needed.
+- `int8=True`: the compact form (codes + scales + outliers + float params in `qft_int8.safetensors`,
+  the layout in `qft_int8.json`), loaded back into QLinear/QEmbedding modules by `load_int8`.
+
+The error-feedback residual (rounding "ef") is sub-grid state for training and is not exported.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from qft_ds import checkpoint
+from qft_ds.checkpoint import CheckpointError
+from qft_ds.ops import reference as ref
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+INT8_FORMAT, INT8_VERSION = "qft_ds-int8", 1
+_QKEYS = ("codes", "scales", "outlier_idx", "outlier_val", "residual")
+
+
+def dequantize(t: dict, prefix: str, layout: dict) -> torch.Tensor:
+    """fp32 dense weight of one HybridWeight from its stored tensors (the same maths as HybridWeight)."""
+    w = ref.dequantize_blockwise(t[f"{prefix}.codes"], t[f"{prefix}.scales"], layout["group"], torch.float32)
+    idx = t[f"{prefix}.outlier_idx"]
+    if idx.numel():
+        w[idx.long()] = t[f"{prefix}.outlier_val"]
+    return w.view(layout["shape"])
+
+
+def _dense_tensors(ckpt: Path, meta: dict, dtype: torch.dtype, tied: bool) -> dict:
+    t = checkpoint.read_tensors(ckpt / "model.safetensors")
+    out = {}
+    for prefix, layout in meta["quant"].items():
+        w = dequantize(t, prefix, layout).to(dtype)
+        for i, module in enumerate(layout["modules"]):
+            if i and tied:  # a tied head: config.tie_word_embeddings re-ties it on load
+                continue
+            out[f"{module}.weight"] = w if i == 0 else w.clone()
+        for k in _QKEYS:
+            t.pop(f"{prefix}.{k}", None)
+    for name, v in t.items():  # norms, biases: fp32 in training, the export dtype here
+        out[name] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def _save_sharded(tensors: dict, out: Path, max_shard_bytes: int) -> None:
+    shards, cur, size = [], {}, 0
+    for name, v in tensors.items():
+        n = v.numel() * v.element_size()
+        if cur and size + n > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[name] = v.contiguous()
+        size += n
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], str(out / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb: float = 5.0) -> Path:
+    """Write an HF folder at out_dir (atomically; refuses a non-empty out_dir). Returns out_dir."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    ckpt = checkpoint.resolve(ckpt)
+    meta = checkpoint.read_meta(ckpt)
+    hf = ckpt / "hf"
+    if not (hf / "config.json").is_file():
+        raise CheckpointError(f"{ckpt} has no hf/config.json (the model was not a transformers model); "
+                              "it cannot be exported as an HF folder")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty folder; choose a new OUT_DIR")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        config = json.loads((hf / "config.json").read_text())
+        for f in hf.iterdir():
+            if f.is_file() and f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)
+        if int8:
+            _write_int8(ckpt, meta, tmp)
+        else:
+            tensors = _dense_tensors(ckpt, meta, DTYPES[dtype], bool(config.get("tie_word_embeddings")))
+            _save_sharded(tensors, tmp, int(max_shard_gb * 2**30))
+            config.pop("torch_dtype", None)
+            config["dtype"] = DTYPE_NAMES[dtype]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_int8(ckpt: Path, meta: dict, tmp: Path) -> None:
+    t = checkpoint.read_tensors(ckpt / "model.safetensors")
+    t = {k: v for k, v in t.items() if not k.endswith(".residual")}
+    save_file(t, str(tmp / "qft_int8.safetensors"), metadata={"format": "pt"})
+    qft = (meta.get("ds_config") or {}).get("qft") or {}
+    info = {"format": INT8_FORMAT, "format_version": INT8_VERSION, "quant": meta["quant"], "aliases": meta["aliases"],
+            "group_size": qft.get("group_size", 128), "outlier_frac": qft.get("outlier_frac", 0.01),
+            "compute_bf16": bool(((meta.get("ds_config") or {}).get("bf16") or {}).get("enabled"))}
+    (tmp / "qft_int8.json").write_text(json.dumps(info, indent=1))
+
+
+@torch.no_grad()
+def load_int8(path, device="cpu", compute_dtype: torch.dtype | None = None):
+    """A model with QLinear/QEmbedding modules from an `--int8` export (inference, or more QFT training)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qft_ds.nn.convert import convert_model
+    path = Path(path)
+    try:
+        info = json.loads((path / "qft_int8.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not an int8 export of qft_ds (qft_int8.json: {e})") from None
+    if info.get("format") != INT8_FORMAT or info.get("format_version") != INT8_VERSION:
+        raise CheckpointError(f"{path}: int8 export format {info.get('format')} v{info.get('format_version')}; "
+                              f"this qft_ds reads {INT8_FORMAT} v{INT8_VERSION}")
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if info["compute_bf16"] else torch.float32
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    convert_model(model, group_size=info["group_size"], outlier_frac=info["outlier_frac"], compute_dtype=compute_dtype)
+    have, aliases = checkpoint.model_tensors(model)
+    saved = checkpoint.read_tensors(path / "qft_int8.safetensors")
+    layout = checkpoint.quant_layout(model)
+    if set(have) != set(saved) or aliases != info["aliases"] or layout.keys() != info["quant"].keys():
+        raise CheckpointError(f"{path}: stored tensors do not fit the model built from its config.json "
+                              f"(missing {sorted(set(have) - set(saved))[:5]}, extra {sorted(set(saved) - set(have))[:5]})")
+    for prefix, lay in layout.items():
+        if lay["group"] != info["quant"][prefix]["group"]:
+            raise CheckpointError(f"{path}: '{prefix}' has group {info['quant'][prefix]['group']}, rebuilt {lay['group']}")
+    for name, t in have.items():
+        if t.shape != saved[name].shape:
+            raise CheckpointError(f"{path}: '{name}' is {list(saved[name].shape)}, the model wants {list(t.shape)}")
+        t.copy_(saved[name])
+    return model.to(device).eval()
