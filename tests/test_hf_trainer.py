@@ -1,0 +1,80 @@
+"""HF Trainer (TrainingArguments(deepspeed=...)) and accelerate with ds_configs/qft_hf.json, on the CPU."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import qft_ds
+from qft_ds import checkpoint
+from qft_ds.engine import split_config
+from qft_ds.config import load_ds_config
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+HF_CONFIG = ROOT / "ds_configs" / "qft_hf.json"
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    from conftest import WORDS
+    g = torch.Generator().manual_seed(0)
+    path = tmp_path / "c.txt"
+    path.write_text(" ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (3000,), generator=g).tolist()))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Trainer and Accelerator share process-wide singletons; each test gets its own."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def mean(xs):
+    return sum(xs) / len(xs)
+
+
+def test_hf_trainer_trains_with_int8_state(tiny_model_dir, corpus, tmp_path):
+    import hf_trainer
+    out = tmp_path / "out"
+    trainer = hf_trainer.main(["--model", str(tiny_model_dir), "--text", str(corpus), "--output_dir", str(out),
+                               "--max_steps", "12", "--lr", "3e-3", "--seq_len", "16"])
+    model = trainer.model
+    assert isinstance(model.model.layers[0].mlp.up_proj, qft_ds.QLinear) and isinstance(model.lm_head, qft_ds.QLinear)
+    opt = trainer.model_wrapped.optimizer
+    assert isinstance(opt, qft_ds.QFTLion) and opt.step_count == 12
+    assert opt.max_grad_norm == 1.0 and opt.param_groups[0]["betas"] == (0.9, 0.99)  # "auto" clipping; Lion betas
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 12 and mean(losses[-4:]) < mean(losses[:4])
+    assert checkpoint.read_meta(out / "checkpoint-12")["optimizer"]["qft"]["step_count"] == 12
+
+
+def test_accelerate_loop_trains_with_int8_state(tiny_model_dir, corpus):
+    import accelerate_qft
+    losses = accelerate_qft.main(["--model", str(tiny_model_dir), "--text", str(corpus), "--max_steps", "12",
+                                  "--lr", "3e-3", "--seq_len", "16", "--deepspeed_config", str(HF_CONFIG)])
+    assert len(losses) == 12 and mean(losses[-4:]) < mean(losses[:4])
+
+
+def test_hf_config_with_plain_deepspeed_is_a_clear_error():
+    with pytest.raises(ValueError, match='"auto" at train_micro_batch_size_per_gpu.*qft_hf.json'):
+        split_config(load_ds_config(HF_CONFIG))
+
+
+@pytest.mark.skipif(os.environ.get("QFT_DS_LAUNCH_TESTS") != "1",
+                    reason="spawns `accelerate launch` (about 10 s, 45 s with a cold DeepSpeed op cache); "
+                           "set QFT_DS_LAUNCH_TESTS=1")
+def test_accelerate_launch_cli(tiny_model_dir, corpus):
+    cmd = ["accelerate", "launch", "--num_processes", "1", "--use_deepspeed", "--deepspeed_config_file",
+           str(HF_CONFIG), str(ROOT / "examples" / "accelerate_qft.py"), "--model", str(tiny_model_dir),
+           "--text", str(corpus), "--max_steps", "4", "--lr", "3e-3", "--seq_len", "16"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "step 4: loss" in res.stdout
