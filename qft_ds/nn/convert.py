@@ -29,8 +29,12 @@ def is_converted(model: nn.Module) -> bool:
 @torch.no_grad()
 def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: float = 0.01,
                   compute_dtype: torch.dtype = torch.float32, error_feedback: bool = False,
-                  progress: bool = False) -> list[HybridWeight]:
-    """Replace Linear/Embedding modules in place; returns the HybridWeights in global-offset order."""
+                  progress: bool = False, device=None) -> list[HybridWeight]:
+    """Replace Linear/Embedding modules in place; returns the HybridWeights in global-offset order.
+
+    `device`: quantize each weight there, one at a time (load a big model on the CPU, convert straight
+    onto the GPU: no full-precision copy of the model ever sits in GPU memory). Then move the model.
+    """
     if is_converted(model):
         raise ValueError("model is already converted by qft_ds")
     targets = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)]
@@ -45,13 +49,16 @@ def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: floa
     for name, mod in it:
         qw = by_param.get(id(mod.weight))
         if qw is None:
-            qw = HybridWeight(mod.weight, group_size, outlier_frac, global_offset=offset)
+            weight = mod.weight if device is None else mod.weight.to(device)
+            qw = HybridWeight(weight, group_size, outlier_frac, global_offset=offset)
+            del weight
             if error_feedback:
                 qw.residual = torch.zeros_like(qw.codes)
             offset += qw.numel
             by_param[id(mod.weight)] = qw
         if isinstance(mod, nn.Linear):
-            new = QLinear(qw, mod.bias, compute_dtype)
+            bias = mod.bias if mod.bias is None or device is None else mod.bias.to(device)
+            new = QLinear(qw, bias, compute_dtype)
         else:
             new = QEmbedding(qw, mod.padding_idx)
         parent_name, _, child = name.rpartition(".")

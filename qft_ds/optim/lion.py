@@ -28,7 +28,7 @@ import math
 import torch
 
 from qft_ds.flow import GradientFlow
-from qft_ds.ops import get_ops
+from qft_ds.ops import configure as configure_ops, get_ops
 
 logger = logging.getLogger("qft_ds")
 
@@ -59,6 +59,7 @@ class QFTLion(torch.optim.Optimizer):
         self.flow = GradientFlow(flow, self._apply, block_size)
         self.flow.attach(self.weights)
         self._ops = None
+        configure_ops(backend)  # the quantized modules' forward/backward use the same backend
         self.step_count = 0          # optimizer steps taken; keys the stochastic rounding
         self.prev_grad_norm = None   # fused clipping uses the previous step's global norm
         self._sq_norm = None         # this step's squared gradient norm, summed as it arrives

@@ -1,0 +1,239 @@
+"""Memory and speed of QFT against the standard recipes, one process, methods one after the other.
+
+Random-init LLaMA shapes, bf16 compute, gradient checkpointing. For each method: peak GPU memory of
+training (torch.cuda.max_memory_allocated, reset after setup; the setup peak is recorded apart),
+tokens/s from the median of timed steps after warm-up, and model-state bytes per parameter. Also the
+copy bandwidth and the int8 Lion kernel's achieved bandwidth, measured in the same run.
+
+    python bench/memory_speed.py --commit $(git rev-parse HEAD)                 # 1.1B and 7B shapes
+    python bench/memory_speed.py --shapes 1.1b --methods qft bf16_adamw         # a subset
+
+Methods: qft (through DeepSpeed, as users run it; Triton kernels where they run), qft_torch (the same
+with the PyTorch reference ops), fp32_adamw (fp32 master weights, fused torch AdamW), bf16_adamw and
+bf16_lion (pure bf16 weights), ds_fusedadam (DeepSpeed FusedAdam at ZeRO-0 with its bf16 mode).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from fidelity import FP32Lion  # noqa: E402
+
+SHAPES = {
+    "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=32000, batch=8, seq=512),
+    "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000, batch=1, seq=512),
+    "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, batch=2, seq=64),
+}
+METHODS = ["qft", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
+
+
+def build(shape, dtype, device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    dims = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "seq")}
+    cfg = LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(dtype)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    return model
+
+
+def qft_config(backend, batch):
+    return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+            "bf16": {"enabled": True}, "steps_per_print": 10**9,
+            "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
+            "qft": {"backend": backend, "gradient_checkpointing": True}}
+
+
+def setup(method, shape, dev):
+    """(step function, bytes/param of model state, number of params)."""
+    import qft_ds
+    batch = SHAPES[shape]["batch"]
+    if method.startswith("qft"):
+        # weights are created on the CPU and quantized one by one straight onto the GPU
+        model = build(shape, torch.bfloat16, "cpu")
+        qft_ds.convert_model(model, compute_dtype=torch.bfloat16, device=dev)
+        engine, opt, _, _ = qft_ds.initialize(model=model, config=qft_config(
+            "torch" if method == "qft_torch" else "auto", batch))
+
+        def step(x):
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+        st = opt.state_nbytes()
+        n = st["quantized_params"] + st["float_params"]
+        return step, (st["quantized_bytes"] + st["float_bytes"]) / n, n
+    if method == "ds_fusedadam":
+        import deepspeed
+        model = build(shape, torch.bfloat16, dev)
+        engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
+            "train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0, "bf16": {"enabled": True},
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-5, "weight_decay": 0.01}}, "steps_per_print": 10**9})
+        n = sum(p.numel() for p in model.parameters())
+
+        def step(x):
+            loss = engine(input_ids=x, labels=x).loss
+            engine.backward(loss)
+            engine.step()
+        return step, 2 + 4 + 8, n  # bf16 weights + fp32 master + fp32 Adam m, v (grads not counted)
+    dtype = torch.float32 if method == "fp32_adamw" else torch.bfloat16
+    model = build(shape, dtype, dev)
+    params = list(model.parameters())
+    n = sum(p.numel() for p in params)
+    if method.endswith("adamw"):
+        opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True)
+        bpp = 3 * dtype.itemsize
+    else:
+        opt = FP32Lion(params, lr=1e-5, weight_decay=0.1)
+        bpp = 2 * dtype.itemsize
+
+    def step(x):
+        with torch.autocast("cuda", torch.bfloat16, enabled=dtype == torch.float32):
+            loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, bpp, n
+
+
+def measure(method, shape, args, dev):
+    row = {"method": method, "model": shape, "batch": SHAPES[shape]["batch"], "seq": SHAPES[shape]["seq"],
+           "peak_gib": None, "setup_peak_gib": None, "tok_s": None, "state_bytes_per_param": None, "oom": False}
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        step, bpp, n = setup(method, shape, dev)
+        row.update(state_bytes_per_param=round(bpp, 4), params=n)
+        row["setup_peak_gib"] = common.peak_gib()
+        torch.cuda.reset_peak_memory_stats()
+        g = torch.Generator().manual_seed(0)
+        times = []
+        for i in range(args.warmup + args.iters):
+            x = torch.randint(0, SHAPES[shape]["vocab_size"], (row["batch"], row["seq"]), generator=g).to(dev)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step(x)
+            torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+        row["peak_gib"] = common.peak_gib()
+        row["step_s"] = statistics.median(times)
+        row["tok_s"] = row["batch"] * row["seq"] / row["step_s"]
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+        row["peak_gib"] = common.peak_gib()
+    except Exception as e:  # record, keep going: one broken baseline must not hide the others
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    finally:
+        step = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(f"  {shape:>5} {method:>13}: peak {row['peak_gib'] if row['peak_gib'] is None else round(row['peak_gib'], 2)} GiB"
+          f"  tok/s {row['tok_s'] and round(row['tok_s'])}  oom={row['oom']} {row.get('error', '')}", flush=True)
+    return row
+
+
+def bandwidths(dev):
+    """Copy bandwidth (read + write) and the int8 Lion kernel's, on a 4096 x 11008 weight."""
+    from qft_ds.ops import get_ops, reference as ref
+    from triton.testing import do_bench
+    x = torch.randn(2**28, device=dev)
+    y = torch.empty_like(x)
+    copy_gbs = 2 * x.numel() * 4 / do_bench(lambda: y.copy_(x), return_mode="median") / 1e6
+    del x, y
+    n = 4096 * 11008
+    out = {"copy_gbs": copy_gbs}
+    for backend in ("triton", "torch"):
+        ops = get_ops(backend, dev)
+        w, ws = ref.quantize_blockwise(torch.randn(n, device=dev) * 0.02, 128)
+        m, ms = ref.quantize_blockwise(torch.randn(n, device=dev) * 1e-3, 256)
+        g = torch.randn(n, device=dev) * 1e-2
+        step = [0]
+
+        def run():
+            step[0] += 1
+            ops.lion_step(w, ws, 128, m, ms, 256, g, lr=1e-5, beta1=0.9, beta2=0.99, weight_decay=0.1,
+                          rounding="sr", seed=0, step=step[0], offset=0)
+        ms_ = do_bench(run, return_mode="median")
+        nbytes = n * (1 + 1 + 1 + 1 + 4) + 2 * (n // 128 + n // 256) * 4  # w, m read+write; fp32 g; scales
+        out[f"lion_{backend}_gbs"] = nbytes / ms_ / 1e6
+        out[f"lion_{backend}_ms"] = ms_
+    out["lion_kernel_gbs"] = out["lion_triton_gbs"]
+    out["lion_bytes_per_param"] = 8
+    return out
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    shapes = sorted({r["model"] for r in result["rows"]})
+    fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7), squeeze=False)
+    for j, shape in enumerate(shapes):
+        rows = [r for r in result["rows"] if r["model"] == shape]
+        names = [r["method"] for r in rows]
+        for i, (key, label) in enumerate((("peak_gib", "peak GiB"), ("tok_s", "tokens/s"))):
+            ax = axes[i][j]
+            vals = [0 if r["oom"] or r.get(key) is None else r[key] for r in rows]
+            bars = ax.bar(names, vals, color=["C0" if n.startswith("qft") else "C7" for n in names])
+            for b, r in zip(bars, rows):
+                if r["oom"] or r.get("error"):
+                    ax.text(b.get_x() + b.get_width() / 2, 0, "OOM" if r["oom"] else "error", ha="center",
+                            va="bottom", color="red")
+            ax.set_ylabel(label)
+            ax.set_title(f"{shape} (bsz {rows[0]['batch']}x{rows[0]['seq']})")
+            ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"qft_ds memory and speed ({result['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", default=["1.1b", "7b"], choices=list(SHAPES))
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--commit", default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("memory_speed.py measures GPU memory: it needs CUDA")
+    common.single_process_env()
+    dev = "cuda"
+    result = common.header(args.commit)
+    result.update(bandwidths(dev))
+    print(f"copy {result['copy_gbs']:.0f} GB/s  lion triton {result['lion_triton_gbs']:.0f} GB/s "
+          f"({result['lion_triton_ms']:.3f} ms)  lion torch {result['lion_torch_gbs']:.0f} GB/s", flush=True)
+    result["rows"] = []
+    partial = Path(args.out or common.RESULTS) / "memory_speed_partial.json"  # survives a timeout
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    for s in args.shapes:
+        for m in args.methods:
+            result["rows"].append(measure(m, s, args, dev))
+            partial.write_text(json.dumps(result, indent=1))
+    path = common.write_result("memory_speed", result, args.out)
+    plot(result, path.with_suffix(".png"))
+    print(f"\nwrote {path}")
+    print(f"{'model':>5} {'method':>13} {'peak GiB':>9} {'tok/s':>8} {'B/param':>8}")
+    for r in result["rows"]:
+        peak = "OOM" if r["oom"] else (f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "err")
+        print(f"{r['model']:>5} {r['method']:>13} {peak:>9} {r['tok_s'] or 0:8.0f} {r['state_bytes_per_param'] or 0:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
