@@ -16,7 +16,8 @@ setup(
         "safetensors",
         "gguf",
         "tqdm",
+        "matplotlib",  # qft_ds plot
     ],
-    extras_require={"test": ["pytest"], "bench": ["matplotlib"], "triton": ["triton"]},
+    extras_require={"test": ["pytest"], "triton": ["triton"]},
     entry_points={"console_scripts": ["qft_ds=qft_ds.cli:main"]},
 )
