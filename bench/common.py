@@ -44,6 +44,13 @@ def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     return path
 
 
+def write_partial(name: str, payload: dict, out_dir: Path | None = None) -> None:
+    """Rewritten after every run, so what finished survives a timeout."""
+    path = Path(out_dir or RESULTS) / f"{name}_partial.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=1))
+
+
 def single_process_env(port: int = 29511) -> None:
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(port))):

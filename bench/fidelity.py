@@ -206,9 +206,7 @@ def main(argv=None):
         for spec in args.runs:
             print(f"run {spec}", flush=True)
             result["rows"].append(run_one(spec, model, train, held, args))
-            partial = Path(args.out or common.RESULTS) / "fidelity_partial.json"  # survives a timeout
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps(result, indent=1))
+            common.write_partial("fidelity", result, args.out)
     path = common.write_result("fidelity", result, args.out)
     plot(result, path.with_suffix(".png"))
     print(f"\nwrote {path}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -220,12 +219,10 @@ def main(argv=None):
     print(f"copy {result['copy_gbs']:.0f} GB/s  lion triton {result['lion_triton_gbs']:.0f} GB/s "
           f"({result['lion_triton_ms']:.3f} ms)  lion torch {result['lion_torch_gbs']:.0f} GB/s", flush=True)
     result["rows"] = []
-    partial = Path(args.out or common.RESULTS) / "memory_speed_partial.json"  # survives a timeout
-    partial.parent.mkdir(parents=True, exist_ok=True)
     for s in args.shapes:
         for m in args.methods:
             result["rows"].append(measure(m, s, args, dev))
-            partial.write_text(json.dumps(result, indent=1))
+            common.write_partial("memory_speed", result, args.out)
     path = common.write_result("memory_speed", result, args.out)
     plot(result, path.with_suffix(".png"))
     print(f"\nwrote {path}")

@@ -26,6 +26,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from qft_ds.hub import sha256_file
+
 FORMAT = "qft_ds-checkpoint"
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -108,14 +110,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _save_tensors(tensors: dict, path: Path) -> None:
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(path))
 
@@ -186,7 +180,7 @@ def _write(out_dir, final, engine, optimizer, step, data, ds_config, tokenizer) 
         files = sorted(p for p in tmp.rglob("*") if p.is_file())
         for p in files:
             _fsync_file(p)
-        meta["files"] = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+        meta["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
         (tmp / "meta.json").write_text(_json(meta, "checkpoint metadata"))
         _fsync_file(tmp / "meta.json")
         for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
@@ -248,7 +242,7 @@ def read_meta(ckpt, verify: bool = True) -> dict:
             p = ckpt / rel
             if not p.is_file():
                 raise CheckpointError(f"{ckpt} is incomplete: {rel} is missing")
-            if _sha256(p) != digest:
+            if sha256_file(p) != digest:
                 raise CheckpointError(f"{ckpt} is corrupt: {rel} does not match its sha256 in meta.json")
     return meta
 
