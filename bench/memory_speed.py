@@ -131,6 +131,8 @@ def measure(method, shape, args, dev):
                 times.append(time.perf_counter() - t0)
         row["peak_gib"] = common.peak_gib()
         row["step_s"] = statistics.median(times)
+        if method in args.profile:
+            profile(step, x, f"{method}_{shape}", args.out)
         row["tok_s"] = row["batch"] * row["seq"] / row["step_s"]
     except torch.OutOfMemoryError:
         row["oom"] = True
@@ -144,6 +146,22 @@ def measure(method, shape, args, dev):
     print(f"  {shape:>5} {method:>13}: peak {row['peak_gib'] if row['peak_gib'] is None else round(row['peak_gib'], 2)} GiB"
           f"  tok/s {row['tok_s'] and round(row['tok_s'])}  oom={row['oom']} {row.get('error', '')}", flush=True)
     return row
+
+
+def profile(step, x, name, out_dir):
+    """Where the time goes: top CUDA kernels and CPU ops over 2 steps, written next to the JSON."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step(x)
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=60)
+    n_kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    text = f"{name}: {n_kernels / 2:.0f} CUDA kernel launches per step\n{table}"
+    path = Path(out_dir or common.RESULTS) / f"profile_{name}.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    print(text[:6000], flush=True)
 
 
 def bandwidths(dev):
@@ -207,6 +225,8 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--profile", nargs="*", default=[], choices=METHODS, help="profile these methods (2 steps)")
+    p.add_argument("--skip-bandwidth", action="store_true")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -215,9 +235,10 @@ def main(argv=None):
     common.single_process_env()
     dev = "cuda"
     result = common.header(args.commit)
-    result.update(bandwidths(dev))
-    print(f"copy {result['copy_gbs']:.0f} GB/s  lion triton {result['lion_triton_gbs']:.0f} GB/s "
-          f"({result['lion_triton_ms']:.3f} ms)  lion torch {result['lion_torch_gbs']:.0f} GB/s", flush=True)
+    if not args.skip_bandwidth:
+        result.update(bandwidths(dev))
+        print(f"copy {result['copy_gbs']:.0f} GB/s  lion triton {result['lion_triton_gbs']:.0f} GB/s "
+              f"({result['lion_triton_ms']:.3f} ms)  lion torch {result['lion_torch_gbs']:.0f} GB/s", flush=True)
     result["rows"] = []
     for s in args.shapes:
         for m in args.methods:
