@@ -69,8 +69,12 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
-              residual=None, grad_scale=1.0):
-    """Same contract as reference.lion_step; the dense part is one fused kernel per tensor."""
+              residual=None, grad_scale=1.0, quad_rng=None):
+    """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
+
+    `quad_rng` (default: whenever the layout allows) draws one Philox call per 4 elements; False forces
+    the element-wise path, which yields the same numbers (tests compare them).
+    """
     if m_block & (m_block - 1):
         raise ValueError(f"the triton Lion kernel needs a power-of-two momentum block_size, got {m_block}")
     g = grad.reshape(-1)
@@ -87,12 +91,17 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     while chunk < 2048 and chunk * 2 // w_block <= 64:
         chunk *= 2
     rw, rm = chunk // w_block, chunk // m_block
+    aligned = offset % 4 == 0 and w_block % 4 == 0 and m_block % 4 == 0
+    if quad_rng is None:
+        quad_rng = aligned
+    elif quad_rng and not aligned:
+        raise ValueError(f"quad_rng needs offset, w_block and m_block divisible by 4 ({offset}, {w_block}, {m_block})")
     _kernels().lion_kernel[(triton_cdiv(n, chunk),)](
         w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, n,
         float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
         ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
         G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
-        ROUNDING=_rounding_id(rounding))
+        ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng))
     if has_outliers:  # the kernel rounded -lr*u at outlier slots; their dense code must stay 0
         w_codes[idx] = 0
         if residual is not None:

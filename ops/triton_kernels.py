@@ -1,8 +1,10 @@
 """Triton kernels. Each computes the same function as its twin in reference.py (tests compare them).
 
-Random draws: `tl.rand(key, global_offset)` (Philox, counter-based), so a rerun is bit-identical and a
-shard draws what the whole tensor would. The CPU reference uses another generator: the two agree in
-distribution, not bit for bit.
+Random draws are counter-based Philox (`tl.randint4x`): element e gets output lane e % 4 of
+philox(key, e // 4), with e the *global* element offset. So a rerun is bit-identical and a shard draws
+what the whole tensor would. One Philox call feeds four elements: with one call per element
+(`tl.rand`), the 10 Philox rounds made the Lion kernel compute-bound at a third of copy bandwidth.
+The CPU reference uses another generator: the two agree in distribution, not bit for bit.
 """
 import triton
 import triton.language as tl
@@ -11,9 +13,32 @@ SR, RTN, EF = 0, 1, 2
 
 
 @triton.jit
-def _round(y, key, offs, ROUNDING: tl.constexpr):
+def _uniform(key, offs):
+    """U[0,1) for global element offsets of any shape: lane offs % 4 of philox(key, offs // 4)."""
+    r0, r1, r2, r3 = tl.randint4x(key, offs // 4)
+    lane = offs % 4
+    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
+    return tl.uint_to_uniform_float(r)
+
+
+@triton.jit
+def _uniform_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.constexpr):
+    """The same numbers as _uniform for the tile [ROWS, COLS] at base + r * STRIDE + c, one Philox call per
+    4 elements. Needs base % 4 == 0, STRIDE % 4 == 0, COLS % 4 == 0 (the caller checks)."""
+    r = tl.arange(0, ROWS)
+    k = tl.arange(0, COLS // 4)
+    counters = (base + r[:, None] * STRIDE) // 4 + k[None, :]
+    r0, r1, r2, r3 = tl.randint4x(key, counters)
+    # join(join(a, c), join(b, d)) laid out row-major is a, b, c, d: element 4k + j gets lane j
+    quad = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    return tl.uint_to_uniform_float(tl.reshape(quad, (ROWS, COLS)))
+
+
+@triton.jit
+def _round(y, u, ROUNDING: tl.constexpr):
+    """y in units of the scale -> codes as float; u: uniforms (used by SR only)."""
     if ROUNDING == 0:
-        y = tl.floor(y + tl.rand(key, offs))
+        y = tl.floor(y + u)
     else:  # half away from zero differs from torch's half-to-even only on exact ties
         y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(-y + 0.5))
     return tl.minimum(tl.maximum(y, -127.0), 127.0)  # clamp before the cast: int8 casts wrap
@@ -39,7 +64,7 @@ def quant_kernel(x_ptr, codes_ptr, scales_ptr, n, key, offset, B: tl.constexpr, 
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.max(tl.abs(x), axis=0) / 127.0
     inv = tl.where(s > 0, 1.0 / s, 0.0)
-    q = _round(x * inv, key, offs + offset, ROUNDING)
+    q = _round(x * inv, _uniform(key, offs + offset) if ROUNDING == 0 else 0.0, ROUNDING)
     tl.store(codes_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(scales_ptr + pid, s)
 
@@ -48,7 +73,8 @@ def quant_kernel(x_ptr, codes_ptr, scales_ptr, n, key, offset, B: tl.constexpr, 
 def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, n, lr, beta1, beta2, decay, grad_scale,
                 w_key, m_key, offset,
                 G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
-                B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr):
+                B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr,
+                QUAD_RNG: tl.constexpr):
     """One INT8 Lion step over a chunk of RW*G = RM*B elements (a common multiple of both groupings).
 
     The weight half runs first, in weight-group rows, reading the *old* momentum to get sign(c); the
@@ -76,7 +102,14 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, n, lr, beta1, beta2,
     s_new = tl.maximum(s, tl.max(tl.abs(w), axis=1) / 127.0)
     inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
     y = w * inv[:, None]
-    q = _round(y, w_key, offs + offset, ROUNDING)
+    if ROUNDING == 0:
+        if QUAD_RNG:
+            u = _uniform_rows(w_key, start + offset, RWP2, G, GP2)
+        else:
+            u = _uniform(w_key, offs + offset)
+    else:
+        u = 0.0
+    q = _round(y, u, ROUNDING)
     tl.store(w_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(ws_ptr + grow, s_new, mask=rmask)
     if ROUNDING == 2:
@@ -96,6 +129,10 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, n, lr, beta1, beta2,
     m = m * beta2 + g * (1.0 - beta2)
     ms_new = tl.max(tl.abs(m), axis=1) / 127.0
     inv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
-    q = _round(m * inv[:, None], m_key, offs + offset, 0)  # momentum: always stochastic (unbiased EMA)
+    if QUAD_RNG:
+        u = _uniform_rows(m_key, start + offset, RMP2, B, B)
+    else:
+        u = _uniform(m_key, offs + offset)
+    q = _round(m * inv[:, None], u, 0)  # momentum: always stochastic (unbiased EMA)
     tl.store(m_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(ms_ptr + brow, ms_new, mask=bmask)

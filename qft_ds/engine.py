@@ -25,6 +25,7 @@ import torch
 
 from qft_ds.config import QFTConfig, gradient_accumulation_steps, load_ds_config
 from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
+from qft_ds.nn.precision import autocast_forward
 from qft_ds.optim.lion import QFTLion
 
 _OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
@@ -112,6 +113,8 @@ def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False
         weights = convert_model(model, group_size=cfg.group_size, outlier_frac=cfg.outlier_frac,
                                 compute_dtype=torch.bfloat16 if cfg.compute_bf16 else torch.float32,
                                 error_feedback=cfg.rounding == "ef", progress=progress)
+    if cfg.compute_bf16:
+        autocast_forward(model, torch.bfloat16)
     if cfg.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError("qft.gradient_checkpointing needs a transformers model")

@@ -20,7 +20,10 @@ class _QLinearFn(torch.autograd.Function):
         xc = x.to(cdt)
         ctx.save_for_backward(xc)
         ctx.weight, ctx.x_dtype = weight, x.dtype
-        return F.linear(xc, weight.dequantize(cdt))
+        y = F.linear(xc, weight.dequantize(cdt))
+        # Out in the input's dtype, as torch.nn.Linear: a bf16 q/v next to an fp32 k (after fp32 RoPE)
+        # breaks attention. Under autocast, stay in the compute dtype like every autocast matmul.
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
@@ -41,7 +44,7 @@ class _QEmbeddingFn(torch.autograd.Function):
     def forward(ctx, ids, anchor, weight: HybridWeight, padding_idx):
         ctx.save_for_backward(ids)
         ctx.weight, ctx.padding_idx = weight, padding_idx
-        return F.embedding(ids, weight.dequantize(torch.float32))
+        return weight.dequantize_rows(ids)
 
     @staticmethod
     def backward(ctx, gy):

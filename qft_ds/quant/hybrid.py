@@ -76,6 +76,22 @@ class HybridWeight(nn.Module):
             w[self.outlier_idx] = self.outlier_val.to(dtype)
         return w.view(self.shape)
 
+    def dequantize_rows(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """fp32 rows `ids` (any shape) -> [*ids.shape, cols]: an embedding lookup that never dequantizes
+        the whole table (LLaMA-7B's is 131M params: 0.5 GB in fp32 for a few hundred rows)."""
+        rows, cols = self.shape
+        if self.group > cols or cols % self.group:  # groups run across rows: no row-local layout
+            return torch.nn.functional.embedding(ids, self.dequantize(dtype))
+        uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        codes = self.codes.view(rows, cols)[uniq].float().view(len(uniq), -1, self.group)
+        dense = (codes * self.scales.view(rows, -1)[uniq][..., None]).view(len(uniq), cols)
+        if self.outlier_idx.numel():
+            o_row = self.outlier_idx.long() // cols
+            hit = torch.isin(o_row, uniq)
+            pos = torch.searchsorted(uniq, o_row[hit])
+            dense[pos, self.outlier_idx[hit].long() % cols] = self.outlier_val[hit]
+        return dense.to(dtype)[inverse].view(*ids.shape, cols)
+
     def refresh_outliers(self, outlier_frac: float) -> None:
         """Re-select outliers from the current weights (costs one RTN re-rounding of the tensor)."""
         fresh = HybridWeight(self.dequantize(), self.group, outlier_frac, self.global_offset)

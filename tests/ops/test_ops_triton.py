@@ -127,3 +127,29 @@ def test_lion_kernel_outliers_exact(tb):
     _run(ref.lion_step, "cpu", inputs, 128, "sr", idx=idx, val=vr)
     assert torch.allclose(vk.cpu(), vr, atol=1e-7, rtol=0)
     assert (k[0][idx.long()] == 0).all()
+
+
+@pytest.mark.parametrize("rounding", ["sr", "ef"])
+def test_lion_kernel_quad_rng_equals_elementwise_rng(tb, rounding):
+    """One Philox call per 4 elements (the fast path) must draw exactly the element-wise numbers."""
+    be, dev = tb
+    inputs = _lion_inputs(12_288, 96, seed=3)
+    fast = _run(lambda *a, **k: be.lion_step(*a, quad_rng=True, **k), dev, inputs, 96, rounding)
+    slow = _run(lambda *a, **k: be.lion_step(*a, quad_rng=False, **k), dev, inputs, 96, rounding)
+    for a, b in zip(fast, slow):
+        assert a is None and b is None or torch.equal(a, b)
+
+
+def test_lion_kernel_shards_draw_what_the_whole_tensor_draws(tb):
+    """A shard updated at its global offset gets the bits the whole tensor gets (ZeRO relies on it)."""
+    be, dev = tb
+    n, wblock, cut = 16_384, 128, 6_144  # the cut: a multiple of lcm(128, 256), not of the kernel chunk
+    inputs = _lion_inputs(n, wblock, seed=4)
+    whole = _run(be.lion_step, dev, inputs, wblock, "sr")
+    wc, ws, mc, ms, grad = (t.clone().to(dev) for t in inputs)
+    for lo, hi in ((0, cut), (cut, n)):
+        be.lion_step(wc[lo:hi], ws[lo // wblock:hi // wblock], wblock, mc[lo:hi], ms[lo // 256:hi // 256], 256,
+                     grad[lo:hi], lr=3e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, rounding="sr", seed=0,
+                     step=3, offset=1000 + lo, grad_scale=0.5)
+    for a, b in zip(whole[:4], (wc, ws, mc, ms)):
+        assert torch.equal(a, b.cpu())

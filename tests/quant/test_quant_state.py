@@ -51,3 +51,14 @@ def test_state_bytes_counted_from_storage():
     n = 256 * 512
     expect = n + (n // 128) * 4 + hw.outlier_idx.numel() * 8
     assert hw.state_nbytes() == expect
+
+
+def test_dequantize_rows_equals_full_dequantize_lookup():
+    from qft_ds.quant.hybrid import HybridWeight
+    torch.manual_seed(0)
+    hw = HybridWeight(torch.randn(300, 64), group_size=32, outlier_frac=0.05)
+    ids = torch.tensor([[3, 299, 3, 0], [17, 17, 250, 1]])
+    want = torch.nn.functional.embedding(ids, hw.dequantize())
+    assert torch.equal(hw.dequantize_rows(ids), want)
+    odd = HybridWeight(torch.randn(30, 20), group_size=16, outlier_frac=0.05)  # groups straddle rows
+    assert torch.equal(odd.dequantize_rows(ids % 30), torch.nn.functional.embedding(ids % 30, odd.dequantize()))
