@@ -165,7 +165,12 @@ def profile(step, x, name, out_dir):
 
 
 def bandwidths(dev):
-    """Copy bandwidth (read + write) and the int8 Lion kernel's, on a 4096 x 11008 weight."""
+    """Copy bandwidth (read + write) and the int8 Lion kernel's, on a 4096 x 11008 weight.
+
+    Bytes counted per param: int8 w and m read + written (4), the gradient read (2 in bf16, as training
+    passes it; 4 in fp32), plus the fp32 group/block scales read + written. The triton kernel is also run
+    over a few launch configurations (`sweep`); `lion_kernel_gbs` is the default one, used in training.
+    """
     from qft_ds.ops import get_ops, reference as ref
     from triton.testing import do_bench
     x = torch.randn(2**28, device=dev)
@@ -173,24 +178,33 @@ def bandwidths(dev):
     copy_gbs = 2 * x.numel() * 4 / do_bench(lambda: y.copy_(x), return_mode="median") / 1e6
     del x, y
     n = 4096 * 11008
-    out = {"copy_gbs": copy_gbs}
-    for backend in ("triton", "torch"):
-        ops = get_ops(backend, dev)
-        w, ws = ref.quantize_blockwise(torch.randn(n, device=dev) * 0.02, 128)
-        m, ms = ref.quantize_blockwise(torch.randn(n, device=dev) * 1e-3, 256)
-        g = torch.randn(n, device=dev) * 1e-2
-        step = [0]
+    out = {"copy_gbs": copy_gbs, "lion_sweep": []}
+    w, ws = ref.quantize_blockwise(torch.randn(n, device=dev) * 0.02, 128)
+    m, ms = ref.quantize_blockwise(torch.randn(n, device=dev) * 1e-3, 256)
+    grads = {"bf16": (torch.randn(n, device=dev) * 1e-2).bfloat16()}
+    grads["fp32"] = grads["bf16"].float()
+    step = [0]
 
+    def timed(ops, g, **knobs):
         def run():
             step[0] += 1
             ops.lion_step(w, ws, 128, m, ms, 256, g, lr=1e-5, beta1=0.9, beta2=0.99, weight_decay=0.1,
-                          rounding="sr", seed=0, step=step[0], offset=0)
+                          rounding="sr", seed=0, step=step[0], offset=0, **knobs)
         ms_ = do_bench(run, return_mode="median")
-        nbytes = n * (1 + 1 + 1 + 1 + 4) + 2 * (n // 128 + n // 256) * 4  # w, m read+write; fp32 g; scales
-        out[f"lion_{backend}_gbs"] = nbytes / ms_ / 1e6
-        out[f"lion_{backend}_ms"] = ms_
+        nbytes = n * (4 + g.element_size()) + 2 * (n // 128 + n // 256) * 4
+        return ms_, nbytes / ms_ / 1e6
+
+    triton_ops, torch_ops = get_ops("triton", dev), get_ops("torch", dev)
+    for gname, g in grads.items():
+        for chunk, warps in ((None, 4), (4096, 4), (4096, 8), (8192, 8), (16384, 16)):
+            ms_, gbs = timed(triton_ops, g, chunk=chunk, num_warps=warps)
+            out["lion_sweep"].append({"grad": gname, "chunk": chunk or 2048, "num_warps": warps, "ms": ms_, "gbs": gbs})
+            print(f"  lion triton grad={gname} chunk={chunk or 2048} warps={warps}: {ms_:.3f} ms {gbs:.0f} GB/s")
+    out["lion_triton_ms"], out["lion_triton_gbs"] = timed(triton_ops, grads["bf16"])
+    out["lion_torch_ms"], out["lion_torch_gbs"] = timed(torch_ops, grads["bf16"])
     out["lion_kernel_gbs"] = out["lion_triton_gbs"]
-    out["lion_bytes_per_param"] = 8
+    out["lion_kernel_frac_of_copy"] = out["lion_triton_gbs"] / copy_gbs
+    out["lion_bytes_per_param"] = round(4 + 2 + 2 * (1 / 128 + 1 / 256) * 4, 3)
     return out
 
 

@@ -101,7 +101,7 @@ def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, block: int,
 
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
-              residual=None, grad_scale=1.0):
+              residual=None, grad_scale=1.0, finite=None):
     """One INT8 Lion step on a flat weight (or shard), in place.
 
     c = b1*m + (1-b1)*g ; w <- w*(1 - lr*wd) - lr*sign(c) ; m <- b2*m + (1-b2)*g
@@ -110,7 +110,11 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     onto a fresh grid every step would add rounding noise to every element every step). Outliers are
     exact fp32, updated in place; their dense codes stay 0. `residual` (int8, units of s/254) is the
     error-feedback carry when rounding == 'ef'. `offset` is the global element offset of element 0.
+    `finite` (a bool tensor or None): if False nothing is written (the GPU kernel masks its stores; here
+    one host sync is cheap next to the rest).
     """
+    if finite is not None and not bool(finite):
+        return
     g = grad.reshape(-1).float()
     if grad_scale != 1.0:
         g = g * grad_scale

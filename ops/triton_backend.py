@@ -69,11 +69,13 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
-              residual=None, grad_scale=1.0, quad_rng=None):
+              residual=None, grad_scale=1.0, finite=None, quad_rng=None, chunk=None, num_warps=4):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
-    `quad_rng` (default: whenever the layout allows) draws one Philox call per 4 elements; False forces
-    the element-wise path, which yields the same numbers (tests compare them).
+    `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, e.g.
+    isfinite of the gradient's norm) masks every write without a host sync. Tuning knobs: `quad_rng`
+    (default: whenever the layout allows) draws one Philox call per 4 elements, False forces the
+    element-wise path, which yields the same numbers (tests compare them); `chunk` elements per program.
     """
     if m_block & (m_block - 1):
         raise ValueError(f"the triton Lion kernel needs a power-of-two momentum block_size, got {m_block}")
@@ -81,13 +83,19 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if not g.is_contiguous():
         g = g.contiguous()
     n = w_codes.numel()
+    if finite is None:
+        finite = torch.ones((), dtype=torch.bool, device=w_codes.device)
     has_outliers = outlier_idx is not None and outlier_idx.numel() > 0
     if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
         idx = outlier_idx.long()
         m_o = m_codes[idx].float() * m_scales[idx // m_block]
         u_o = torch.lerp(m_o, g[idx].float() * grad_scale, 1 - beta1).sign_()
-        outlier_val.mul_(1 - lr * weight_decay).sub_(u_o, alpha=lr)
-    chunk = math.lcm(w_block, m_block)
+        new_val = outlier_val * (1 - lr * weight_decay) - lr * u_o
+        outlier_val.copy_(torch.where(finite, new_val, outlier_val))
+    base = math.lcm(w_block, m_block)
+    chunk = chunk or base
+    if chunk % base:
+        raise ValueError(f"chunk {chunk} must be a multiple of lcm(w_block, m_block) = {base}")
     while chunk < 2048 and chunk * 2 // w_block <= 64:
         chunk *= 2
     rw, rm = chunk // w_block, chunk // m_block
@@ -96,12 +104,14 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         quad_rng = aligned
     elif quad_rng and not aligned:
         raise ValueError(f"quad_rng needs offset, w_block and m_block divisible by 4 ({offset}, {w_block}, {m_block})")
+    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
+    one_pass = pow2(w_block) and pow2(rw) and pow2(rm) and m_block % w_block == 0
     _kernels().lion_kernel[(triton_cdiv(n, chunk),)](
-        w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, n,
+        w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
         float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
         ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
         G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
-        ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng))
+        ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ONE_PASS=bool(one_pass), num_warps=num_warps)
     if has_outliers:  # the kernel rounded -lr*u at outlier slots; their dense code must stay 0
         w_codes[idx] = 0
         if residual is not None:

@@ -50,8 +50,8 @@ class GradientFlow:
         if self.mode == "fused":
             if weight.n_uses > 1:
                 held = self._held.get(weight)
-                if held is None:
-                    self._held[weight] = [grad, 1]
+                if held is None:  # summed in fp32: the uses' gradients may arrive in bf16
+                    self._held[weight] = [grad.float(), 1]
                     return
                 held[0] += grad
                 held[1] += 1

@@ -67,6 +67,7 @@ class QFTLion(torch.optim.Optimizer):
         self.skipped_steps = self.partial_steps = self.nonfinite_tensors = 0
         self._skip_reason = None     # set before step() when the step must be skipped
         self._bad_now = 0            # tensors left unwritten in this (fused) step
+        self._bad_dev = None         # the same, counted on the device (no host sync per layer)
         if rounding == "ef":
             for w in self.weights:
                 if w.residual is None:
@@ -126,6 +127,7 @@ class QFTLion(torch.optim.Optimizer):
         stochastic-rounding draws are keyed by global offset and match on every rank)."""
         dist = torch.distributed
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            grad = grad.float()  # sum in fp32 whatever the compute dtype
             dist.all_reduce(grad)
             grad /= dist.get_world_size()
         return grad
@@ -149,13 +151,15 @@ class QFTLion(torch.optim.Optimizer):
 
     def _apply(self, w, grad, coef=None):
         """Update one quantized weight with its full fp32 gradient (called by the flow)."""
+        finite = None
         if coef is None:  # fused: inside backward
             grad = self._all_reduce_mean(grad)  # NaN on any rank is NaN on all: every rank skips alike
-            sq = grad.float().pow(2).sum()
-            if not torch.isfinite(sq):  # never written; the step becomes partial
-                self._bad_now += 1
-                return
-            self._add_sq(sq)
+            sq = torch.linalg.vector_norm(grad.reshape(-1), dtype=torch.float32).square()
+            # A non-finite gradient: the kernel writes nothing (the step becomes partial). Checked on the
+            # device: a host sync per layer would serialise the CPU and GPU for the whole backward.
+            finite = torch.isfinite(sq)
+            self._bad_dev = (~finite).int() if self._bad_dev is None else self._bad_dev + ~finite
+            self._add_sq(torch.where(finite, sq, 0.0))
             coef = self._clip_coef(self.prev_grad_norm)
         group = self._group_of[id(w)]
         st = self._qstate(w)
@@ -163,7 +167,7 @@ class QFTLion(torch.optim.Optimizer):
                            lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                            weight_decay=group["weight_decay"], rounding=self.rounding, seed=self.seed,
                            step=self.step_count, offset=w.global_offset, outlier_idx=w.outlier_idx,
-                           outlier_val=w.outlier_val, residual=w.residual, grad_scale=coef)
+                           outlier_val=w.outlier_val, residual=w.residual, grad_scale=coef, finite=finite)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -210,6 +214,9 @@ class QFTLion(torch.optim.Optimizer):
                                     beta2=g["betas"][1], weight_decay=g["weight_decay"], grad_scale=coef)
         self.prev_grad_norm = self._norm_now()
         self._sq_norm = None
+        if self._bad_dev is not None:
+            self._bad_now += int(self._bad_dev)  # one host sync per step
+            self._bad_dev = None
         if self._bad_now:
             self.partial_steps += 1
             self.nonfinite_tensors += self._bad_now
@@ -226,7 +233,7 @@ class QFTLion(torch.optim.Optimizer):
         """Write nothing: drop this step's gradients; step_count (the SR key) does not advance."""
         reason, self._skip_reason = self._skip_reason, None
         self.flow.discard()
-        self._sq_norm, self._bad_now = None, 0
+        self._sq_norm, self._bad_now, self._bad_dev = None, 0, None
         self.overflow = True
         self.skipped_steps += 1
         self._log(f"step {self.step_count} skipped: {reason} (skipped steps so far: {self.skipped_steps})")

@@ -153,3 +153,22 @@ def test_lion_kernel_shards_draw_what_the_whole_tensor_draws(tb):
                      step=3, offset=1000 + lo, grad_scale=0.5)
     for a, b in zip(whole[:4], (wc, ws, mc, ms)):
         assert torch.equal(a, b.cpu())
+
+
+@pytest.mark.parametrize("wblock", [96, 128])  # two-pass and one-pass kernel layouts
+def test_lion_kernel_not_finite_writes_nothing_and_bf16_grad_reads_like_fp32(tb, wblock):
+    be, dev = tb
+    inputs = _lion_inputs(8192 * 3 // 2, wblock, seed=5)
+    idx = torch.tensor([7, 4000], dtype=torch.int32)
+    inputs[0][idx.long()] = 0
+    val = torch.tensor([0.5, -0.3]).to(dev)
+    skip = _run(lambda *a, **k: be.lion_step(*a, finite=torch.tensor(False, device=dev), **k), dev, inputs,
+                wblock, "sr", idx=idx, val=val)
+    for a, b in zip(skip[:4], inputs[:4]):
+        assert torch.equal(a, b)
+    assert torch.equal(val.cpu(), torch.tensor([0.5, -0.3]))
+    g16 = inputs[4].bfloat16()
+    as16 = _run(be.lion_step, dev, (*inputs[:4], g16), wblock, "sr")
+    as32 = _run(be.lion_step, dev, (*inputs[:4], g16.float()), wblock, "sr")
+    for a, b in zip(as16[:4], as32[:4]):
+        assert torch.equal(a, b)
