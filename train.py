@@ -142,6 +142,25 @@ def evaluate(engine, blocks: torch.Tensor, batch_size: int) -> float:
     return total / count
 
 
+def model_state(engine, optimizer) -> dict:
+    """State bytes: QFTLion counts its own; PEQA/QST (a torch optimizer) are counted by qft_ds.methods."""
+    if hasattr(optimizer, "state_nbytes"):
+        return optimizer.state_nbytes()
+    from qft_ds.methods.setup import state_nbytes
+    return state_nbytes(engine.module, optimizer)
+
+
+def step_stats(engine, optimizer, skipped_before: int) -> dict:
+    """Grad norm and skip counters: QFTLion keeps its own; with a torch optimizer (PEQA/QST) they are
+    DeepSpeed's norm (when clipping is on) and its count of steps skipped for a non-finite loss."""
+    if hasattr(optimizer, "prev_grad_norm"):
+        return {"grad_norm": optimizer.prev_grad_norm, "skipped": bool(optimizer.overflow),
+                "skipped_steps": optimizer.skipped_steps, "partial_steps": optimizer.partial_steps}
+    norm = engine.get_global_grad_norm()
+    return {"grad_norm": None if norm is None else float(norm), "skipped": engine.skipped_steps > skipped_before,
+            "skipped_steps": engine.skipped_steps, "partial_steps": 0}
+
+
 def peak_memory_gib(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
@@ -197,10 +216,12 @@ def main(argv=None):
                    or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        state = optimizer.state_nbytes()
+        state = model_state(engine, optimizer)
+        how = (f"flow: {optimizer.flow.mode}  rounding: {cfg.rounding}" if cfg.method == "qft" else
+               f"method: {cfg.method}  trainable params: {state['trainable_params']:,}")
         print(f"model: {args.model}  quantized params: {state['quantized_params']:,}  "
-              f"state: {state['bytes_per_quantized_param']:.3f} bytes/param  flow: {optimizer.flow.mode}  "
-              f"rounding: {cfg.rounding}  compute: {'bf16' if cfg.compute_bf16 else 'fp32'}")
+              f"state: {state['bytes_per_quantized_param']:.3f} bytes/param  {how}  "
+              f"compute: {'bf16' if cfg.compute_bf16 else 'fp32'}")
         print(f"data: {len(train_blocks)} train blocks x {args.seq_len} tokens, {len(eval_blocks)} held-out blocks")
         if start_step:
             print(f"resumed at step {start_step} from {args.resume_from_checkpoint}")
@@ -222,7 +243,7 @@ def main(argv=None):
     batches = textdata.batches(train_blocks, micro, seed=cfg.seed, start_step=start_step * gas, rank=rank,
                                world_size=world)
     metrics = open_metrics(out_dir, start_step) if rank == 0 else None
-    session_tokens, t0, step = 0, time.time(), start_step
+    session_tokens, t0, step, skipped_before = 0, time.time(), start_step, 0
     stop = StopFlag()
     try:
         bar = tqdm(range(start_step, steps), desc="qft", unit="step", disable=rank != 0, initial=start_step,
@@ -239,11 +260,13 @@ def main(argv=None):
             tokens += micro * world * gas * args.seq_len
             elapsed = time.time() - t0
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{session_tokens / elapsed:.0f}")
+            stats = step_stats(engine, optimizer, skipped_before)
+            skipped_before = stats["skipped_steps"]
             row = {"step": step + 1, "loss": loss_sum, "lr": lr, "tokens": tokens,
                    "seconds": round(prior_s + elapsed, 3), "tok_s": session_tokens / elapsed,
-                   "grad_norm": optimizer.prev_grad_norm, "peak_gib": round(peak_memory_gib(engine.device), 3),
-                   "skipped": bool(optimizer.overflow), "skipped_steps": optimizer.skipped_steps,
-                   "partial_steps": optimizer.partial_steps}
+                   "grad_norm": stats["grad_norm"], "peak_gib": round(peak_memory_gib(engine.device), 3),
+                   "skipped": stats["skipped"], "skipped_steps": stats["skipped_steps"],
+                   "partial_steps": stats["partial_steps"]}
             if metrics:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
@@ -266,8 +289,9 @@ def main(argv=None):
         metrics.close()
         summary = {"model": args.model, "dataset": args.dataset, "steps": steps, "eval_start": eval_start,
                    "eval_end": eval_end, "tokens": tokens, "seconds": prior_s + time.time() - t0,
-                   "peak_gib": peak_memory_gib(engine.device), "state": optimizer.state_nbytes(),
-                   "skipped_steps": optimizer.skipped_steps, "partial_steps": optimizer.partial_steps,
+                   "peak_gib": peak_memory_gib(engine.device), "state": model_state(engine, optimizer),
+                   **{k: v for k, v in step_stats(engine, optimizer, skipped_before).items()
+                      if k in ("skipped_steps", "partial_steps")},
                    "state_sha256": checkpoint.state_hash(engine.module, optimizer), "config": args.deepspeed}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print(f"held-out loss: {eval_start:.4f} -> {eval_end:.4f}   ({steps} steps, {tokens:,} tokens, "

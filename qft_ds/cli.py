@@ -1,7 +1,8 @@
 """`qft_ds` command line.
 
 - `qft_ds report`: which kernel backends can run here, like `ds_report`;
-- `qft_ds export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--int8]`: an HF folder from a checkpoint;
+- `qft_ds export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--int8 | --lowbit]`: an HF folder from a
+  checkpoint (`--lowbit`: a PEQA checkpoint kept 3/4-bit);
 - `qft_ds plot RUN_DIR [--out PNG]`: loss and peak memory over steps from RUN_DIR/metrics.jsonl.
 """
 from __future__ import annotations
@@ -29,11 +30,12 @@ def export(args) -> int:
     from qft_ds.export import export as run_export
     try:
         out = run_export(args.checkpoint, args.out_dir, dtype=args.dtype, int8=args.int8,
-                         max_shard_gb=args.max_shard_gb)
+                         max_shard_gb=args.max_shard_gb, lowbit=args.lowbit)
     except (CheckpointError, FileExistsError) as e:
         print(f"qft_ds export: {e}", file=sys.stderr)
         return 2
-    what = "int8 (load with qft_ds.export.load_int8)" if args.int8 else f"{args.dtype} (AutoModelForCausalLM)"
+    what = ("int8 (load with qft_ds.export.load_int8)" if args.int8 else
+            "PEQA low-bit (load with qft_ds.methods.load_peqa)" if args.lowbit else f"{args.dtype} (AutoModelForCausalLM)")
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"exported {args.checkpoint} -> {out}: {what}, {size:.1f} MiB")
     return 0
@@ -59,6 +61,8 @@ def main(argv=None) -> int:
     e.add_argument("out_dir", help="a new (or empty) folder")
     e.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="dense dtype (default bf16)")
     e.add_argument("--int8", action="store_true", help="keep int8 codes + scales + outliers (qft_ds loader)")
+    e.add_argument("--lowbit", action="store_true",
+                   help="PEQA checkpoints: keep packed 3/4-bit codes + zero points + scales (qft_ds loader)")
     e.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors shard size (default 5)")
     pl = sub.add_parser("plot", help="PNG of loss and peak memory over steps of a train.py run")
     pl.add_argument("run_dir", help="a train.py output_dir (holds metrics.jsonl)")
@@ -67,6 +71,8 @@ def main(argv=None) -> int:
     if args.cmd == "export":
         if args.int8 and args.dtype:
             p.error("--int8 keeps the int8 form; --dtype applies to dense exports only")
+        if args.lowbit and (args.dtype or args.int8):
+            p.error("--lowbit keeps the low-bit form; --dtype and --int8 do not apply to it")
         args.dtype = args.dtype or "bf16"
     return {"report": lambda: report(), "export": lambda: export(args), "plot": lambda: plot(args)}[args.cmd]()
 

@@ -7,16 +7,24 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 _CHOICES = {
-    "method": ("qft",),
+    "method": ("qft", "peqa", "qst"),
     "rounding": ("sr", "ef", "rtn"),
     "flow": ("auto", "fused", "stack"),
     "backend": ("auto", "torch", "triton"),
+    "downsample": ("adapter", "linear", "maxpool", "avgpool"),
+}
+# Keys read by some methods only: set under another method they would be silently ignored, so they
+# are errors there. Keys not listed (method, group_size, seed) apply to every method.
+_METHOD_KEYS = {
+    "rounding": ("qft",), "flow": ("qft",), "outlier_frac": ("qft",), "block_size": ("qft",),
+    "backend": ("qft",), "outlier_refresh": ("qft",), "gradient_checkpointing": ("qft", "peqa"),
+    "bits": ("peqa", "qst"), "r": ("qst",), "downsample": ("qst",), "adapter_rank": ("qst",),
 }
 
 
 @dataclass
 class QFTConfig:
-    method: str = "qft"             # qft (peqa, qst: later)
+    method: str = "qft"             # qft | peqa | qst
     rounding: str = "sr"            # weight rounding: stochastic, error feedback, round-to-nearest
     flow: str = "auto"              # fused if gradient_accumulation_steps == 1, else stack
     outlier_frac: float = 0.01      # fraction of each weight kept exact in fp32
@@ -26,6 +34,10 @@ class QFTConfig:
     seed: int = 0                   # stochastic-rounding key
     outlier_refresh: int = 0        # re-select outliers every N steps (0: never)
     gradient_checkpointing: bool = False
+    bits: int = 4                   # peqa, qst: low-bit weight width (3 or 4)
+    r: int = 16                     # qst: the side network's hidden size is d / r
+    downsample: str = "adapter"     # qst: adapter (low-rank) | linear | maxpool | avgpool
+    adapter_rank: int = 16          # qst: rank of the adapter downsample
     # Owned by qft_ds but read from DeepSpeed's own keys (not set in the qft section):
     max_grad_norm: float = 0.0      # <- "gradient_clipping"
     compute_bf16: bool = False      # <- "bf16": {"enabled": true}
@@ -49,6 +61,13 @@ class QFTConfig:
                 raise ValueError(f"unknown key '{where}.{key}'" + (f"; did you mean '{hint[0]}'?" if hint
                                  else f"; known keys: {', '.join(known)}"))
         cfg = cls()
+        method = _check(f"{where}.method", section.get("method", cfg.method), str)
+        if method not in _CHOICES["method"]:  # first: the per-method key checks below depend on it
+            raise ValueError(f"'{where}.method' must be one of {', '.join(_CHOICES['method'])}; got {method!r}")
+        for key in section:
+            if key in _METHOD_KEYS and method not in _METHOD_KEYS[key]:
+                raise ValueError(f"'{where}.{key}' applies to method {' or '.join(_METHOD_KEYS[key])} only; "
+                                 f"remove it for method {method!r}")
         for f in fields(cls):
             if f.name in section:
                 setattr(cfg, f.name, _check(f"{where}.{f.name}", section[f.name], type(getattr(cfg, f.name))))
@@ -62,9 +81,13 @@ class QFTConfig:
                                  f"got {getattr(self, key)!r}")
         if not 0.0 <= self.outlier_frac < 0.5:
             raise ValueError(f"'{where}.outlier_frac' must be in [0, 0.5), got {self.outlier_frac}")
-        for key in ("group_size", "block_size"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"'{where}.{key}' must be >= 1, got {getattr(self, key)}")
+        for key in ("group_size", "block_size", "r", "adapter_rank"):
+            low = 0 if key == "group_size" and self.method != "qft" else 1  # peqa/qst: 0 = per channel
+            if getattr(self, key) < low:
+                raise ValueError(f"'{where}.{key}' must be >= {low}, got {getattr(self, key)}"
+                                 + (" (0: one group per output channel)" if low == 0 else ""))
+        if self.bits not in (3, 4):
+            raise ValueError(f"'{where}.bits' must be 3 or 4, got {self.bits}")
         if self.outlier_refresh < 0:
             raise ValueError(f"'{where}.outlier_refresh' must be >= 0, got {self.outlier_refresh}")
 

@@ -46,6 +46,9 @@ def split_config(ds: dict, world_size: int = 1):
                          "\"auto\"; with train.py or deepspeed.initialize use explicit values "
                          "(ds_configs/qft.json), with Trainer/accelerate use ds_configs/qft_hf.json")
     cfg = QFTConfig.from_dict(ds.pop("qft", {}))
+    if cfg.method != "qft":  # peqa, qst: a standard torch optimizer (returns its whole section)
+        from qft_ds.methods.setup import split_method_config
+        return split_method_config(cfg, ds, world_size)
     opt = ds.pop("optimizer", None)
     if opt is None:
         raise ValueError('config has no "optimizer" section; add {"type": "QFTLion", "params": {"lr": 2e-5}}')
@@ -136,6 +139,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         raise ValueError("no DeepSpeed config: pass config= (dict or JSON path) or args.deepspeed_config")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, opt_params, ds = split_config(load_ds_config(config), world)
+    if cfg.method != "qft":
+        from qft_ds.methods import setup
+        return setup.initialize(args, model, cfg, opt_params, ds, _ds_initialize or _import_deepspeed().initialize,
+                                **kwargs)
     prepare_model(model, cfg, progress=progress and int(os.environ.get("RANK", "0")) == 0)
     opt = build_optimizer(model, cfg, opt_params)
     if args is not None and getattr(args, "deepspeed_config", None) is not None:

@@ -77,12 +77,18 @@ def _save_sharded(tensors: dict, out: Path, max_shard_bytes: int) -> None:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
-def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb: float = 5.0) -> Path:
-    """Write an HF folder at out_dir (atomically; refuses a non-empty out_dir). Returns out_dir."""
+def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb: float = 5.0,
+           lowbit: bool = False) -> Path:
+    """Write an HF folder at out_dir (atomically; refuses a non-empty out_dir). Returns out_dir.
+
+    `lowbit`: a PEQA checkpoint's compact form (packed codes + zero points + scales; qft_ds.methods.load_peqa).
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ckpt = checkpoint.resolve(ckpt)
     meta = checkpoint.read_meta(ckpt)
+    method = ((meta.get("ds_config") or {}).get("qft") or {}).get("method", "qft")
+    _check_method_flags(ckpt, method, int8, lowbit)
     hf = ckpt / "hf"
     if not (hf / "config.json").is_file():
         raise CheckpointError(f"{ckpt} has no hf/config.json (the model was not a transformers model); "
@@ -97,10 +103,17 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
         for f in hf.iterdir():
             if f.is_file() and f.name != "config.json":
                 shutil.copy2(f, tmp / f.name)
-        if int8:
+        if lowbit:
+            from qft_ds.methods import peqa
+            peqa.write_lowbit(ckpt, meta, tmp)
+        elif int8:
             _write_int8(ckpt, meta, tmp)
+        elif method == "peqa":
+            from qft_ds.methods import peqa
+            tensors = peqa.dense_tensors(checkpoint.read_tensors(ckpt / "model.safetensors"), DTYPES[dtype])
         else:
             tensors = _dense_tensors(ckpt, meta, DTYPES[dtype], bool(config.get("tie_word_embeddings")))
+        if not (lowbit or int8):
             _save_sharded(tensors, tmp, int(max_shard_gb * 2**30))
             config.pop("torch_dtype", None)
             config["dtype"] = DTYPE_NAMES[dtype]
@@ -112,6 +125,16 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _check_method_flags(ckpt: Path, method: str, int8: bool, lowbit: bool) -> None:
+    if method == "qst":
+        raise CheckpointError(f"{ckpt} is a QST checkpoint (frozen low-bit backbone + side network): it has no "
+                              "HF form to export; resume or evaluate it from the checkpoint with train.py")
+    if int8 and method != "qft":
+        raise CheckpointError(f"--int8 is the compact form of a QFT checkpoint; {ckpt} is {method}: use --lowbit")
+    if lowbit and method != "peqa":
+        raise CheckpointError(f"--lowbit is the compact form of a PEQA checkpoint; {ckpt} is {method}: use --int8")
 
 
 def _write_int8(ckpt: Path, meta: dict, tmp: Path) -> None:

@@ -1,0 +1,100 @@
+"""PEQA (Kim et al., NeurIPS 2023): 3/4-bit RTN weights whose integer codes and zero points are frozen;
+only the per-group fp32 scales train (AdamW by default), so the tuned model is still quantized.
+
+Every nn.Linear except the output head becomes a LowBitLinear with a trainable scale; embeddings, the
+head (usually tied to them), norms and biases are frozen as they are.
+
+Export (`qft_ds export CKPT OUT --lowbit`): packed codes + zero points + scales in
+`peqa.safetensors`, the rest in `peqa.json`; `load_peqa(OUT)` gives the quantized model back. A dense
+export (`qft_ds export CKPT OUT`) dequantizes to a plain HF folder.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from qft_ds import checkpoint
+from qft_ds.checkpoint import CheckpointError
+from qft_ds.nn.lowbit import LowBitLinear, convert_lowbit
+from qft_ds.quant.lowbit import dequantize_asym, unpack_nibbles
+
+FORMAT, VERSION = "qft_ds-peqa", 1
+_SUFFIXES = ("packed", "zeros", "scale", "layout")
+
+
+def convert_peqa(model: nn.Module, bits: int = 4, group_size: int = 128,
+                 compute_dtype: torch.dtype = torch.float32) -> dict[str, LowBitLinear]:
+    """Quantize in place; afterwards the scales are the model's only trainable parameters."""
+    return convert_lowbit(model, bits=bits, group_size=group_size, trainable_scales=True,
+                          compute_dtype=compute_dtype)
+
+
+def _lowbit_prefixes(tensors: dict) -> list[str]:
+    return sorted(k[: -len(".layout")] for k in tensors if k.endswith(".qweight.layout"))
+
+
+def dense_tensors(tensors: dict, dtype: torch.dtype) -> dict:
+    """A PEQA state dict -> HF weights: each low-bit weight dequantized to `{module}.weight`."""
+    out, done = {}, set()
+    for prefix in _lowbit_prefixes(tensors):
+        rows, cols, _bits, group = tensors[f"{prefix}.layout"].tolist()
+        codes = unpack_nibbles(tensors[f"{prefix}.packed"], rows * cols).view(rows, cols)
+        w = dequantize_asym(codes, tensors[f"{prefix}.scale"], tensors[f"{prefix}.zeros"], group, dtype)
+        out[f"{prefix.removesuffix('.qweight')}.weight"] = w
+        done.update(f"{prefix}.{s}" for s in _SUFFIXES)
+    for name, v in tensors.items():
+        if name not in done:
+            out[name] = v.to(dtype) if v.is_floating_point() else v
+    return out
+
+
+def write_lowbit(ckpt: Path, meta: dict, out: Path) -> None:
+    """The compact export: the checkpoint's model tensors as they are, plus what load_peqa needs."""
+    t = checkpoint.read_tensors(ckpt / "model.safetensors")
+    if not _lowbit_prefixes(t):
+        raise CheckpointError(f"{ckpt} holds no low-bit weights; it is not a PEQA checkpoint")
+    save_file(t, str(out / "peqa.safetensors"), metadata={"format": "pt"})
+    ds = meta.get("ds_config") or {}
+    qft = ds.get("qft") or {}
+    info = {"format": FORMAT, "format_version": VERSION, "bits": qft.get("bits", 4),
+            "group_size": qft.get("group_size", 128), "aliases": meta["aliases"],
+            "compute_bf16": bool((ds.get("bf16") or {}).get("enabled"))}
+    (out / "peqa.json").write_text(json.dumps(info, indent=1))
+
+
+@torch.no_grad()
+def load_peqa(path, device="cpu", compute_dtype: torch.dtype | None = None) -> nn.Module:
+    """A model with LowBitLinear layers from a `--lowbit` export, bit-identical to the tuned one."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    path = Path(path)
+    try:
+        info = json.loads((path / "peqa.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a PEQA export of qft_ds (peqa.json: {e})") from None
+    if info.get("format") != FORMAT or info.get("format_version") != VERSION:
+        raise CheckpointError(f"{path}: export format {info.get('format')} v{info.get('format_version')}; "
+                              f"this qft_ds reads {FORMAT} v{VERSION}")
+    if compute_dtype is None:
+        compute_dtype = torch.bfloat16 if info["compute_bf16"] else torch.float32
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    convert_lowbit(model, bits=info["bits"], group_size=info["group_size"], trainable_scales=True,
+                   compute_dtype=compute_dtype, quantize=False)
+    have, aliases = checkpoint.model_tensors(model)
+    saved = checkpoint.read_tensors(path / "peqa.safetensors")
+    if set(have) != set(saved) or aliases != info["aliases"]:
+        raise CheckpointError(f"{path}: stored tensors do not fit the model built from its config.json "
+                              f"(missing {sorted(set(have) - set(saved))[:5]}, "
+                              f"extra {sorted(set(saved) - set(have))[:5]})")
+    for name, t in have.items():
+        if t.shape != saved[name].shape or t.dtype != saved[name].dtype:
+            raise CheckpointError(f"{path}: '{name}' is {saved[name].dtype}{list(saved[name].shape)}, "
+                                  f"the model wants {t.dtype}{list(t.shape)}")
+        if name.endswith(".layout") and not torch.equal(t, saved[name]):  # rows, cols, bits, group
+            raise CheckpointError(f"{path}: '{name}' is {saved[name].tolist()}, rebuilt {t.tolist()}")
+    for name, t in have.items():  # all checks passed: now write
+        t.copy_(saved[name])
+    return model.to(device).eval()
