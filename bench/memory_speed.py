@@ -133,6 +133,8 @@ def measure(method, shape, args, dev):
         row["step_s"] = statistics.median(times)
         if method in args.profile:
             profile(step, x, f"{method}_{shape}", args.out)
+        if method in args.cprofile:
+            cprofile(step, x, f"{method}_{shape}", args.out)
         row["tok_s"] = row["batch"] * row["seq"] / row["step_s"]
     except torch.OutOfMemoryError:
         row["oom"] = True
@@ -162,6 +164,24 @@ def profile(step, x, name, out_dir):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     print(text[:6000], flush=True)
+
+
+def cprofile(step, x, name, out_dir):
+    """Where the host time goes (Python, launches, syncs) over 2 steps: cProfile, top 40 by own time."""
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(2):
+        step(x)
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(40)
+    path = Path(out_dir or common.RESULTS) / f"cprofile_{name}.txt"
+    path.write_text(buf.getvalue())
+    print(buf.getvalue()[:5000], flush=True)
 
 
 def bandwidths(dev):
@@ -240,6 +260,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--profile", nargs="*", default=[], choices=METHODS, help="profile these methods (2 steps)")
+    p.add_argument("--cprofile", nargs="*", default=[], choices=METHODS, help="cProfile these methods (2 steps)")
     p.add_argument("--skip-bandwidth", action="store_true")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)

@@ -104,14 +104,12 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         quad_rng = aligned
     elif quad_rng and not aligned:
         raise ValueError(f"quad_rng needs offset, w_block and m_block divisible by 4 ({offset}, {w_block}, {m_block})")
-    pow2 = lambda x: x & (x - 1) == 0  # noqa: E731
-    one_pass = pow2(w_block) and pow2(rw) and pow2(rm) and m_block % w_block == 0
     _kernels().lion_kernel[(triton_cdiv(n, chunk),)](
         w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
         float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
         ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
         G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
-        ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ONE_PASS=bool(one_pass), num_warps=num_warps)
+        ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), num_warps=num_warps)
     if has_outliers:  # the kernel rounded -lr*u at outlier slots; their dense code must stay 0
         w_codes[idx] = 0
         if residual is not None:

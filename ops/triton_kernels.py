@@ -74,15 +74,15 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
                 w_key, m_key, offset,
                 G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
                 B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr,
-                QUAD_RNG: tl.constexpr, ONE_PASS: tl.constexpr):
+                QUAD_RNG: tl.constexpr):
     """One INT8 Lion step over a chunk of RW*G = RM*B elements (a common multiple of both groupings).
 
-    The weight half runs first, in weight-group rows, reading the *old* momentum to get sign(c).
-    ONE_PASS (G a power of two dividing B): the new momentum is computed from the same registers, its
-    [RW, G] tile reshaped to [RM, B] block rows. Otherwise the momentum half re-reads its inputs (cache
-    hits) in momentum-block rows. No other program touches this chunk, so the order inside the program
-    is the whole synchronisation. `ok_ptr` (a device flag, 0 = the gradient is not finite) masks every
-    store: a bad tensor is left unwritten without a host sync.
+    The weight half runs first, in weight-group rows, reading the *old* momentum to get sign(c); the
+    momentum half then re-reads its inputs (cache hits) in momentum-block rows and overwrites m. No
+    other program touches this chunk, so the order inside the program is the whole synchronisation.
+    (A one-pass variant, the [RW, G] tile reshaped to [RM, B] rows, measured slower on the H100 and
+    failed a compiled test: not kept.) `ok_ptr` (a device flag, 0 = the gradient is not finite) masks
+    every load and store: a bad tensor is left unwritten without a host sync.
     """
     start = tl.program_id(0).to(tl.int64) * (RW * G)
     n = n * tl.load(ok_ptr).to(tl.int64)  # not finite: n = 0 masks every load and store
@@ -93,7 +93,6 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     mask = (rw[:, None] < RW) & (cg[None, :] < G) & (offs < n)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
     m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32) * tl.load(ms_ptr + offs // B, mask=mask, other=0.0)
-    m_new = m * beta2 + g * (1.0 - beta2)
     u = m * beta1 + g * (1.0 - beta1)
     u = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
     grow = start // G + rw
@@ -121,38 +120,23 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
         r = (y - q) * 254.0
         r = tl.where(r >= 0, tl.floor(r + 0.5), -tl.floor(-r + 0.5))
         tl.store(r_ptr + offs, tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8), mask=mask)
-    if ONE_PASS:  # ---- momentum from the same registers, viewed as [RM, B] block rows
-        m_new = tl.reshape(tl.where(mask, m_new, 0.0), (RM, B))
-        offs = tl.reshape(offs, (RM, B))
-        mask = tl.reshape(mask, (RM, B))
-        brow = start // B + tl.arange(0, RM)
-        bmask = brow * B < n
-        ms_new = tl.max(tl.abs(m_new), axis=1) / 127.0
-        inv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
-        if QUAD_RNG:
-            u = _uniform_rows(m_key, start + offset, RM, B, B)
-        else:
-            u = _uniform(m_key, offs + offset)
-        q = _round(m_new * inv[:, None], u, 0)
-        tl.store(m_ptr + offs, q.to(tl.int8), mask=mask)
-        tl.store(ms_ptr + brow, ms_new, mask=bmask)
-    else:  # ---- momentum: rows are blocks of B
-        rm = tl.arange(0, RMP2)
-        cb = tl.arange(0, B)
-        offs = start + rm[:, None] * B + cb[None, :]
-        mask = (rm[:, None] < RM) & (offs < n)
-        brow = start // B + rm
-        bmask = (rm < RM) & (brow * B < n)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
-        ms = tl.load(ms_ptr + brow, mask=bmask, other=0.0)
-        m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32) * ms[:, None]
-        m = m * beta2 + g * (1.0 - beta2)
-        ms_new = tl.max(tl.abs(m), axis=1) / 127.0
-        inv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
-        if QUAD_RNG:
-            u = _uniform_rows(m_key, start + offset, RMP2, B, B)
-        else:
-            u = _uniform(m_key, offs + offset)
-        q = _round(m * inv[:, None], u, 0)  # momentum: always stochastic (unbiased EMA)
-        tl.store(m_ptr + offs, q.to(tl.int8), mask=mask)
-        tl.store(ms_ptr + brow, ms_new, mask=bmask)
+    # ---- momentum: rows are blocks of B
+    rm = tl.arange(0, RMP2)
+    cb = tl.arange(0, B)
+    offs = start + rm[:, None] * B + cb[None, :]
+    mask = (rm[:, None] < RM) & (offs < n)
+    brow = start // B + rm
+    bmask = (rm < RM) & (brow * B < n)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    ms = tl.load(ms_ptr + brow, mask=bmask, other=0.0)
+    m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32) * ms[:, None]
+    m = m * beta2 + g * (1.0 - beta2)
+    ms_new = tl.max(tl.abs(m), axis=1) / 127.0
+    inv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
+    if QUAD_RNG:
+        u = _uniform_rows(m_key, start + offset, RMP2, B, B)
+    else:
+        u = _uniform(m_key, offs + offset)
+    q = _round(m * inv[:, None], u, 0)  # momentum: always stochastic (unbiased EMA)
+    tl.store(m_ptr + offs, q.to(tl.int8), mask=mask)
+    tl.store(ms_ptr + brow, ms_new, mask=bmask)
