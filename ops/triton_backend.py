@@ -44,7 +44,10 @@ def _next_pow2(x: int) -> int:
     return 1 << (x - 1).bit_length()
 
 
-def dequantize_blockwise(codes, scales, block, dtype=torch.float32):
+def dequantize_blockwise_kernel(codes, scales, block, dtype=torch.float32):
+    """The Triton dequantize. Not registered as the backend's `dequantize_blockwise`: on the H100 the
+    reference's single mixed-dtype torch kernel moves the same bytes with a tenth of the host launch
+    cost, and the training forward is host-bound (bench/NOTES.md). Kept, tested, for fused use."""
     n = codes.numel()
     out = torch.empty(n, dtype=dtype, device=codes.device)
     BLOCK = 4096

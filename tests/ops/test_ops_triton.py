@@ -29,9 +29,9 @@ def test_dequantize_matches_reference(tb, n, block):
     be, dev = tb
     codes, scales = ref.quantize_blockwise(torch.randn(n), block)
     codes, scales = codes.to(dev), scales.to(dev)
-    out = be.dequantize_blockwise(codes, scales, block, torch.float32)
+    out = be.dequantize_blockwise_kernel(codes, scales, block, torch.float32)
     assert torch.equal(out.cpu(), ref.dequantize_blockwise(codes.cpu(), scales.cpu(), block))
-    out16 = be.dequantize_blockwise(codes, scales, block, torch.bfloat16)
+    out16 = be.dequantize_blockwise_kernel(codes, scales, block, torch.bfloat16)
     assert out16.dtype == torch.bfloat16 and rel(out16.cpu(), out.cpu()) < 4e-3
 
 
