@@ -72,13 +72,15 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
-              residual=None, grad_scale=1.0, finite=None, quad_rng=None, chunk=None, num_warps=4):
+              residual=None, grad_scale=1.0, finite=None, quad_rng=None, chunk=None, num_warps=4,
+              philox_rounds=10):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, e.g.
     isfinite of the gradient's norm) masks every write without a host sync. Tuning knobs: `quad_rng`
     (default: whenever the layout allows) draws one Philox call per 4 elements, False forces the
-    element-wise path, which yields the same numbers (tests compare them); `chunk` elements per program.
+    element-wise path, which yields the same numbers (tests compare them); `chunk` elements per program;
+    `philox_rounds` (10, Random123's default; fewer rounds are another stream, for the benchmark's sweep).
     """
     if m_block & (m_block - 1):
         raise ValueError(f"the triton Lion kernel needs a power-of-two momentum block_size, got {m_block}")
@@ -112,7 +114,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
         ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
         G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
-        ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), num_warps=num_warps)
+        ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ROUNDS=philox_rounds,
+        num_warps=num_warps)
     if has_outliers:  # the kernel rounded -lr*u at outlier slots; their dense code must stay 0
         w_codes[idx] = 0
         if residual is not None:

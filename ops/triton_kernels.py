@@ -13,22 +13,23 @@ SR, RTN, EF = 0, 1, 2
 
 
 @triton.jit
-def _uniform(key, offs):
+def _uniform(key, offs, ROUNDS: tl.constexpr = 10):
     """U[0,1) for global element offsets of any shape: lane offs % 4 of philox(key, offs // 4)."""
-    r0, r1, r2, r3 = tl.randint4x(key, offs // 4)
+    r0, r1, r2, r3 = tl.randint4x(key, offs // 4, ROUNDS)
     lane = offs % 4
     r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
     return tl.uint_to_uniform_float(r)
 
 
 @triton.jit
-def _uniform_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.constexpr):
+def _uniform_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.constexpr,
+                  ROUNDS: tl.constexpr = 10):
     """The same numbers as _uniform for the tile [ROWS, COLS] at base + r * STRIDE + c, one Philox call per
     4 elements. Needs base % 4 == 0, STRIDE % 4 == 0, COLS % 4 == 0 (the caller checks)."""
     r = tl.arange(0, ROWS)
     k = tl.arange(0, COLS // 4)
     counters = (base + r[:, None] * STRIDE) // 4 + k[None, :]
-    r0, r1, r2, r3 = tl.randint4x(key, counters)
+    r0, r1, r2, r3 = tl.randint4x(key, counters, ROUNDS)
     # join(join(a, c), join(b, d)) laid out row-major is a, b, c, d: element 4k + j gets lane j
     quad = tl.join(tl.join(r0, r2), tl.join(r1, r3))
     return tl.uint_to_uniform_float(tl.reshape(quad, (ROWS, COLS)))
@@ -74,7 +75,7 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
                 w_key, m_key, offset,
                 G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
                 B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr,
-                QUAD_RNG: tl.constexpr):
+                QUAD_RNG: tl.constexpr, ROUNDS: tl.constexpr = 10):
     """One INT8 Lion step over a chunk of RW*G = RM*B elements (a common multiple of both groupings).
 
     The weight half runs first, in weight-group rows, reading the *old* momentum to get sign(c); the
@@ -108,9 +109,9 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     y = w * inv[:, None]
     if ROUNDING == 0:
         if QUAD_RNG:
-            u = _uniform_rows(w_key, start + offset, RWP2, G, GP2)
+            u = _uniform_rows(w_key, start + offset, RWP2, G, GP2, ROUNDS)
         else:
-            u = _uniform(w_key, offs + offset)
+            u = _uniform(w_key, offs + offset, ROUNDS)
     else:
         u = 0.0
     q = _round(y, u, ROUNDING)
@@ -134,9 +135,9 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     ms_new = tl.max(tl.abs(m), axis=1) / 127.0
     inv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
     if QUAD_RNG:
-        u = _uniform_rows(m_key, start + offset, RMP2, B, B)
+        u = _uniform_rows(m_key, start + offset, RMP2, B, B, ROUNDS)
     else:
-        u = _uniform(m_key, offs + offset)
+        u = _uniform(m_key, offs + offset, ROUNDS)
     q = _round(m * inv[:, None], u, 0)  # momentum: always stochastic (unbiased EMA)
     tl.store(m_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(ms_ptr + brow, ms_new, mask=bmask)
