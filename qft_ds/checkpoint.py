@@ -134,6 +134,9 @@ def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_
          tokenizer=None) -> Path:
     """Write `out_dir/checkpoint-STEP` atomically and point `out_dir/latest` at it. Rank 0 writes;
     every rank returns after the write (a barrier when distributed)."""
+    if getattr(optimizer, "zero_stage", 0):  # ZeRO: every rank writes its own slices
+        from qft_ds.zero.checkpoint import save as zero_save
+        return zero_save(out_dir, engine, optimizer, step=step, data=data, ds_config=ds_config, tokenizer=tokenizer)
     out_dir = Path(out_dir)
     dist = torch.distributed
     distributed = dist.is_available() and dist.is_initialized()
@@ -272,6 +275,9 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     """Restore model, optimizer, scheduler, engine counters and RNG from a checkpoint (or a run folder's
     latest). Returns its meta (step, data position). Nothing is changed if a check fails."""
     ckpt = resolve(path)
+    if getattr(optimizer, "zero_stage", 0) or "zero" in read_meta(ckpt, verify=False):
+        from qft_ds.zero.checkpoint import load as zero_load  # sharded state, or a sharded checkpoint
+        return zero_load(ckpt, engine, optimizer, ds_config=ds_config, verify=verify)
     meta = read_meta(ckpt, verify=verify)
     check_config(meta, ds_config)
     model = engine.module if hasattr(engine, "module") else engine

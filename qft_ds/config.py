@@ -42,8 +42,9 @@ class QFTConfig:
     max_grad_norm: float = 0.0      # <- "gradient_clipping"
     compute_bf16: bool = False      # <- "bf16": {"enabled": true}
     gradient_accumulation_steps: int = 1
+    zero_stage: int = 0             # <- "zero_optimization": {"stage": 0-3}; qft_ds.zero shards the int8 state
 
-    _FROM_DS = ("max_grad_norm", "compute_bf16", "gradient_accumulation_steps")
+    _FROM_DS = ("max_grad_norm", "compute_bf16", "gradient_accumulation_steps", "zero_stage")
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -60,10 +60,7 @@ def split_config(ds: dict, world_size: int = 1):
             raise ValueError(f"unknown key 'optimizer.params.{key}'; QFTLion takes {', '.join(_OPTIMIZER_KEYS)}")
     if (ds.get("fp16") or {}).get("enabled"):
         raise ValueError('"fp16" is not supported by qft_ds: use "bf16": {"enabled": true} (bf16 compute)')
-    stage = (ds.get("zero_optimization") or {}).get("stage", 0)
-    if stage:
-        raise ValueError(f"zero_optimization.stage={stage}: qft_ds shards its int8 state itself and this "
-                         "version runs stage 0 only (one device or plain data parallel)")
+    cfg.zero_stage = zero_stage(ds)
     cfg.compute_bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
     if "bf16" in ds:
         ds["bf16"] = {"enabled": False}
@@ -71,6 +68,21 @@ def split_config(ds: dict, world_size: int = 1):
     ds["gradient_clipping"] = 0.0  # explicit: DeepSpeed's default is 1.0, over the float params only
     cfg.gradient_accumulation_steps = gradient_accumulation_steps(ds, world_size)
     return cfg, params, ds
+
+
+def zero_stage(ds: dict) -> int:
+    """qft_ds shards the int8 state itself (qft_ds.zero): DeepSpeed's ZeRO flattens trainable parameters
+    into fp32 slices and cannot hold int8 weights. So the stage is read here and DeepSpeed gets 0."""
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ValueError(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if zero.get("offload_optimizer") or zero.get("offload_param"):
+        raise ValueError("zero_optimization.offload_optimizer/offload_param: qft_ds keeps its int8 state on the "
+                         "device; offloading is not supported")
+    if "zero_optimization" in ds:
+        ds["zero_optimization"] = {**zero, "stage": 0}
+    return stage
 
 
 def _auto_keys(obj, prefix="") -> list[str]:
@@ -102,10 +114,14 @@ def build_optimizer(model: torch.nn.Module, cfg: QFTConfig, params: dict) -> QFT
     groups = [{"params": decay, "weight_decay": wd}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return QFTLion(groups, lr=float(params.get("lr", 1e-4)), betas=tuple(params.get("betas", (0.9, 0.99))),
-                   weight_decay=wd, rounding=cfg.rounding, flow=cfg.resolved_flow(), block_size=cfg.block_size,
-                   seed=cfg.seed, max_grad_norm=cfg.max_grad_norm, backend=cfg.backend,
-                   outlier_refresh=cfg.outlier_refresh, outlier_frac=cfg.outlier_frac)
+    kwargs = dict(lr=float(params.get("lr", 1e-4)), betas=tuple(params.get("betas", (0.9, 0.99))),
+                  weight_decay=wd, rounding=cfg.rounding, flow=cfg.resolved_flow(), block_size=cfg.block_size,
+                  seed=cfg.seed, max_grad_norm=cfg.max_grad_norm, backend=cfg.backend,
+                  outlier_refresh=cfg.outlier_refresh, outlier_frac=cfg.outlier_frac)
+    if cfg.zero_stage:  # sharded once torch.distributed is up (initialize calls opt.shard())
+        from qft_ds.zero import ZeroLion
+        return ZeroLion(groups, zero_stage=cfg.zero_stage, **kwargs)
+    return QFTLion(groups, **kwargs)
 
 
 def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False):
@@ -153,6 +169,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     if engine.gradient_accumulation_steps() != cfg.gradient_accumulation_steps:
         raise ValueError(f"gradient_accumulation_steps: DeepSpeed resolved {engine.gradient_accumulation_steps()} "
                          f"but qft_ds read {cfg.gradient_accumulation_steps}; set it explicitly in the config")
+    if cfg.zero_stage:
+        opt.shard()  # DeepSpeed has initialised torch.distributed and broadcast the (whole) model
     opt.init_state()
     guard_backward(engine, opt)
     engine.qft_config = cfg

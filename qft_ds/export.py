@@ -87,6 +87,13 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     ckpt = checkpoint.resolve(ckpt)
     meta = checkpoint.read_meta(ckpt)
+    if "zero" in meta:  # sharded by ZeRO: consolidate one weight at a time into a plain checkpoint first
+        from qft_ds.zero.consolidate import consolidate
+        parent = Path(out_dir).resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=".qft-consolidate-", dir=parent) as tmp:
+            plain = consolidate(ckpt, Path(tmp) / "plain")
+            return export(plain, out_dir, dtype, int8, max_shard_gb, lowbit)
     method = ((meta.get("ds_config") or {}).get("qft") or {}).get("method", "qft")
     _check_method_flags(ckpt, method, int8, lowbit)
     hf = ckpt / "hf"

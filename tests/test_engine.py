@@ -87,7 +87,7 @@ def test_fused_with_accumulation_is_an_error(tiny_llama):
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, "optimizer.type"),
     ({"optimizer": {"type": "QFTLion", "params": {"learning_rate": 1e-3}}}, "optimizer.params.learning_rate"),
     ({"fp16": {"enabled": True}}, "fp16"),
-    ({"zero_optimization": {"stage": 2}}, "zero_optimization.stage"),
+    ({"zero_optimization": {"stage": 4}}, "zero_optimization.stage"),
 ])
 def test_bad_config_is_a_clear_error(patch, match):
     cfg = ds_config()

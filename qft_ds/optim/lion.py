@@ -169,6 +169,12 @@ class QFTLion(torch.optim.Optimizer):
                            step=self.step_count, offset=w.global_offset, outlier_idx=w.outlier_idx,
                            outlier_val=w.outlier_val, residual=w.residual, grad_scale=coef, finite=finite)
 
+    def _reduce_stacked(self):
+        """Stack flow, at the boundary: average the int8 buffers over ranks; returns their squared norm
+        (None if empty). qft_ds.zero reduce-scatters them instead."""
+        self.flow.map_buffers(self._all_reduce_mean)
+        return self.flow.stacked_sq_norm()
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -198,8 +204,7 @@ class QFTLion(torch.optim.Optimizer):
             coef = self._clip_coef(self.prev_grad_norm)
             stacked = []
         else:
-            self.flow.map_buffers(self._all_reduce_mean)
-            stacked_sq = self.flow.stacked_sq_norm()
+            stacked_sq = self._reduce_stacked()
             if stacked_sq is not None:
                 self._add_sq(stacked_sq)
             coef = self._clip_coef(self._norm_now())

@@ -64,16 +64,23 @@ class HybridWeight(nn.Module):
 
     @property
     def numel(self) -> int:
-        return self.codes.numel()
+        return self.shape[0] * self.shape[1]  # of the whole weight, also when ZeRO-3 holds a shard here
 
     @property
     def qtensor(self) -> QTensor:
         return QTensor(self.codes, self.scales, self.group, self.shape)
 
+    def full_state(self):
+        """(codes, scales, outlier_idx, outlier_val) of the whole weight. Under ZeRO-3 this rank holds a
+        shard: they are gathered from every rank for this one use and freed after it (qft_ds.zero)."""
+        gather = getattr(self, "zero_gather", None)
+        return gather() if gather is not None else (self.codes, self.scales, self.outlier_idx, self.outlier_val)
+
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
-        w = ops.current(self.codes.device).dequantize_blockwise(self.codes, self.scales, self.group, dtype)
-        if self.outlier_idx.numel():
-            w[self.outlier_idx] = self.outlier_val.to(dtype)
+        codes, scales, outlier_idx, outlier_val = self.full_state()
+        w = ops.current(codes.device).dequantize_blockwise(codes, scales, self.group, dtype)
+        if outlier_idx.numel():
+            w[outlier_idx] = outlier_val.to(dtype)
         return w.view(self.shape)
 
     def dequantize_rows(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
@@ -83,13 +90,14 @@ class HybridWeight(nn.Module):
         if self.group > cols or cols % self.group:  # groups run across rows: no row-local layout
             return torch.nn.functional.embedding(ids, self.dequantize(dtype))
         uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-        codes = self.codes.view(rows, cols)[uniq].float().view(len(uniq), -1, self.group)
-        dense = (codes * self.scales.view(rows, -1)[uniq][..., None]).view(len(uniq), cols)
-        if self.outlier_idx.numel():
-            o_row = self.outlier_idx.long() // cols
+        all_codes, scales, outlier_idx, outlier_val = self.full_state()
+        codes = all_codes.view(rows, cols)[uniq].float().view(len(uniq), -1, self.group)
+        dense = (codes * scales.view(rows, -1)[uniq][..., None]).view(len(uniq), cols)
+        if outlier_idx.numel():
+            o_row = outlier_idx.long() // cols
             hit = torch.isin(o_row, uniq)
             pos = torch.searchsorted(uniq, o_row[hit])
-            dense[pos, self.outlier_idx[hit].long() % cols] = self.outlier_val[hit]
+            dense[pos, outlier_idx[hit].long() % cols] = outlier_val[hit]
         return dense.to(dtype)[inverse].view(*ids.shape, cols)
 
     def refresh_outliers(self, outlier_frac: float) -> None:

@@ -1,0 +1,341 @@
+"""Sharded checkpoints of ZeRO runs: every rank writes its own slices; any world size and stage reads them.
+
+The folder is a qft_ds checkpoint (qft_ds/checkpoint.py: atomic, hashed, no pickle) whose int8 state is
+split by owner:
+- `zero/rank-RRRRR.safetensors`: rank R's slice [lo, hi) of every quantized weight: `{prefix}.codes`,
+  `.scales`, `.outlier_idx` (indices in the whole weight), `.outlier_val`, `.residual` (rounding "ef"),
+  `.m_codes`, `.m_scales` (int8 momentum);
+- `model.safetensors`: the replicated tensors only (norms, biases, buffers), written by rank 0;
+- `optimizer.safetensors`: the float parameters' momentum (replicated), rank 0;
+- `rng.safetensors`, `hf/`, and `meta.json`, whose `"zero"` entry holds the world size, the stage, every
+  weight's slice bounds and the optimizer index of its anchor.
+
+Slices are cut at multiples of lcm(weight group, momentum block), which the config fixes, so a slice
+saved on N ranks maps onto any other world size: loading reads, per weight, only the pieces overlapping
+what this rank holds (the whole weight at stages 0-2, the slice at stage 3; momentum: the slice). A plain
+(stage 0) checkpoint loads into a ZeRO run the same way, as one piece; a ZeRO checkpoint loads into a
+stage-0 run, or is consolidated into a plain one (zero/consolidate.py).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from qft_ds import checkpoint as ckpt_mod
+from qft_ds.checkpoint import CheckpointError
+from qft_ds.zero import comm
+
+QKEYS = ("codes", "scales", "outlier_idx", "outlier_val", "residual")
+SHARD_DIR = "zero"
+
+
+def shard_file(rank: int) -> str:
+    return f"{SHARD_DIR}/rank-{rank:05d}.safetensors"
+
+
+def _barrier() -> None:
+    if comm.world_size() > 1:
+        torch.distributed.barrier()
+
+
+def anchor_indices(optimizer) -> dict[int, int]:
+    """id(HybridWeight) -> index of its anchor in the optimizer's state_dict (torch numbers params in
+    param-group order)."""
+    out, i = {}, 0
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            w = getattr(p, "_qft_weight", None)
+            if w is not None:
+                out[id(w)] = i
+            i += 1
+    return out
+
+
+def weights_by_prefix(model) -> dict:
+    from qft_ds.quant.hybrid import HybridWeight
+    out = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, HybridWeight) and m not in out.values():
+            out[name] = m
+    return out
+
+
+def _slice_range(optimizer, w) -> tuple[int, int]:
+    shards = getattr(optimizer, "shards", None)
+    if shards:
+        sh = shards[id(w)]
+        return sh.lo, sh.hi
+    return 0, w.numel
+
+
+# -- save ------------------------------------------------------------------------------------------
+def _rank_tensors(model, optimizer) -> tuple[dict, dict]:
+    """This rank's slice of every quantized weight and its momentum, and the bounds of every rank."""
+    out, bounds = {}, {}
+    for prefix, w in weights_by_prefix(model).items():
+        sh = optimizer.shards[id(w)]
+        idx, val = sh.outliers()
+        out[f"{prefix}.codes"] = sh.codes()
+        out[f"{prefix}.scales"] = sh.scales()
+        out[f"{prefix}.outlier_idx"] = idx + sh.lo
+        out[f"{prefix}.outlier_val"] = val
+        if w.residual is not None:
+            out[f"{prefix}.residual"] = w.residual
+        st = optimizer._qstate(w)
+        out[f"{prefix}.m_codes"], out[f"{prefix}.m_scales"] = st["m_codes"], st["m_scales"]
+        bounds[prefix] = sh.bounds
+    return out, bounds
+
+
+def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_config: dict | None = None,
+         tokenizer=None) -> Path:
+    """Every rank writes its slices into one temporary folder; rank 0 adds the rest, then renames the
+    folder into place and points `latest` at it. Returns the checkpoint folder on every rank."""
+    out_dir = Path(out_dir)
+    model = engine.module if hasattr(engine, "module") else engine
+    rank, world = comm.rank(), comm.world_size()
+    final = out_dir / f"{ckpt_mod.PREFIX}{step}"
+    tmp = out_dir / f".tmp-{final.name}-zero"
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that died earlier
+        (tmp / SHARD_DIR).mkdir(parents=True)
+    _barrier()
+    mine, bounds = _rank_tensors(model, optimizer)
+    ckpt_mod._save_tensors(mine, tmp / shard_file(rank))
+    ckpt_mod._fsync_file(tmp / shard_file(rank))
+    del mine
+    _barrier()
+    error = None
+    if rank == 0:
+        try:
+            _write_rank0(tmp, final, out_dir, engine, model, optimizer, step, data or {}, ds_config, tokenizer,
+                         bounds, world)
+        except BaseException as e:  # the others must not hang in the barrier below
+            error = e
+            shutil.rmtree(tmp, ignore_errors=True)
+    _barrier()
+    if error is not None:
+        raise error
+    if not (final / "meta.json").is_file():
+        raise CheckpointError(f"the ZeRO checkpoint {final} was not written (rank 0 failed; see its error)")
+    return final
+
+
+def _write_rank0(tmp, final, out_dir, engine, model, optimizer, step, data, ds_config, tokenizer, bounds, world):
+    tensors, aliases = ckpt_mod.model_tensors(model)
+    prefixes = set(bounds)
+    quantized = {f"{p}.{k}" for p in prefixes for k in QKEYS}
+    missing = sorted(f"{p}.codes" for p in prefixes if f"{p}.codes" not in tensors)
+    if missing:
+        raise CheckpointError(f"ZeRO save: quantized weights {missing[:3]} are not under their first name")
+    ckpt_mod._save_tensors({k: v for k, v in tensors.items() if k not in quantized}, tmp / "model.safetensors")
+    osd = optimizer.state_dict()
+    index = anchor_indices(optimizer)
+    anchor_idx = {prefix: index[id(w)] for prefix, w in weights_by_prefix(model).items()}
+    float_state = {k: v for k, v in osd["state"].items() if k not in set(anchor_idx.values())}
+    opt_tensors, opt_scalars = ckpt_mod._optimizer_tensors({"state": float_state})
+    ckpt_mod._save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    ckpt_mod._save_tensors(rng, tmp / "rng.safetensors")
+    if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
+        (tmp / "hf").mkdir()
+        model.config.to_json_file(str(tmp / "hf" / "config.json"))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.to_json_file(str(tmp / "hf" / "generation_config.json"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "hf"))
+    sched = getattr(engine, "lr_scheduler", None)
+    meta = {
+        "format": ckpt_mod.FORMAT, "format_version": ckpt_mod.FORMAT_VERSION, "qft_ds_version": ckpt_mod._version(),
+        "step": step, "data": data, "model_class": type(model).__name__, "aliases": aliases,
+        "quant": ckpt_mod.quant_layout(model),
+        "engine": {k: int(getattr(engine, k, 0)) for k in ("global_steps", "global_samples", "skipped_steps",
+                                                             "micro_steps")},
+        "scheduler": sched.state_dict() if sched is not None else None,
+        "optimizer": {"param_groups": osd["param_groups"], "qft": osd.get("qft"), "scalars": opt_scalars},
+        "ds_config": ds_config,
+        "zero": {"world_size": world, "stage": optimizer.zero_stage, "block_size": optimizer.block_size,
+                 "bounds": {p: [list(b) for b in v] for p, v in bounds.items()}, "anchor_index": anchor_idx},
+    }
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for p in files:
+        ckpt_mod._fsync_file(p)
+    meta["files"] = {str(p.relative_to(tmp)): ckpt_mod.sha256_file(p) for p in files}
+    (tmp / "meta.json").write_text(ckpt_mod._json(meta, "checkpoint metadata"))
+    ckpt_mod._fsync_file(tmp / "meta.json")
+    for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        ckpt_mod._fsync_dir(d)
+    old = None
+    if final.exists():
+        old = out_dir / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+    try:
+        os.rename(tmp, final)
+    except BaseException:
+        if old is not None:
+            os.rename(old, final)
+        raise
+    ckpt_mod._fsync_dir(out_dir)
+    ckpt_mod.write_text_atomic(out_dir / ckpt_mod.LATEST, final.name + "\n")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# -- reading pieces --------------------------------------------------------------------------------
+class Pieces:
+    """Reads any element range of a quantized weight's saved state, from a ZeRO or a plain checkpoint,
+    opening each file lazily and reading only the overlapping slices."""
+
+    def __init__(self, ckpt: Path, meta: dict):
+        self.ckpt, self.meta, self.zero = ckpt, meta, meta.get("zero")
+        self._files = {}
+
+    def _open(self, rel: str):
+        if rel not in self._files:
+            try:
+                self._files[rel] = safe_open(str(self.ckpt / rel), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{self.ckpt / rel} is not a readable safetensors file ({e})") from None
+        return self._files[rel]
+
+    def _sources(self, prefix: str, kind: str):
+        """[(file, key, elem_lo, elem_hi)] covering the whole weight, in element order."""
+        if self.zero is not None:
+            return [(shard_file(r), f"{prefix}.{kind}", lo, hi)
+                    for r, (lo, hi) in enumerate(self.zero["bounds"][prefix])]
+        numel = self.meta["quant"][prefix]["shape"][0] * self.meta["quant"][prefix]["shape"][1]
+        if kind in ("m_codes", "m_scales"):
+            idx = self._plain_anchor_index(prefix)
+            return [("optimizer.safetensors", f"state.{idx}.{kind}", 0, numel)]
+        return [("model.safetensors", f"{prefix}.{kind}", 0, numel)]
+
+    def _plain_anchor_index(self, prefix: str) -> int:
+        index = self.meta.setdefault("_anchor_index", {})
+        if prefix not in index:
+            raise CheckpointError(f"{self.ckpt}: no optimizer index for {prefix}")
+        return index[prefix]
+
+    def has(self, prefix: str, kind: str) -> bool:
+        rel, key, _, _ = self._sources(prefix, kind)[0]
+        return key in self._open(rel).keys()
+
+    def read(self, prefix: str, kind: str, lo: int, hi: int, per: int = 1) -> torch.Tensor:
+        """Elements [lo, hi) (per=1) or the scales of blocks of `per` elements covering them."""
+        a, b = lo // per, -(-hi // per)
+        parts = []
+        for rel, key, plo, phi in self._sources(prefix, kind):
+            pa, pb = plo // per, -(-phi // per)
+            s, e = max(a, pa), min(b, pb)
+            if s < e:
+                parts.append(self._open(rel).get_slice(key)[s - pa:e - pa])
+        if not parts:  # an empty slice (a rank that owns nothing): keep the stored dtype
+            rel, key, _, _ = self._sources(prefix, kind)[0]
+            parts.append(self._open(rel).get_slice(key)[0:0])
+        out = torch.cat(parts)
+        if out.numel() != b - a:
+            raise CheckpointError(f"{self.ckpt}: {prefix}.{kind} has {out.numel()} values for [{a}, {b})")
+        return out
+
+    def outliers(self, prefix: str):
+        """(int32 indices in the whole weight, fp32 values), all of them, sorted."""
+        idx, val = [], []
+        for rel, key, _, _ in self._sources(prefix, "outlier_idx"):
+            f = self._open(rel)
+            idx.append(f.get_tensor(key))
+            val.append(f.get_tensor(key.replace(".outlier_idx", ".outlier_val")))
+        return torch.cat(idx), torch.cat(val)
+
+
+# -- load ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool = True) -> dict:
+    """Restore a ZeRO or plain checkpoint into a run of any world size, at stage 0 (QFTLion) or 1-3
+    (ZeroLion, already sharded). Each rank reads only what it holds, one weight at a time."""
+    ckpt = ckpt_mod.resolve(path)
+    meta = ckpt_mod.read_meta(ckpt, verify=verify)
+    ckpt_mod.check_config(meta, ds_config)
+    model = engine.module if hasattr(engine, "module") else engine
+    weights = weights_by_prefix(model)
+    _check_fits(ckpt, meta, model, weights)
+    pieces = Pieces(ckpt, meta)
+    index = anchor_indices(optimizer)
+    if meta.get("zero") is None:  # a plain checkpoint: momentum is under the saved optimizer's index
+        meta["_anchor_index"] = {prefix: index[id(w)] for prefix, w in weights.items()}
+    device = next((w.codes.device for w in weights.values()), torch.device("cpu"))
+    tensors, _ = ckpt_mod.model_tensors(model)
+    replicated = ckpt_mod.read_tensors(ckpt / "model.safetensors", device)
+    quantized = {f"{p}.{k}" for p in weights for k in QKEYS}
+    names = {n for n in tensors if n not in quantized}
+    if names - set(replicated):
+        raise CheckpointError(f"{ckpt} does not fit this model: missing {sorted(names - set(replicated))[:5]}")
+    for name in names:  # plain checkpoints also hold the quantized tensors: read per weight below
+        if replicated[name].shape != tensors[name].shape:
+            raise CheckpointError(f"{ckpt}: '{name}' is {list(replicated[name].shape)} in the checkpoint, "
+                                  f"{list(tensors[name].shape)} in the model")
+    for name in names:
+        tensors[name].copy_(replicated[name])
+    del replicated
+    state = {}
+    for prefix, w in weights.items():
+        _load_weight(pieces, prefix, w, optimizer, device)
+        lo, hi = _slice_range(optimizer, w)
+        state[index[id(w)]] = {"m_codes": pieces.read(prefix, "m_codes", lo, hi).to(device),
+                               "m_scales": pieces.read(prefix, "m_scales", lo, hi, optimizer.block_size).to(device)}
+    osd = ckpt_mod._optimizer_state(ckpt, meta, device)
+    osd["state"] = {k: v for k, v in osd["state"].items() if k not in state} | state
+    optimizer.load_state_dict(osd)
+    _restore_rest(ckpt, meta, engine)
+    return meta
+
+
+def _load_weight(pieces: Pieces, prefix: str, w, optimizer, device) -> None:
+    """The whole weight into `w` (one layer in memory), then sliced again if this rank holds a shard."""
+    n = w.numel
+    w.codes = pieces.read(prefix, "codes", 0, n).to(device)
+    w.scales = pieces.read(prefix, "scales", 0, n, w.group).to(device)
+    idx, val = pieces.outliers(prefix)
+    w.outlier_idx, w.outlier_val = idx.to(device), val.to(device)
+    if w.residual is not None:
+        if not pieces.has(prefix, "residual"):
+            raise CheckpointError(f"{pieces.ckpt} has no error-feedback residual for {prefix}")
+        lo, hi = _slice_range(optimizer, w)
+        w.residual = pieces.read(prefix, "residual", lo, hi).to(device)
+    shards = getattr(optimizer, "shards", None)
+    if shards:
+        w.zero_gather = None  # the whole weight is here now; reshard() slices it (stage 3) and re-hooks
+        shards[id(w)].reshard()
+
+
+def _check_fits(ckpt: Path, meta: dict, model, weights: dict) -> None:
+    layout = ckpt_mod.quant_layout(model)
+    saved = meta["quant"]
+    if set(saved) != set(layout):
+        raise CheckpointError(f"{ckpt} does not fit this model ({type(model).__name__}, checkpoint has "
+                              f"{meta.get('model_class')}): quantized weights missing "
+                              f"{sorted(set(layout) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(layout))[:5]}")
+    for prefix, lay in layout.items():
+        for key in ("shape", "group", "global_offset"):
+            if saved[prefix][key] != lay[key]:
+                raise CheckpointError(f"{ckpt}: {prefix} has {key} {saved[prefix][key]} in the checkpoint, "
+                                      f"{lay[key]} in the model")
+
+
+def _restore_rest(ckpt: Path, meta: dict, engine) -> None:
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is not None and meta["scheduler"] is not None:
+        sched.load_state_dict(meta["scheduler"])
+    for key, value in meta["engine"].items():
+        if hasattr(engine, key):
+            setattr(engine, key, value)
+    rng = ckpt_mod.read_tensors(ckpt / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if torch.cuda.is_available() and "cuda.0" in rng:
+        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())
+                                      if f"cuda.{i}" in rng])

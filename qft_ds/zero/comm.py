@@ -1,0 +1,73 @@
+"""The collectives of qft_ds's ZeRO, and a count of the bytes they move.
+
+They call torch.distributed on its default process group: that is the group deepspeed.comm creates and
+wraps (gloo on the CPU, NCCL on GPUs), and calling it directly lets the tests run 2 ranks without
+DeepSpeed. Gloo has had reduce_scatter since torch 2.x (checked on 2.13), so both backends use the
+real reduce-scatter and all-gather; there is no fallback path.
+
+`BYTES` counts, per rank, the payload handed to each kind of collective: the input of a reduce-scatter
+and the output of an all-gather / all-reduce. A ring algorithm sends (world-1)/world of that per rank.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+BYTES: Counter = Counter()
+# torch 2.13 renamed the single-tensor collectives (the old names warn); the GPU image's 2.11 has only those
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def reduce_scatter_mean(flat: torch.Tensor, bounds, flag: torch.Tensor):
+    """Mean over ranks of a flat fp32 tensor, returned as this rank's slice [lo, hi) of `bounds`.
+
+    `flag` (a 0-d float) is summed over ranks and returned too: it rides in one extra element per rank,
+    so every rank learns that some rank's gradient was non-finite without a second collective.
+    """
+    world, me = world_size(), rank()
+    lo, hi = bounds[me]
+    if world == 1:
+        return flat[lo:hi], flag
+    width = max(b - a for a, b in bounds) + 1
+    buf = torch.zeros(world, width, dtype=torch.float32, device=flat.device)
+    for r, (a, b) in enumerate(bounds):
+        buf[r, :b - a] = flat[a:b]
+        buf[r, -1] = flag
+    out = torch.empty(width, dtype=torch.float32, device=flat.device)
+    BYTES["reduce_scatter"] += _nbytes(buf)
+    _reduce_scatter(out, buf.view(-1), op=dist.ReduceOp.SUM)
+    shard = out[:hi - lo].div_(world)  # SUM then divide: gloo has no AVG; (g + g) / 2 == g exactly
+    return shard, out[-1]
+
+
+def all_gather_bytes(mine: torch.Tensor) -> torch.Tensor:
+    """uint8 [P] from every rank -> uint8 [world * P] in rank order."""
+    world = world_size()
+    if world == 1:
+        return mine
+    out = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
+    BYTES["all_gather"] += _nbytes(out)
+    _all_gather(out, mine)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        BYTES["all_reduce"] += _nbytes(t)
+        dist.all_reduce(t)
+    return t

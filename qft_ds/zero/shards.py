@@ -1,0 +1,144 @@
+"""One quantized weight's shard on this rank, and the lossless gathers of its int8 state.
+
+Stages 1 and 2 keep the whole weight on every rank: the owner updates its slice [lo, hi) in place and
+the slices are all-gathered (int8 codes, fp32 scales, fp32 outlier values: bit for bit). Stage 3 keeps
+only the slice; the whole weight is gathered for each use (forward, backward) and freed after it.
+
+A gather packs each rank's pieces into one byte buffer (4-byte pieces first, so they stay aligned),
+padded to the largest rank's size, so one all_gather moves a weight. The outlier indices only change
+when outliers are re-selected, so stages 1 and 2 never send them.
+"""
+from __future__ import annotations
+
+import torch
+
+from qft_ds.zero import comm
+from qft_ds.zero.partition import Partition, outlier_bounds
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(-1).view(torch.uint8)
+
+
+class WeightShard:
+    def __init__(self, w, part: Partition, stage: int):
+        if stage not in (1, 2, 3):
+            raise ValueError(f"zero stage must be 1, 2 or 3, got {stage}")
+        self.w, self.part, self.stage = w, part, stage
+        self.bounds = part.bounds
+        self.lo, self.hi = self.bounds[part.rank]
+        self.scale_bounds = part.scale_bounds(w.group)
+        if w.residual is not None and w.residual.numel() == w.numel:  # only the owner's slice is state
+            w.residual = w.residual[self.lo:self.hi].clone()
+        self.reshard()
+
+    @property
+    def numel(self) -> int:
+        return self.hi - self.lo
+
+    # -- layout ------------------------------------------------------------------------------------
+    def reshard(self) -> None:
+        """(Re)compute outlier ownership from the whole weight now in `w`; stage 3 then drops the rest.
+        Called at setup and after outliers are re-selected (which rebuilds the whole weight)."""
+        w = self.w
+        self.outlier_bounds = outlier_bounds(w.outlier_idx, self.bounds)
+        if self.stage == 3:
+            (sa, sb), (oa, ob) = self.scale_bounds[self.part.rank], self.outlier_bounds[self.part.rank]
+            w.codes = w.codes[self.lo:self.hi].clone()
+            w.scales = w.scales[sa:sb].clone()
+            w.outlier_idx = w.outlier_idx[oa:ob].clone()  # indices stay those of the whole weight
+            w.outlier_val = w.outlier_val[oa:ob].clone()
+            w.zero_gather = self.gather_full
+        self._local_idx = None
+
+    def codes(self) -> torch.Tensor:
+        return self.w.codes if self.stage == 3 else self.w.codes[self.lo:self.hi]
+
+    def scales(self) -> torch.Tensor:
+        sa, sb = self.scale_bounds[self.part.rank]
+        return self.w.scales if self.stage == 3 else self.w.scales[sa:sb]
+
+    def outliers(self):
+        """(indices local to the shard, values as a view into the weight's): the update writes them."""
+        w = self.w
+        oa, ob = self.outlier_bounds[self.part.rank]
+        val = w.outlier_val if self.stage == 3 else w.outlier_val[oa:ob]
+        if self._local_idx is None:
+            idx = w.outlier_idx if self.stage == 3 else w.outlier_idx[oa:ob]
+            self._local_idx = idx - self.lo
+        return self._local_idx, val
+
+    # -- gradients ---------------------------------------------------------------------------------
+    def reduce_scatter(self, grad: torch.Tensor):
+        """The mean gradient over ranks, this rank's slice (fp32), and whether every rank's was finite."""
+        flat = grad.reshape(-1).float()
+        bad = (~torch.isfinite(flat.sum())).float()
+        shard, bad_sum = comm.reduce_scatter_mean(flat, self.bounds, bad)
+        return shard, bad_sum == 0
+
+    # -- gathers -----------------------------------------------------------------------------------
+    def _sizes(self, with_idx: bool) -> list[int]:
+        per = 8 if with_idx else 4
+        return [4 * (sb - sa) + per * (ob - oa) + (hi - lo) for (lo, hi), (sa, sb), (oa, ob)
+                in zip(self.bounds, self.scale_bounds, self.outlier_bounds)]
+
+    def _exchange(self, pieces, with_idx: bool) -> tuple[torch.Tensor, int]:
+        width = -(-max(self._sizes(with_idx)) // 4) * 4
+        mine = torch.zeros(width, dtype=torch.uint8, device=self.w.codes.device)
+        pos = 0
+        for t in pieces:
+            b = _bytes(t)
+            mine[pos:pos + b.numel()] = b
+            pos += b.numel()
+        return comm.all_gather_bytes(mine), width
+
+    def _chunks(self, out: torch.Tensor, width: int, with_idx: bool):
+        """Per rank: (r, scales fp32, outlier values fp32, outlier indices int32 or None, codes int8)."""
+        for r, ((lo, hi), (sa, sb), (oa, ob)) in enumerate(zip(self.bounds, self.scale_bounds, self.outlier_bounds)):
+            chunk, pos = out[r * width:(r + 1) * width], 0
+            ns, no, n = sb - sa, ob - oa, hi - lo
+            scales = chunk[pos:pos + 4 * ns].view(torch.float32)
+            pos += 4 * ns
+            vals = chunk[pos:pos + 4 * no].view(torch.float32)
+            pos += 4 * no
+            idx = None
+            if with_idx:
+                idx = chunk[pos:pos + 4 * no].view(torch.int32)
+                pos += 4 * no
+            yield r, scales, vals, idx, chunk[pos:pos + n].view(torch.int8)
+
+    def gather_update(self) -> None:
+        """Stages 1/2, after the owner updated its slice: every rank gets every slice (lossless)."""
+        if comm.world_size() == 1:
+            return
+        w = self.w
+        idx, val = self.outliers()
+        out, width = self._exchange([self.scales(), val, self.codes()], with_idx=False)
+        for r, scales, vals, _, codes in self._chunks(out, width, with_idx=False):
+            if r == self.part.rank:
+                continue
+            (lo, hi), (sa, sb), (oa, ob) = self.bounds[r], self.scale_bounds[r], self.outlier_bounds[r]
+            w.codes[lo:hi] = codes
+            w.scales[sa:sb] = scales
+            w.outlier_val[oa:ob] = vals
+
+    def gather_full(self):
+        """Stage 3: the whole (codes, scales, outlier_idx, outlier_val), fresh tensors for one use."""
+        w = self.w
+        if comm.world_size() == 1:
+            return w.codes, w.scales, w.outlier_idx, w.outlier_val
+        out, width = self._exchange([w.scales, w.outlier_val, w.outlier_idx, w.codes], with_idx=True)
+        n_scales = self.scale_bounds[-1][1]
+        n_out = self.outlier_bounds[-1][1]
+        dev = w.codes.device
+        codes = torch.empty(self.part.numel, dtype=torch.int8, device=dev)
+        scales = torch.empty(n_scales, dtype=torch.float32, device=dev)
+        o_idx = torch.empty(n_out, dtype=torch.int32, device=dev)
+        o_val = torch.empty(n_out, dtype=torch.float32, device=dev)
+        for r, sc, vals, idx, cd in self._chunks(out, width, with_idx=True):
+            (lo, hi), (sa, sb), (oa, ob) = self.bounds[r], self.scale_bounds[r], self.outlier_bounds[r]
+            codes[lo:hi] = cd
+            scales[sa:sb] = sc
+            o_idx[oa:ob] = idx
+            o_val[oa:ob] = vals
+        return codes, scales, o_idx, o_val
