@@ -2,21 +2,29 @@
 
 Every run starts from the same weights and sees the same batches (same seed): 300 steps of 16x256
 tokens, 20-step linear warm-up then cosine, gradient clipping 1.0, bf16 compute. The held-out loss is
-measured on the first 64 blocks of 256 tokens of two unseen plays.
+measured on the first 64 blocks of 256 tokens of two unseen plays; the validation loss, which picks
+each method's lr, on the first 64 blocks of a third play (--validation, not trained on either).
 
     python bench/fidelity.py --commit $(git rev-parse HEAD)                       # all default runs
     python bench/fidelity.py --runs qft:2e-5:0 fp32_lion:2e-5:0 --steps 50       # a subset
+    python bench/fidelity.py --lrs peqa=2e-5,6e-5,2e-4 qst                       # lr grids (qst: default grid)
     python bench/fidelity.py --merge bench/results/fidelity_a.json bench/results/fidelity_b.json
 
 Runs are METHOD:LR:SEED with METHOD in fp32_adamw, fp32_lion, qft (stochastic rounding), qft_rtn
-(round-to-nearest, the failure mode), qft_ef (error feedback). Writes bench/results/fidelity_<time>.json
-and a PNG of the held-out curves.
+(round-to-nearest, the failure mode), qft_ef (error feedback), peqa (4-bit, group 128, scales only,
+AdamW), qst (frozen 4-bit backbone + side network r=16, AdamW), lora (peft, rank 16 on every linear layer
+but the head, AdamW). `--lrs METHOD[=LR,LR,...]` runs a grid per method instead (DEFAULT_GRID when no
+lrs are given) for each of --seeds. One GPU call is limited to 10 minutes, so run the grid in parts and
+--merge them: merging checks the parts share one setup, then picks each method's lr on the validation
+play (bench/fidelity_report.py). Writes bench/results/fidelity_<time>.json, a PNG of the held-out curves
+and a PNG of held-out loss vs peak memory. Peak memory is measured from the start of training (the model
+already converted; a conversion's transient full-precision copy is not counted).
 """
 from __future__ import annotations
 
 import argparse
 import copy
-import json
+import gc
 import sys
 import time
 from pathlib import Path
@@ -25,10 +33,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+import fidelity_report as report  # noqa: E402
 
 DEFAULT_RUNS = ["fp32_adamw:3e-5:0", "fp32_lion:2e-5:0", "qft:2e-5:0", "qft_rtn:2e-5:0", "qft:2e-5:1",
                 "fp32_lion:2e-5:1"]
-WEIGHT_DECAY = {"fp32_adamw": 0.01}  # Lion variants: 0.1 (Lion wants ~10x AdamW's decay)
+WEIGHT_DECAY = {"fp32_adamw": 0.01, "peqa": 0.0, "qst": 0.0, "lora": 0.0}  # Lion: 0.1 (~10x AdamW's)
+# Three lrs per method around the values each method's authors or our earlier runs used.
+DEFAULT_GRID = {"fp32_adamw": [1e-5, 3e-5, 1e-4], "fp32_lion": [1e-5, 2e-5, 5e-5], "qft": [1e-5, 2e-5, 5e-5],
+                "peqa": [2e-5, 6e-5, 2e-4], "qst": [1e-4, 3e-4, 1e-3], "lora": [1e-4, 3e-4, 1e-3]}
+METHODS = ("fp32_adamw", "fp32_lion", "qft", "qft_rtn", "qft_ef", "peqa", "qst", "lora")
+VALIDATION_PLAY = "as_you_like_it"
 
 
 class FP32Lion(torch.optim.Optimizer):
@@ -57,15 +71,32 @@ def schedule(opt, steps, warmup):
 
 
 def ds_config(method, lr, seed, args):
-    return {
+    cfg = {
         "train_micro_batch_size_per_gpu": args.bsz, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
         "bf16": {"enabled": True}, "steps_per_print": 10**9,
         "optimizer": {"type": "QFTLion", "params": {"lr": lr, "betas": [0.9, 0.99], "weight_decay": 0.1}},
         "scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": args.steps,
                                                            "warmup_num_steps": args.warmup,
                                                            "warmup_type": "linear"}},
-        "qft": {"rounding": {"qft": "sr", "qft_rtn": "rtn", "qft_ef": "ef"}[method], "seed": seed},
     }
+    if method in ("peqa", "qst"):
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "betas": [0.9, 0.999],
+                                                        "weight_decay": WEIGHT_DECAY[method]}}
+        cfg["qft"] = {"method": method, "bits": 4, "group_size": 128, "seed": seed}
+        if method == "qst":
+            cfg["qft"].update(r=16, downsample="adapter", adapter_rank=16)
+    else:
+        cfg["qft"] = {"rounding": {"qft": "sr", "qft_rtn": "rtn", "qft_ef": "ef"}[method], "seed": seed}
+    return cfg
+
+
+def lora_model(model):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise SystemExit("method lora needs peft: pip install peft") from None
+    cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
 
 
 @torch.no_grad()
@@ -80,7 +111,7 @@ def evaluate(model, blocks, bsz, autocast):
     return total / len(blocks)
 
 
-def run_one(spec, base_model, train_blocks, eval_blocks, args):
+def run_one(spec, base_model, train_blocks, eval_blocks, val_blocks, args):
     import qft_ds
     from qft_ds.textdata import batches
     method, lr, seed = spec.split(":")
@@ -88,10 +119,9 @@ def run_one(spec, base_model, train_blocks, eval_blocks, args):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     model = copy.deepcopy(base_model).to(dev)
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    if method.startswith("qft"):
+    if method == "lora":
+        model = lora_model(model)
+    if method.startswith("qft") or method in ("peqa", "qst"):
         engine, opt, _, sched = qft_ds.initialize(model=model, config=ds_config(method, lr, seed, args))
         fwd, autocast = engine, False  # qft_ds computes in bf16 itself
 
@@ -102,8 +132,9 @@ def run_one(spec, base_model, train_blocks, eval_blocks, args):
             return loss
     else:
         wd = WEIGHT_DECAY.get(method, 0.1)
-        if method == "fp32_adamw":
-            opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=wd, fused=dev == "cuda")
+        if method in ("fp32_adamw", "lora"):
+            trainable = [p for p in model.parameters() if p.requires_grad]
+            opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=wd, fused=dev == "cuda")
         else:
             opt = FP32Lion(model.parameters(), lr=lr, weight_decay=wd)
         sched, fwd, autocast = schedule(opt, args.steps, args.warmup), model, True
@@ -112,12 +143,17 @@ def run_one(spec, base_model, train_blocks, eval_blocks, args):
             with torch.autocast(dev, torch.bfloat16):
                 loss = model(input_ids=x, labels=x).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             return loss
+    gc.collect()  # the full-precision weights a conversion replaced
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # from here: training's peak, with the model state resident
     curve = [(0, evaluate(fwd, eval_blocks, args.bsz, autocast))]
+    val_curve = [(0, evaluate(fwd, val_blocks, args.bsz, autocast))]
     data = batches(train_blocks, args.bsz, seed=seed)
     train_time, losses = 0.0, []
     for step in range(1, args.steps + 1):
@@ -130,13 +166,20 @@ def run_one(spec, base_model, train_blocks, eval_blocks, args):
         train_time += time.perf_counter() - t0
         if step % args.eval_every == 0 or step == args.steps:
             curve.append((step, evaluate(fwd, eval_blocks, args.bsz, autocast)))
+            val_curve.append((step, evaluate(fwd, val_blocks, args.bsz, autocast)))
             print(f"  {spec:>18} step {step:4d}  train {sum(losses[-25:]) / len(losses[-25:]):.4f}  "
-                  f"held-out {curve[-1][1]:.4f}", flush=True)
+                  f"val {val_curve[-1][1]:.4f}  held-out {curve[-1][1]:.4f}", flush=True)
+    last = losses[-25:]
     row = {"method": method, "lr": lr, "seed": seed, "eval_start": curve[0][1], "eval_end": curve[-1][1],
-           "eval_curve": curve, "train_loss_last25": sum(losses[-25:]) / 25, "peak_gib": common.peak_gib(),
-           "tok_s": args.steps * args.bsz * args.seq / train_time}
+           "eval_curve": curve, "val_start": val_curve[0][1], "val_end": val_curve[-1][1], "val_curve": val_curve,
+           "train_loss_last25": sum(last) / len(last), "peak_gib": common.peak_gib(),
+           "tok_s": args.steps * args.bsz * args.seq / train_time,
+           "trainable_params": sum(p.numel() for p in fwd.parameters() if p.requires_grad)}
     if method.startswith("qft"):
         row["state_bytes_per_param"] = opt.state_nbytes()["bytes_per_quantized_param"]
+    elif method in ("peqa", "qst"):
+        from qft_ds.methods.setup import state_nbytes
+        row["state_bytes_per_param"] = state_nbytes(fwd.module, opt)["bytes_per_quantized_param"]
     del model, opt, fwd
     return row
 
@@ -144,41 +187,43 @@ def run_one(spec, base_model, train_blocks, eval_blocks, args):
 def load_data(args):
     from qft_ds import hub, textdata
     model, tok = hub.load_model_and_tokenizer(args.model)
-    splits = textdata.shakespeare_splits(include_milton=args.milton)
+    splits = textdata.shakespeare_splits(include_milton=args.milton, validation=[args.validation])
     train = textdata.tokenize_blocks(tok, splits.train, args.seq, split="train")
     held = textdata.tokenize_blocks(tok, splits.heldout, args.seq, max_blocks=args.eval_blocks, split="held-out")
-    return model, train, held, splits
+    val = textdata.tokenize_blocks(tok, splits.validation, args.seq, max_blocks=args.eval_blocks, split="validation")
+    return model, train, held, val, splits
 
 
-def plot(result, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in result["rows"]:
-        xs, ys = zip(*row["eval_curve"])
-        ax.plot(xs, ys, label=f"{row['method']} lr={row['lr']:g} seed={row['seed']}",
-                linestyle="--" if row["seed"] else "-")
-    ax.set_xlabel("step")
-    ax.set_ylabel("held-out loss")
-    ax.set_title(f"SmolLM2-135M on Shakespeare, held-out plays ({result['device']})")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+def grid_runs(specs, seeds) -> list[str]:
+    """`METHOD=LR,LR,...` or `METHOD` (its DEFAULT_GRID) -> METHOD:LR:SEED run specs."""
+    runs = []
+    for spec in specs:
+        method, _, lrs = spec.partition("=")
+        if method not in METHODS:
+            raise SystemExit(f"--lrs: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        try:
+            grid = [float(x) for x in lrs.split(",")] if lrs else DEFAULT_GRID[method]
+        except (ValueError, KeyError):
+            raise SystemExit(f"--lrs {spec!r}: give METHOD=LR,LR,... (METHOD alone needs a default grid)") from None
+        runs += [f"{method}:{lr:g}:{seed}" for lr in grid for seed in seeds]
+    return runs
 
 
-def merge(paths):
-    parts = [json.loads(Path(p).read_text()) for p in paths]
-    out = dict(parts[0])
-    out["rows"] = [r for p in parts for r in p["rows"]]
-    out["merged_from"] = [Path(p).name for p in paths]
-    return out
+def finish(result, out_dir) -> None:
+    result["chosen"] = report.select([r for r in result["rows"] if "val_end" in r])
+    path = common.write_result("fidelity", result, out_dir)
+    pngs = report.plot(result, path.with_suffix(".png"))
+    print(f"\nwrote {path} and {', '.join(p.name for p in pngs)}")
+    report.print_table(result)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS)
+    p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="METHOD:LR:SEED specs")
+    p.add_argument("--lrs", nargs="+", default=None, metavar="METHOD[=LR,...]",
+                   help="an lr grid per method (replaces --runs); METHOD alone takes DEFAULT_GRID")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of each --lrs grid point")
+    p.add_argument("--validation", default=VALIDATION_PLAY, help="the play that picks the lr (not trained on)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--bsz", type=int, default=16)
@@ -189,31 +234,31 @@ def main(argv=None):
     p.add_argument("--milton", action="store_true", help="also train on the 7 Milton texts")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
-    p.add_argument("--merge", nargs="+", default=None, help="merge result JSONs into one and plot")
+    p.add_argument("--merge", nargs="+", default=None, help="merge result JSONs (parts of one grid), select, plot")
     args = p.parse_args(argv)
     if args.merge:
-        result = merge(args.merge)
-    else:
-        common.single_process_env()
-        model, train, held, splits = load_data(args)
-        result = common.header(args.commit)
-        result["setup"] = {"model": args.model, "params": sum(p.numel() for p in model.parameters()),
-                           "steps": args.steps, "warmup": args.warmup, "bsz": args.bsz, "seq": args.seq,
-                           "schedule": "linear warm-up, cosine", "grad_clip": 1.0, "compute": "bf16",
-                           "heldout": splits.heldout_names, "eval_blocks": len(held), "train_blocks": len(train),
-                           "train_texts": len(splits.train), "weight_decay": {"lion": 0.1, "adamw": 0.01}}
-        result["rows"] = []
-        for spec in args.runs:
-            print(f"run {spec}", flush=True)
-            result["rows"].append(run_one(spec, model, train, held, args))
-            common.write_partial("fidelity", result, args.out)
-    path = common.write_result("fidelity", result, args.out)
-    plot(result, path.with_suffix(".png"))
-    print(f"\nwrote {path}")
-    print(f"{'method':>12} {'lr':>8} {'seed':>4} {'start':>7} {'end':>7} {'peak GiB':>8} {'tok/s':>8}")
-    for r in result["rows"]:
-        print(f"{r['method']:>12} {r['lr']:>8g} {r['seed']:>4} {r['eval_start']:7.4f} {r['eval_end']:7.4f} "
-              f"{r['peak_gib']:8.2f} {r['tok_s']:8.0f}")
+        return finish(report.merge(args.merge), args.out)
+    runs = grid_runs(args.lrs, args.seeds) if args.lrs else args.runs
+    for spec in runs:
+        if spec.split(":")[0] not in METHODS or spec.count(":") != 2:
+            raise SystemExit(f"run {spec!r}: expected METHOD:LR:SEED with METHOD in {', '.join(METHODS)}")
+    common.single_process_env()
+    model, train, held, val, splits = load_data(args)
+    result = common.header(args.commit)
+    result["setup"] = {"model": args.model, "params": sum(p.numel() for p in model.parameters()),
+                       "steps": args.steps, "warmup": args.warmup, "bsz": args.bsz, "seq": args.seq,
+                       "schedule": "linear warm-up, cosine", "grad_clip": 1.0, "compute": "bf16",
+                       "heldout": splits.heldout_names, "validation": splits.validation_names,
+                       "eval_blocks": len(held), "val_blocks": len(val), "train_blocks": len(train),
+                       "train_texts": len(splits.train), "weight_decay": {"lion": 0.1, **WEIGHT_DECAY},
+                       "peqa": "4-bit RTN, group 128, AdamW on scales", "qst": "4-bit backbone, r=16, adapter rank 16",
+                       "lora": "peft r=16 alpha=32 all-linear"}
+    result["rows"] = []
+    for spec in runs:
+        print(f"run {spec}", flush=True)
+        result["rows"].append(run_one(spec, model, train, held, val, args))
+        common.write_partial("fidelity", result, args.out)
+    finish(result, args.out)
 
 
 if __name__ == "__main__":
