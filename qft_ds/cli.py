@@ -3,7 +3,8 @@
 - `qft_ds report`: which kernel backends can run here, like `ds_report`;
 - `qft_ds export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--int8 | --lowbit]`: an HF folder from a
   checkpoint (`--lowbit`: a PEQA checkpoint kept 3/4-bit);
-- `qft_ds plot RUN_DIR [--out PNG]`: loss and peak memory over steps from RUN_DIR/metrics.jsonl.
+- `qft_ds plot RUN_DIR [--out PNG]`: loss and peak memory over steps from RUN_DIR/metrics.jsonl;
+- `qft_ds consolidate CHECKPOINT OUT_DIR`: a plain (one-device) checkpoint from a sharded ZeRO one.
 """
 from __future__ import annotations
 
@@ -41,6 +42,18 @@ def export(args) -> int:
     return 0
 
 
+def consolidate(args) -> int:
+    from qft_ds.checkpoint import CheckpointError
+    from qft_ds.zero.consolidate import consolidate as run_consolidate
+    try:
+        out = run_consolidate(args.checkpoint, args.out_dir)
+    except (CheckpointError, FileExistsError) as e:
+        print(f"qft_ds consolidate: {e}", file=sys.stderr)
+        return 2
+    print(f"consolidated {args.checkpoint} -> {out} (a plain checkpoint: resume on one device, or export)")
+    return 0
+
+
 def plot(args) -> int:
     from qft_ds.monitor import plot as run_plot
     try:
@@ -67,6 +80,9 @@ def main(argv=None) -> int:
     pl = sub.add_parser("plot", help="PNG of loss and peak memory over steps of a train.py run")
     pl.add_argument("run_dir", help="a train.py output_dir (holds metrics.jsonl)")
     pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/metrics.png)")
+    c = sub.add_parser("consolidate", help="a plain checkpoint from a sharded ZeRO one, one weight at a time")
+    c.add_argument("checkpoint", help="a ZeRO checkpoint-STEP folder, or a run folder (its latest checkpoint)")
+    c.add_argument("out_dir", help="a new (or empty) folder")
     args = p.parse_args(argv)
     if args.cmd == "export":
         if args.int8 and args.dtype:
@@ -74,7 +90,8 @@ def main(argv=None) -> int:
         if args.lowbit and (args.dtype or args.int8):
             p.error("--lowbit keeps the low-bit form; --dtype and --int8 do not apply to it")
         args.dtype = args.dtype or "bf16"
-    return {"report": lambda: report(), "export": lambda: export(args), "plot": lambda: plot(args)}[args.cmd]()
+    return {"report": lambda: report(), "export": lambda: export(args), "plot": lambda: plot(args),
+            "consolidate": lambda: consolidate(args)}[args.cmd]()
 
 
 if __name__ == "__main__":

@@ -169,8 +169,13 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     if engine.gradient_accumulation_steps() != cfg.gradient_accumulation_steps:
         raise ValueError(f"gradient_accumulation_steps: DeepSpeed resolved {engine.gradient_accumulation_steps()} "
                          f"but qft_ds read {cfg.gradient_accumulation_steps}; set it explicitly in the config")
+    # DeepSpeed broadcasts rank 0's Parameters; the int8 weights are buffers, so qft_ds does it (a model
+    # initialised differently per rank would otherwise train N different models, or mismatch ZeRO shards)
+    from qft_ds.zero.comm import broadcast_from_rank0
+    broadcast_from_rank0([t for w in quantized_weights(model) for t in (w.codes, w.scales, w.outlier_idx,
+                                                                        w.outlier_val)])
     if cfg.zero_stage:
-        opt.shard()  # DeepSpeed has initialised torch.distributed and broadcast the (whole) model
+        opt.shard()
     opt.init_state()
     guard_backward(engine, opt)
     engine.qft_config = cfg

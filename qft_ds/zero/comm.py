@@ -1,21 +1,15 @@
-"""The collectives of qft_ds's ZeRO, and a count of the bytes they move.
+"""The collectives of qft_ds's ZeRO: reduce-scatter (mean), all-gather of bytes, all-reduce (sum).
 
 They call torch.distributed on its default process group: that is the group deepspeed.comm creates and
 wraps (gloo on the CPU, NCCL on GPUs), and calling it directly lets the tests run 2 ranks without
 DeepSpeed. Gloo has had reduce_scatter since torch 2.x (checked on 2.13), so both backends use the
 real reduce-scatter and all-gather; there is no fallback path.
-
-`BYTES` counts, per rank, the payload handed to each kind of collective: the input of a reduce-scatter
-and the output of an all-gather / all-reduce. A ring algorithm sends (world-1)/world of that per rank.
 """
 from __future__ import annotations
-
-from collections import Counter
 
 import torch
 import torch.distributed as dist
 
-BYTES: Counter = Counter()
 # torch 2.13 renamed the single-tensor collectives (the old names warn); the GPU image's 2.11 has only those
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -27,10 +21,6 @@ def world_size() -> int:
 
 def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 def reduce_scatter_mean(flat: torch.Tensor, bounds, flag: torch.Tensor):
@@ -49,7 +39,6 @@ def reduce_scatter_mean(flat: torch.Tensor, bounds, flag: torch.Tensor):
         buf[r, :b - a] = flat[a:b]
         buf[r, -1] = flag
     out = torch.empty(width, dtype=torch.float32, device=flat.device)
-    BYTES["reduce_scatter"] += _nbytes(buf)
     _reduce_scatter(out, buf.view(-1), op=dist.ReduceOp.SUM)
     shard = out[:hi - lo].div_(world)  # SUM then divide: gloo has no AVG; (g + g) / 2 == g exactly
     return shard, out[-1]
@@ -61,13 +50,18 @@ def all_gather_bytes(mine: torch.Tensor) -> torch.Tensor:
     if world == 1:
         return mine
     out = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
-    BYTES["all_gather"] += _nbytes(out)
     _all_gather(out, mine)
     return out
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if world_size() > 1:
-        BYTES["all_reduce"] += _nbytes(t)
         dist.all_reduce(t)
     return t
+
+
+def broadcast_from_rank0(tensors) -> None:
+    """Make every rank's tensors rank 0's, in place (same shapes on every rank)."""
+    if world_size() > 1:
+        for t in tensors:
+            dist.broadcast(t, src=0)

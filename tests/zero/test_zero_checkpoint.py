@@ -77,7 +77,9 @@ def test_sharded_layout_on_disk(run):
 
 def test_consolidate_gives_a_plain_checkpoint_and_exports(run, tmp_path):
     tmp, final_c, _ = run
-    plain = consolidate(tmp / "a", tmp_path / "plain")
+    from qft_ds.cli import main
+    assert main(["consolidate", str(tmp / "a"), str(tmp_path / "plain")]) == 0
+    plain = tmp_path / "plain"
     meta = checkpoint.read_meta(plain)
     assert "zero" not in meta and meta["consolidated_from"] == {"world_size": 2, "stage": 2}
     # the 1-rank plain checkpoint C saved at the same step holds the same bits, file for file
@@ -97,3 +99,18 @@ def test_export_reads_a_sharded_checkpoint(run, tmp_path):
     export(tmp / "c", tmp_path / "from_plain", dtype="fp32")
     a, b = load_file(tmp_path / "from_zero" / "model.safetensors"), load_file(tmp_path / "from_plain" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_resume_accepts_another_split_of_the_global_batch(monkeypatch, tmp_path):
+    """train.py: a step reads micro-batch x ranks blocks, so 2 ranks x 2 may resume as 1 rank x 4."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import train
+    saved = {"dataset": "d", "seq_len": 16, "micro_batch": 2, "world_size": 2, "seed": 0}
+    monkeypatch.setattr(checkpoint, "load", lambda *a, **k: {"step": 3, "data": saved})
+    args = type("A", (), {"resume_from_checkpoint": "x", "deepspeed": str(tmp_path / "c.json")})()
+    (tmp_path / "c.json").write_text("{}")
+    assert train.resume(args, None, None, dict(saved, micro_batch=4, world_size=1))[0] == 3
+    with pytest.raises(SystemExit, match=r"micro-batch x ranks 2 x 2 -> 2 x 1"):
+        train.resume(args, None, None, dict(saved, world_size=1))

@@ -34,6 +34,10 @@ def _worker(rank, world, out):
             engine.backward(engine(input_ids=x, labels=x).loss)
             engine.step()
         res[(stage, gas)] = H.full_state(engine.module, opt)
+    # a model initialised differently on each rank: initialize broadcasts rank 0's int8 weights
+    torch.manual_seed(rank)
+    engine, opt, _, _ = qft_ds.initialize(model=make_tiny_llama(seed=rank), config=_config(0, 1))
+    torch.save(H.full_state(engine.module, opt), f"{out}.rank{rank}")
     if rank == 0:
         torch.save(res, out)
 
@@ -44,6 +48,9 @@ def test_engine_stages_match_stage_0_on_two_ranks(tmp_path):
     # 2 ranks: reduce-scatter sums the same two numbers as all-reduce, so the bits are stage 0's
     H.assert_same(res[(3, 1)], res[(0, 1)], "engine stage 3 vs stage 0 (fused)")
     H.assert_same(res[(1, 2)], res[(0, 2)], "engine stage 1 vs stage 0 (stack, 2 micro-batches)")
+    r0, r1 = (torch.load(f"{tmp_path / 'res.pt'}.rank{r}", weights_only=False) for r in (0, 1))
+    quantized = [k for k in r0 if k.split(".")[-1] in ("codes", "scales", "oidx", "oval")]
+    H.assert_same({k: r0[k] for k in quantized}, {k: r1[k] for k in quantized}, "int8 weights after broadcast")
 
 
 def test_split_config_hands_deepspeed_stage_0():

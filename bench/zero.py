@@ -1,0 +1,229 @@
+"""ZeRO stages 0-3 of QFT on 1 and 2 GPUs: peak memory per GPU, total tokens/s, bytes communicated.
+
+Each run starts its own ranks (torch.multiprocessing, NCCL), builds a random-init LLaMA shape on the
+CPU, quantizes it layer by layer onto its GPU, and trains through qft_ds.initialize with
+"zero_optimization": {"stage": S} (bf16 compute, gradient checkpointing, fused flow). Measured after
+setup (the setup peak is recorded apart): peak_gib per GPU (torch.cuda.max_memory_allocated, every
+rank), tok_s over all ranks from the median step time, and the bytes handed to every torch.distributed
+collective per step (qft_ds's and DeepSpeed's: inputs of all-reduce / reduce-scatter, outputs of
+all-gather; a ring sends (world-1)/world of that per rank).
+
+    python bench/zero.py --commit $(git rev-parse HEAD)                                  # the whole grid
+    python bench/zero.py --runs 1.1b:1:0 1.1b:2:0 1.1b:2:1 1.1b:2:2 1.1b:2:3 --commit X   # a subset
+
+A run is SHAPE:WORLD:STAGE. The default grid: the 1.1B shape (bsz 8x512 per GPU) at stages 0-3 on 1 and
+2 GPUs, and the 7B shape (bsz 1x512 per GPU) at stage 3 on 1 and 2 GPUs. Targets (issue 4): 7B stage 3
+on 2 GPUs <= 9 GiB per GPU; 2-GPU tok/s >= 1.8x 1-GPU at the same per-GPU batch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+from memory_speed import SHAPES, build  # noqa: E402
+
+DEFAULT_RUNS = [f"1.1b:{w}:{s}" for w in (1, 2) for s in (0, 1, 2, 3)] + ["7b:1:3", "7b:2:3"]
+# collective -> (position, keyword) of the tensor(s) whose bytes count: the input of a reduction, the
+# output of a gather (DeepSpeed's comm passes them by keyword, qft_ds by position)
+_COLLECTIVES = {
+    "all_reduce": (0, "tensor"), "broadcast": (0, "tensor"), "reduce_scatter_tensor": (1, "input"),
+    "reduce_scatter_single": (1, "input"), "reduce_scatter": (1, "input_list"),
+    "all_gather_into_tensor": (0, "output_tensor"), "all_gather_single": (0, "output_tensor"),
+    "all_gather": (0, "tensor_list"),
+}
+COMM = {"bytes": 0, "calls": 0}
+
+
+def count_collectives() -> None:
+    """Wrap torch.distributed's collectives to count payload bytes (before qft_ds/DeepSpeed bind them)."""
+    import torch.distributed as dist
+    for name, (pos, key) in _COLLECTIVES.items():
+        real = getattr(dist, name, None)
+        if real is None:
+            continue
+
+        def wrapped(*args, _real=real, _pos=pos, _key=key, **kwargs):
+            t = args[_pos] if len(args) > _pos else kwargs.get(_key)
+            for x in t if isinstance(t, (list, tuple)) else [t]:
+                if torch.is_tensor(x):
+                    COMM["bytes"] += x.numel() * x.element_size()
+            COMM["calls"] += 1
+            return _real(*args, **kwargs)
+        setattr(dist, name, wrapped)
+
+
+def config(stage: int, batch: int) -> dict:
+    return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+            "bf16": {"enabled": True}, "steps_per_print": 10**9, "zero_optimization": {"stage": stage},
+            "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
+            "qft": {"backend": "auto", "gradient_checkpointing": True}}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int, iters: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
+    cuda = torch.cuda.is_available()  # False only under --cpu-smoke
+    if cuda:
+        torch.cuda.set_device(rank)
+    else:
+        import deepspeed.comm.torch  # noqa: F401
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None  # skip the 34 s op build
+    count_collectives()
+    import qft_ds
+    import torch.distributed as dist
+    row = {"rank": rank, "oom": False}
+    try:
+        dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+        sh = SHAPES[shape]
+        torch.manual_seed(0)  # the same random weights on every rank (initialize broadcasts rank 0's anyway)
+        model = build(shape, torch.bfloat16, "cpu")
+        qft_ds.convert_model(model, compute_dtype=torch.bfloat16, device=dev)
+        engine, opt, _, _ = qft_ds.initialize(model=model, config=config(stage, sh["batch"]))
+        st = opt.state_nbytes()
+        row.update(state_bytes_per_param=(st["quantized_bytes"] + st["float_bytes"]) /
+                   (st["quantized_params"] + st["float_params"]), params=st["quantized_params"] + st["float_params"],
+                   setup_peak_gib=common.peak_gib())
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        g = torch.Generator().manual_seed(rank)
+        times, comm_bytes = [], []
+        for i in range(warmup + iters):
+            x = torch.randint(0, sh["vocab_size"], (sh["batch"], sh["seq"]), generator=g).to(dev)
+            dist.barrier()
+            _sync()
+            b0, t0 = COMM["bytes"], time.perf_counter()
+            engine.backward(engine(input_ids=x, labels=x).loss)
+            engine.step()
+            _sync()
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+                comm_bytes.append(COMM["bytes"] - b0)
+        row.update(peak_gib=common.peak_gib(), step_s=statistics.median(times),
+                   comm_bytes_per_step=statistics.median(comm_bytes))
+    except torch.OutOfMemoryError:
+        row.update(oom=True, peak_gib=common.peak_gib())
+    except Exception as e:  # recorded; the other runs go on
+        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    torch.save(row, Path(out) / f"rank{rank}.pt")
+
+
+def run(spec: str, args) -> dict:
+    import torch.multiprocessing as mp
+    shape, world, stage = spec.split(":")
+    world, stage = int(world), int(stage)
+    sh = SHAPES[shape]
+    row = {"model": shape, "world_size": world, "stage": stage, "method": f"qft_zero{stage}", "batch": sh["batch"],
+           "seq": sh["seq"], "peak_gib": None, "peak_gib_per_rank": None, "tok_s": None, "oom": False}
+    if torch.cuda.is_available() and world > torch.cuda.device_count():
+        row["error"] = f"needs {world} GPUs, {torch.cuda.device_count()} visible"
+        return row
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            mp.spawn(worker, args=(world, common_port(), shape, stage, args.warmup, args.iters, tmp), nprocs=world)
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+        ranks = [torch.load(p, weights_only=False) for p in sorted(Path(tmp).glob("rank*.pt"))]
+    if ranks:
+        row["oom"] = any(r["oom"] for r in ranks)
+        errors = [r["error"] for r in ranks if "error" in r]
+        if errors:
+            row["error"] = errors[0]
+        peaks = [r.get("peak_gib") for r in ranks]
+        row["peak_gib_per_rank"] = peaks
+        row["peak_gib"] = max((p for p in peaks if p is not None), default=None)
+        r0 = ranks[0]
+        for key in ("setup_peak_gib", "state_bytes_per_param", "params", "step_s", "comm_bytes_per_step"):
+            row[key] = r0.get(key)
+        if r0.get("step_s"):
+            row["tok_s"] = world * sh["batch"] * sh["seq"] / r0["step_s"]
+            row["comm_gb_per_step"] = r0["comm_bytes_per_step"] / 1e9
+    print(f"  {shape:>5} x{world} stage {stage}: peak {row['peak_gib_per_rank']} GiB  tok/s "
+          f"{row['tok_s'] and round(row['tok_s'])}  comm/step {row.get('comm_gb_per_step')} GB  oom={row['oom']} "
+          f"{row.get('error', '')}", flush=True)
+    return row
+
+
+def common_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8))
+    labels = [f"{r['model']}\nx{r['world_size']} z{r['stage']}" for r in rows]
+    for ax, key, title in zip(axes, ("peak_gib", "tok_s", "comm_gb_per_step"),
+                              ("peak GiB per GPU (max over ranks)", "tokens/s, all GPUs", "GB communicated per step")):
+        vals = [r.get(key) or 0 for r in rows]
+        bars = ax.bar(range(len(rows)), vals, color=["C0" if r["world_size"] == 1 else "C1" for r in rows])
+        for b, r in zip(bars, rows):
+            if r["oom"] or r.get("error"):
+                ax.text(b.get_x() + b.get_width() / 2, 0, "OOM" if r["oom"] else "err", ha="center", va="bottom",
+                        color="red")
+        if key == "peak_gib":
+            ax.axhline(9, color="red", lw=0.8, ls="--")  # the 7B stage-3 target
+        ax.set_xticks(range(len(rows)), labels, fontsize=7)
+        ax.set_title(title)
+    fig.suptitle(f"qft_ds ZeRO ({result['device']}; blue 1 GPU, orange 2 GPUs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", nargs="+", default=DEFAULT_RUNS, help="SHAPE:WORLD:STAGE, e.g. 7b:2:3")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=8)
+    p.add_argument("--commit", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="check the script end to end on the CPU with gloo (use the tiny shape; no memory figures)")
+    args = p.parse_args(argv)
+    for spec in args.runs:
+        parts = spec.split(":")
+        if len(parts) != 3 or parts[0] not in SHAPES or parts[2] not in "0123" or not parts[1].isdigit():
+            p.error(f"--runs: {spec!r} is not SHAPE:WORLD:STAGE with SHAPE in {', '.join(SHAPES)} and STAGE 0-3")
+    if args.cpu_smoke:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    elif not torch.cuda.is_available():
+        sys.exit("zero.py measures GPU memory and NCCL traffic: it needs CUDA")
+    result = common.header(args.commit)
+    result["rows"] = []
+    for spec in args.runs:
+        result["rows"].append(run(spec, args))
+        common.write_partial("zero", result, args.out)
+    base = {r["model"]: r["tok_s"] for r in result["rows"] if r["world_size"] == 1 and r["stage"] == 0 and r["tok_s"]}
+    for r in result["rows"]:  # 2-GPU speed-up over 1 GPU at stage 0, same per-GPU batch
+        if r["tok_s"] and r["model"] in base:
+            r["speedup_vs_1gpu_stage0"] = r["tok_s"] / base[r["model"]]
+    path = common.write_result("zero", result, args.out)
+    plot(result, path.with_suffix(".png"))
+    print(f"\nwrote {path}")
+    print(f"{'model':>5} {'GPUs':>4} {'stage':>5} {'peak GiB':>9} {'tok/s':>8} {'x 1GPU':>7} {'GB/step':>8}")
+    for r in result["rows"]:
+        peak = "OOM" if r["oom"] else (f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "err")
+        print(f"{r['model']:>5} {r['world_size']:>4} {r['stage']:>5} {peak:>9} {r['tok_s'] or 0:8.0f} "
+              f"{r.get('speedup_vs_1gpu_stage0') or 0:7.2f} {r.get('comm_gb_per_step') or 0:8.3f}")
+
+
+if __name__ == "__main__":
+    main()
