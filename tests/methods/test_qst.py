@@ -94,3 +94,18 @@ def test_downsample_shapes(kind):
 def test_maxpool_takes_the_max_of_each_run_of_r_features():
     h = torch.arange(8.0).view(1, 1, 8)
     assert Downsample("maxpool", 8, 4)(h).flatten().tolist() == [3.0, 7.0]
+
+
+def test_checkpoint_saves_and_export_refuses_clearly(tiny_llama, tmp_path, capsys):
+    from qft_ds import checkpoint
+    from qft_ds.cli import main
+    cfg = qst_config()
+    engine, opt, _, _ = qft_ds.initialize(model=tiny_llama(), config=cfg)
+    x = ids()
+    engine.backward(engine(input_ids=x, labels=x).loss)
+    engine.step()
+    ckpt = checkpoint.save(tmp_path / "run", engine, opt, step=1, ds_config=cfg)
+    saved = checkpoint.read_tensors(ckpt / "model.safetensors")
+    assert "alpha" in saved and "backbone.model.layers.0.mlp.up_proj.qweight.packed" in saved
+    assert main(["export", str(ckpt), str(tmp_path / "out")]) == 2
+    assert "QST checkpoint" in capsys.readouterr().err
