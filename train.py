@@ -4,9 +4,11 @@ One device (a GPU, or the CPU with the embedded default model and data):
 
     deepspeed --num_gpus 1 train.py --deepspeed ds_configs/qft.json
 
-Several GPUs on one node (plain data parallel; ZeRO sharding of the int8 state comes later):
+Several GPUs on one node: plain data parallel, or the int8 state sharded by ZeRO stage 1, 2 or 3
+(README: "Multi-GPU (ZeRO)"):
 
     deepspeed --num_gpus 8 train.py --deepspeed ds_configs/qft.json
+    deepspeed --num_gpus 2 train.py --deepspeed ds_configs/qft_zero3.json
 
 The other methods, through the same script (README: "Choosing a method"): PEQA (4-bit weights, only
 their scales train) and QST (a frozen 4-bit model and a small side network), both with AdamW:
@@ -117,10 +119,14 @@ def resume(args, engine, optimizer, data_key: dict) -> tuple[int, dict]:
     except checkpoint.CheckpointError as e:
         sys.exit(f"--resume_from_checkpoint: {e}")
     data = meta["data"]
-    changed = [f"{k} {data.get(k)!r} -> {v!r}" for k, v in data_key.items() if data.get(k) != v]
+    per_rank = ("micro_batch", "world_size")  # a step reads micro x ranks blocks: any split of it is the same data
+    changed = [f"{k} {data.get(k)!r} -> {v!r}" for k, v in data_key.items() if k not in per_rank and data.get(k) != v]
+    if data.get("micro_batch", 0) * data.get("world_size", 0) != data_key["micro_batch"] * data_key["world_size"]:
+        changed.append(f"micro-batch x ranks {data.get('micro_batch')} x {data.get('world_size')} -> "
+                       f"{data_key['micro_batch']} x {data_key['world_size']}")
     if changed:
         sys.exit(f"--resume_from_checkpoint: the data order would differ from the saved run ({'; '.join(changed)}); "
-                 "resume with the same --dataset, --seq_len, micro-batch size and number of ranks")
+                 "resume with the same --dataset, --seq_len and micro-batch size x number of ranks")
     return meta["step"], data
 
 

@@ -24,7 +24,7 @@ def rank() -> int:
 
 
 def reduce_scatter_mean(flat: torch.Tensor, bounds, flag: torch.Tensor):
-    """Mean over ranks of a flat fp32 tensor, returned as this rank's slice [lo, hi) of `bounds`.
+    """Mean over ranks of a flat float tensor (reduced in fp32), as this rank's slice [lo, hi) of `bounds`.
 
     `flag` (a 0-d float) is summed over ranks and returned too: it rides in one extra element per rank,
     so every rank learns that some rank's gradient was non-finite without a second collective.

@@ -70,9 +70,10 @@ class WeightShard:
 
     # -- gradients ---------------------------------------------------------------------------------
     def reduce_scatter(self, grad: torch.Tensor):
-        """The mean gradient over ranks, this rank's slice (fp32), and whether every rank's was finite."""
-        flat = grad.reshape(-1).float()
-        bad = (~torch.isfinite(flat.sum())).float()
+        """The mean gradient over ranks, this rank's slice (fp32), and whether every rank's was finite.
+        A bf16 gradient is cast while it is packed: no fp32 copy of the whole layer's gradient."""
+        flat = grad.reshape(-1)
+        bad = (~torch.isfinite(flat.sum(dtype=torch.float32))).float()
         shard, bad_sum = comm.reduce_scatter_mean(flat, self.bounds, bad)
         return shard, bad_sum == 0
 
