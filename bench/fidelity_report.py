@@ -27,7 +27,9 @@ def select(rows: list[dict]) -> list[dict]:
                     "val_end": mean(runs, "val_end"), "eval_start": runs[0]["eval_start"],
                     "eval_end": mean(runs, "eval_end"), "eval_curve": runs[0]["eval_curve"],
                     "peak_gib": max(r["peak_gib"] for r in runs), "tok_s": mean(runs, "tok_s"),
-                    "val_by_lr": {str(x): mean(v, "val_end") for x, v in sorted(lrs.items())}})
+                    "val_by_lr": {str(x): mean(v, "val_end") for x, v in sorted(lrs.items())},
+                    # the best lr at an end of a grid of 3+: the true optimum may lie outside it
+                    "at_grid_edge": len(lrs) >= 3 and lr in (min(lrs), max(lrs))})
     for r in rows:
         r["lr_grid"] = sorted(by[r["method"]])
         r["chosen"] = any(s["method"] == r["method"] and s["chosen_lr"] == r["lr"] for s in out)
@@ -98,4 +100,5 @@ def print_table(result: dict) -> None:
     print("\nchosen on the validation play (* above); held-out loss at that lr:")
     for s in result.get("chosen", []):
         print(f"{s['method']:>12}  lr {s['chosen_lr']:g} of {s['lr_grid']}  held-out {s['eval_end']:.4f}  "
-              f"peak {s['peak_gib']:.2f} GiB  {s['tok_s']:.0f} tok/s")
+              f"peak {s['peak_gib']:.2f} GiB  {s['tok_s']:.0f} tok/s"
+              + ("  (at the grid's edge: widen it)" if s.get("at_grid_edge") else ""))
