@@ -30,11 +30,12 @@ class _LowBitLinearFn(torch.autograd.Function):
         weight = ctx.weight
         gy = gy.to(xc.dtype)
         gx = gs = None
+        codes = weight.codes()  # unpacked once for both products
         if ctx.needs_input_grad[0]:
-            gx = (gy @ weight.dequantize(xc.dtype)).to(ctx.x_dtype)
+            gx = (gy @ weight.dequantize(xc.dtype, codes)).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             gw = gy.reshape(-1, gy.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])  # one layer, freed below
-            gs = weight.scale_grad(gw)
+            gs = weight.scale_grad(gw, codes)
         return gx, gs, None, None
 
 

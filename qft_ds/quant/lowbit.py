@@ -125,11 +125,12 @@ class LowBitWeight(nn.Module):
     def codes(self) -> torch.Tensor:
         return unpack_nibbles(self.packed, self.numel).view(self.shape)
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize_asym(self.codes(), self.scale.detach(), self.zeros, self.group, dtype)
+    def dequantize(self, dtype: torch.dtype = torch.float32, codes: torch.Tensor | None = None) -> torch.Tensor:
+        codes = self.codes() if codes is None else codes
+        return dequantize_asym(codes, self.scale.detach(), self.zeros, self.group, dtype)
 
-    def scale_grad(self, grad_w: torch.Tensor) -> torch.Tensor:
-        return scale_grad(grad_w, self.codes(), self.zeros, self.group)
+    def scale_grad(self, grad_w: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        return scale_grad(grad_w, self.codes() if codes is None else codes, self.zeros, self.group)
 
     def state_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.zeros, self.scale))
