@@ -156,19 +156,25 @@ def _write_int8(ckpt: Path, meta: dict, tmp: Path) -> None:
 
 
 @torch.no_grad()
+def read_export_info(path: Path, name: str, kind: str, fmt: str, version: int) -> dict:
+    """The JSON that describes a compact export (`--int8`, `--lowbit`), checked for its format."""
+    try:
+        info = json.loads((path / name).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a {kind} export of qft_ds ({name}: {e})") from None
+    if info.get("format") != fmt or info.get("format_version") != version:
+        raise CheckpointError(f"{path}: {kind} export format {info.get('format')} v{info.get('format_version')}; "
+                              f"this qft_ds reads {fmt} v{version}")
+    return info
+
+
 def load_int8(path, device="cpu", compute_dtype: torch.dtype | None = None):
     """A model with QLinear/QEmbedding modules from an `--int8` export (inference, or more QFT training)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from qft_ds.nn.convert import convert_model
     path = Path(path)
-    try:
-        info = json.loads((path / "qft_int8.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not an int8 export of qft_ds (qft_int8.json: {e})") from None
-    if info.get("format") != INT8_FORMAT or info.get("format_version") != INT8_VERSION:
-        raise CheckpointError(f"{path}: int8 export format {info.get('format')} v{info.get('format_version')}; "
-                              f"this qft_ds reads {INT8_FORMAT} v{INT8_VERSION}")
+    info = read_export_info(path, "qft_int8.json", "int8", INT8_FORMAT, INT8_VERSION)
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if info["compute_bf16"] else torch.float32
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))

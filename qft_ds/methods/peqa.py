@@ -70,14 +70,9 @@ def write_lowbit(ckpt: Path, meta: dict, out: Path) -> None:
 def load_peqa(path, device="cpu", compute_dtype: torch.dtype | None = None) -> nn.Module:
     """A model with LowBitLinear layers from a `--lowbit` export, bit-identical to the tuned one."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from qft_ds.export import read_export_info
     path = Path(path)
-    try:
-        info = json.loads((path / "peqa.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not a PEQA export of qft_ds (peqa.json: {e})") from None
-    if info.get("format") != FORMAT or info.get("format_version") != VERSION:
-        raise CheckpointError(f"{path}: export format {info.get('format')} v{info.get('format_version')}; "
-                              f"this qft_ds reads {FORMAT} v{VERSION}")
+    info = read_export_info(path, "peqa.json", "PEQA", FORMAT, VERSION)
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if info["compute_bf16"] else torch.float32
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
