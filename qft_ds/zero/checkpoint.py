@@ -56,10 +56,12 @@ def anchor_indices(optimizer) -> dict[int, int]:
 
 
 def weights_by_prefix(model) -> dict:
+    """{state-dict prefix: HybridWeight}, a tied weight under its first name only."""
     from qft_ds.quant.hybrid import HybridWeight
-    out = {}
+    out, seen = {}, set()
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, HybridWeight) and m not in out.values():
+        if isinstance(m, HybridWeight) and id(m) not in seen:
+            seen.add(id(m))
             out[name] = m
     return out
 
@@ -193,11 +195,13 @@ class Pieces:
     """Reads any element range of a quantized weight's saved state, from a ZeRO or a plain checkpoint,
     opening each file lazily and reading only the overlapping slices."""
 
-    def __init__(self, ckpt: Path, meta: dict):
+    def __init__(self, ckpt: Path, meta: dict, plain_anchor_index: dict | None = None):
+        """`plain_anchor_index` {prefix: optimizer index}: where a plain checkpoint keeps each momentum."""
         self.ckpt, self.meta, self.zero = ckpt, meta, meta.get("zero")
+        self.plain_anchor_index = plain_anchor_index or {}
         self._files = {}
 
-    def _open(self, rel: str):
+    def open(self, rel: str):
         if rel not in self._files:
             try:
                 self._files[rel] = safe_open(str(self.ckpt / rel), framework="pt", device="cpu")
@@ -212,19 +216,15 @@ class Pieces:
                     for r, (lo, hi) in enumerate(self.zero["bounds"][prefix])]
         numel = self.meta["quant"][prefix]["shape"][0] * self.meta["quant"][prefix]["shape"][1]
         if kind in ("m_codes", "m_scales"):
-            idx = self._plain_anchor_index(prefix)
+            if prefix not in self.plain_anchor_index:
+                raise CheckpointError(f"{self.ckpt}: no optimizer index for {prefix}")
+            idx = self.plain_anchor_index[prefix]
             return [("optimizer.safetensors", f"state.{idx}.{kind}", 0, numel)]
         return [("model.safetensors", f"{prefix}.{kind}", 0, numel)]
 
-    def _plain_anchor_index(self, prefix: str) -> int:
-        index = self.meta.setdefault("_anchor_index", {})
-        if prefix not in index:
-            raise CheckpointError(f"{self.ckpt}: no optimizer index for {prefix}")
-        return index[prefix]
-
     def has(self, prefix: str, kind: str) -> bool:
         rel, key, _, _ = self._sources(prefix, kind)[0]
-        return key in self._open(rel).keys()
+        return key in self.open(rel).keys()
 
     def read(self, prefix: str, kind: str, lo: int, hi: int, per: int = 1) -> torch.Tensor:
         """Elements [lo, hi) (per=1) or the scales of blocks of `per` elements covering them."""
@@ -234,10 +234,10 @@ class Pieces:
             pa, pb = plo // per, -(-phi // per)
             s, e = max(a, pa), min(b, pb)
             if s < e:
-                parts.append(self._open(rel).get_slice(key)[s - pa:e - pa])
+                parts.append(self.open(rel).get_slice(key)[s - pa:e - pa])
         if not parts:  # an empty slice (a rank that owns nothing): keep the stored dtype
             rel, key, _, _ = self._sources(prefix, kind)[0]
-            parts.append(self._open(rel).get_slice(key)[0:0])
+            parts.append(self.open(rel).get_slice(key)[0:0])
         out = torch.cat(parts)
         if out.numel() != b - a:
             raise CheckpointError(f"{self.ckpt}: {prefix}.{kind} has {out.numel()} values for [{a}, {b})")
@@ -247,7 +247,7 @@ class Pieces:
         """(int32 indices in the whole weight, fp32 values), all of them, sorted."""
         idx, val = [], []
         for rel, key, _, _ in self._sources(prefix, "outlier_idx"):
-            f = self._open(rel)
+            f = self.open(rel)
             idx.append(f.get_tensor(key))
             val.append(f.get_tensor(key.replace(".outlier_idx", ".outlier_val")))
         return torch.cat(idx), torch.cat(val)
@@ -257,17 +257,18 @@ class Pieces:
 @torch.no_grad()
 def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool = True) -> dict:
     """Restore a ZeRO or plain checkpoint into a run of any world size, at stage 0 (QFTLion) or 1-3
-    (ZeroLion, already sharded). Each rank reads only what it holds, one weight at a time."""
+    (ZeroLion, already sharded). Each rank reads only what it holds, one weight at a time. Hashes, config
+    and every shape are checked before anything is written; an I/O error midway leaves a partial state."""
     ckpt = ckpt_mod.resolve(path)
     meta = ckpt_mod.read_meta(ckpt, verify=verify)
     ckpt_mod.check_config(meta, ds_config)
     model = engine.module if hasattr(engine, "module") else engine
     weights = weights_by_prefix(model)
     _check_fits(ckpt, meta, model, weights)
-    pieces = Pieces(ckpt, meta)
     index = anchor_indices(optimizer)
-    if meta.get("zero") is None:  # a plain checkpoint: momentum is under the saved optimizer's index
-        meta["_anchor_index"] = {prefix: index[id(w)] for prefix, w in weights.items()}
+    # a plain checkpoint keeps momentum under the optimizer's param index: the same model and config
+    # (checked above) number the params alike
+    pieces = Pieces(ckpt, meta, {prefix: index[id(w)] for prefix, w in weights.items()})
     device = next((w.codes.device for w in weights.values()), torch.device("cpu"))
     tensors, _ = ckpt_mod.model_tensors(model)
     replicated = ckpt_mod.read_tensors(ckpt / "model.safetensors", device)

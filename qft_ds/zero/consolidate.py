@@ -46,7 +46,7 @@ def write_streaming(path: Path, specs: list, produce) -> None:
 
 
 def _spec(pieces: Pieces, rel: str, key: str):
-    sl = pieces._open(rel).get_slice(key)
+    sl = pieces.open(rel).get_slice(key)
     dtype = {v: k for k, v in _DTYPES.items()}[sl.get_dtype()]
     return dtype, sl.get_shape()
 
@@ -91,7 +91,7 @@ def consolidate(src, out_dir) -> Path:
 
 
 def _write_model(pieces: Pieces, meta: dict, tmp: Path) -> None:
-    rep = pieces._open("model.safetensors")
+    rep = pieces.open("model.safetensors")
     specs = [(name, *_spec(pieces, "model.safetensors", name)) for name in rep.keys()]
     first = shard_file(0)
     for prefix, lay in meta["quant"].items():
@@ -120,7 +120,7 @@ def _write_model(pieces: Pieces, meta: dict, tmp: Path) -> None:
 
 def _write_optimizer(pieces: Pieces, meta: dict, tmp: Path) -> None:
     zero = meta["zero"]
-    rep = pieces._open("optimizer.safetensors")
+    rep = pieces.open("optimizer.safetensors")
     specs = [(name, *_spec(pieces, "optimizer.safetensors", name)) for name in rep.keys()]
     keys = {}
     for prefix, idx in zero["anchor_index"].items():
