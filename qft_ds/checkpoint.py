@@ -148,6 +148,46 @@ def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_
     return final
 
 
+def save_rng_and_hf(tmp: Path, model, tokenizer) -> None:
+    """The torch RNG states and the HF config/generation config/tokenizer beside the tensors."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    _save_tensors(rng, tmp / "rng.safetensors")
+    if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
+        (tmp / "hf").mkdir()
+        model.config.to_json_file(str(tmp / "hf" / "config.json"))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.to_json_file(str(tmp / "hf" / "generation_config.json"))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "hf"))
+
+
+def base_meta(engine, model, step, data, aliases, osd, opt_scalars, ds_config) -> dict:
+    sched = getattr(engine, "lr_scheduler", None)
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "qft_ds_version": _version(), "step": step,
+        "data": data, "model_class": type(model).__name__, "aliases": aliases, "quant": quant_layout(model),
+        "engine": {k: int(getattr(engine, k, 0)) for k in ("global_steps", "global_samples", "skipped_steps",
+                                                             "micro_steps")},
+        "scheduler": sched.state_dict() if sched is not None else None,
+        "optimizer": {"param_groups": osd["param_groups"], "qft": osd.get("qft"), "scalars": opt_scalars},
+        "ds_config": ds_config,
+    }
+
+
+def seal(tmp: Path, meta: dict) -> None:
+    """Hash every file into meta.json, then fsync files, meta.json and folders: ready to rename."""
+    files = sorted(p for p in tmp.rglob("*") if p.is_file())
+    for p in files:
+        _fsync_file(p)
+    meta["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
+    (tmp / "meta.json").write_text(_json(meta, "checkpoint metadata"))
+    _fsync_file(tmp / "meta.json")
+    for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
+        _fsync_dir(d)
+
+
 def _write(out_dir, final, engine, optimizer, step, data, ds_config, tokenizer) -> None:
     model = engine.module if hasattr(engine, "module") else engine
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -159,35 +199,9 @@ def _write(out_dir, final, engine, optimizer, step, data, ds_config, tokenizer) 
         osd = optimizer.state_dict()
         opt_tensors, opt_scalars = _optimizer_tensors(osd)
         _save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        _save_tensors(rng, tmp / "rng.safetensors")
-        if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
-            (tmp / "hf").mkdir()
-            model.config.to_json_file(str(tmp / "hf" / "config.json"))
-            if getattr(model, "generation_config", None) is not None:
-                model.generation_config.to_json_file(str(tmp / "hf" / "generation_config.json"))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / "hf"))
-        sched = getattr(engine, "lr_scheduler", None)
-        meta = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "qft_ds_version": _version(), "step": step,
-            "data": data, "model_class": type(model).__name__, "aliases": aliases, "quant": quant_layout(model),
-            "engine": {k: int(getattr(engine, k, 0)) for k in ("global_steps", "global_samples", "skipped_steps",
-                                                                 "micro_steps")},
-            "scheduler": sched.state_dict() if sched is not None else None,
-            "optimizer": {"param_groups": osd["param_groups"], "qft": osd.get("qft"), "scalars": opt_scalars},
-            "ds_config": ds_config,
-        }
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        for p in files:
-            _fsync_file(p)
-        meta["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
-        (tmp / "meta.json").write_text(_json(meta, "checkpoint metadata"))
-        _fsync_file(tmp / "meta.json")
-        for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-            _fsync_dir(d)
+        save_rng_and_hf(tmp, model, tokenizer)
+        meta = base_meta(engine, model, step, data, aliases, osd, opt_scalars, ds_config)
+        seal(tmp, meta)
         if final.exists():  # re-saving a step: move the old one aside until the new one is in place
             old = out_dir / f".old-{final.name}-{os.getpid()}"
             os.rename(final, old)

@@ -142,38 +142,11 @@ def _write_rank0(tmp, final, out_dir, engine, model, optimizer, step, data, ds_c
     float_state = {k: v for k, v in osd["state"].items() if k not in set(anchor_idx.values())}
     opt_tensors, opt_scalars = ckpt_mod._optimizer_tensors({"state": float_state})
     ckpt_mod._save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    ckpt_mod._save_tensors(rng, tmp / "rng.safetensors")
-    if hasattr(model, "config") and hasattr(model.config, "to_json_file"):
-        (tmp / "hf").mkdir()
-        model.config.to_json_file(str(tmp / "hf" / "config.json"))
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.to_json_file(str(tmp / "hf" / "generation_config.json"))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "hf"))
-    sched = getattr(engine, "lr_scheduler", None)
-    meta = {
-        "format": ckpt_mod.FORMAT, "format_version": ckpt_mod.FORMAT_VERSION, "qft_ds_version": ckpt_mod._version(),
-        "step": step, "data": data, "model_class": type(model).__name__, "aliases": aliases,
-        "quant": ckpt_mod.quant_layout(model),
-        "engine": {k: int(getattr(engine, k, 0)) for k in ("global_steps", "global_samples", "skipped_steps",
-                                                             "micro_steps")},
-        "scheduler": sched.state_dict() if sched is not None else None,
-        "optimizer": {"param_groups": osd["param_groups"], "qft": osd.get("qft"), "scalars": opt_scalars},
-        "ds_config": ds_config,
-        "zero": {"world_size": world, "stage": optimizer.zero_stage, "block_size": optimizer.block_size,
-                 "bounds": {p: [list(b) for b in v] for p, v in bounds.items()}, "anchor_index": anchor_idx},
-    }
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    for p in files:
-        ckpt_mod._fsync_file(p)
-    meta["files"] = {str(p.relative_to(tmp)): ckpt_mod.sha256_file(p) for p in files}
-    (tmp / "meta.json").write_text(ckpt_mod._json(meta, "checkpoint metadata"))
-    ckpt_mod._fsync_file(tmp / "meta.json")
-    for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
-        ckpt_mod._fsync_dir(d)
+    ckpt_mod.save_rng_and_hf(tmp, model, tokenizer)
+    meta = ckpt_mod.base_meta(engine, model, step, data, aliases, osd, opt_scalars, ds_config)
+    meta["zero"] = {"world_size": world, "stage": optimizer.zero_stage, "block_size": optimizer.block_size,
+                    "bounds": {p: [list(b) for b in v] for p, v in bounds.items()}, "anchor_index": anchor_idx}
+    ckpt_mod.seal(tmp, meta)
     old = None
     if final.exists():
         old = out_dir / f".old-{final.name}-{os.getpid()}"
