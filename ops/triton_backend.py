@@ -92,11 +92,15 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         finite = torch.ones((), dtype=torch.bool, device=w_codes.device)
     has_outliers = outlier_idx is not None and outlier_idx.numel() > 0
     if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
-        idx = outlier_idx.long()
-        m_o = m_codes[idx].float() * m_scales[idx // m_block]
-        u_o = torch.lerp(m_o, g[idx].float() * grad_scale, 1 - beta1).sign_()
-        new_val = outlier_val * (1 - lr * weight_decay) - lr * u_o
-        outlier_val.copy_(torch.where(finite, new_val, outlier_val))
+        # As few torch ops as the maths allows: the training step is host-bound (bench/NOTES.md).
+        idx = outlier_idx  # int32 indexes directly: no int64 copy of 1% of the weight
+        m_o = m_codes[idx] * m_scales[idx // m_block]  # int8 * fp32 -> fp32 in one kernel
+        g_o = g[idx].float()
+        if grad_scale != 1.0:
+            g_o.mul_(grad_scale)
+        u_o = torch.lerp(m_o, g_o, 1 - beta1).sign_()
+        torch.where(finite, torch.add(outlier_val * (1 - lr * weight_decay), u_o, alpha=-lr), outlier_val,
+                    out=outlier_val)
     base = math.lcm(w_block, m_block)
     chunk = chunk or base
     if chunk % base:

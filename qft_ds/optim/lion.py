@@ -67,7 +67,7 @@ class QFTLion(torch.optim.Optimizer):
         self.skipped_steps = self.partial_steps = self.nonfinite_tensors = 0
         self._skip_reason = None     # set before step() when the step must be skipped
         self._bad_now = 0            # tensors left unwritten in this (fused) step
-        self._bad_dev = None         # the same, counted on the device (no host sync per layer)
+        self._finite_flags = []      # fused: device bools, one per weight; counted once per step
         if rounding == "ef":
             for w in self.weights:
                 if w.residual is None:
@@ -158,8 +158,8 @@ class QFTLion(torch.optim.Optimizer):
             # A non-finite gradient: the kernel writes nothing (the step becomes partial). Checked on the
             # device: a host sync per layer would serialise the CPU and GPU for the whole backward.
             finite = torch.isfinite(sq)
-            self._bad_dev = (~finite).int() if self._bad_dev is None else self._bad_dev + ~finite
-            self._add_sq(torch.where(finite, sq, 0.0))
+            self._finite_flags.append(finite)
+            self._add_sq(sq.nan_to_num(0.0, 0.0, 0.0))  # a skipped tensor adds nothing to the norm
             coef = self._clip_coef(self.prev_grad_norm)
         group = self._group_of[id(w)]
         st = self._qstate(w)
@@ -219,9 +219,9 @@ class QFTLion(torch.optim.Optimizer):
                                     beta2=g["betas"][1], weight_decay=g["weight_decay"], grad_scale=coef)
         self.prev_grad_norm = self._norm_now()
         self._sq_norm = None
-        if self._bad_dev is not None:
-            self._bad_now += int(self._bad_dev)  # one host sync per step
-            self._bad_dev = None
+        if self._finite_flags:
+            self._bad_now += int((~torch.stack(self._finite_flags)).sum())  # one host sync per step
+            self._finite_flags = []
         if self._bad_now:
             self.partial_steps += 1
             self.nonfinite_tensors += self._bad_now
@@ -238,7 +238,7 @@ class QFTLion(torch.optim.Optimizer):
         """Write nothing: drop this step's gradients; step_count (the SR key) does not advance."""
         reason, self._skip_reason = self._skip_reason, None
         self.flow.discard()
-        self._sq_norm, self._bad_now, self._bad_dev = None, 0, None
+        self._sq_norm, self._bad_now, self._finite_flags = None, 0, []
         self.overflow = True
         self.skipped_steps += 1
         self._log(f"step {self.step_count} skipped: {reason} (skipped steps so far: {self.skipped_steps})")

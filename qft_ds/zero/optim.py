@@ -107,8 +107,8 @@ class ZeroLion(QFTLion):
             sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
             # `finite` is the same on every rank (the flag was summed in the reduce-scatter): a weight
             # with a non-finite gradient anywhere is written by nobody, as on one device.
-            self._bad_dev = (~finite).int() if self._bad_dev is None else self._bad_dev + ~finite
-            self._add_sq_shard(torch.where(finite, sq, 0.0))
+            self._finite_flags.append(finite)
+            self._add_sq_shard(sq.nan_to_num(0.0, 0.0, 0.0))
             coef = self._clip_coef(self.prev_grad_norm)
         group = self._group_of[id(w)]
         st = self._qstate(w)
