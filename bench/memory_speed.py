@@ -216,13 +216,13 @@ def bandwidths(dev):
 
     triton_ops, torch_ops = get_ops("triton", dev), get_ops("torch", dev)
     for gname, g in grads.items():
-        for chunk, warps, rounds, quad in ((None, 4, 10, True), (4096, 8, 10, True), (None, 8, 10, True),
-                                           (None, 4, 10, False), (None, 4, 7, True), (None, 4, 4, True)):
-            ms_, gbs = timed(triton_ops, g, chunk=chunk, num_warps=warps, philox_rounds=rounds, quad_rng=quad)
-            out["lion_sweep"].append({"grad": gname, "chunk": chunk or 2048, "num_warps": warps, "ms": ms_,
-                                      "gbs": gbs, "philox_rounds": rounds, "quad_rng": quad})
-            print(f"  lion triton grad={gname} chunk={chunk or 2048} warps={warps} rounds={rounds} quad={quad}: "
-                  f"{ms_:.3f} ms {gbs:.0f} GB/s", flush=True)
+        for layout, chunk, warps, rounds in (("2pass", None, 4, 10), ("2pass", None, 4, 4), ("3d", 2048, 4, 10),
+                                             ("3d", 1024, 4, 10), ("3d", 4096, 8, 10), ("3d", 2048, 8, 10),
+                                             ("3d", 2048, 4, 4)):
+            knobs = dict(layout=layout, chunk=chunk, num_warps=warps, philox_rounds=rounds)
+            ms_, gbs = timed(triton_ops, g, **knobs)
+            out["lion_sweep"].append({"grad": gname, **knobs, "ms": ms_, "gbs": gbs})
+            print(f"  lion triton grad={gname} {knobs}: {ms_:.3f} ms {gbs:.0f} GB/s", flush=True)
     out["lion_triton_ms"], out["lion_triton_gbs"] = timed(triton_ops, grads["bf16"])
     out["lion_torch_ms"], out["lion_torch_gbs"] = timed(torch_ops, grads["bf16"])
     out["lion_kernel_gbs"] = out["lion_triton_gbs"]

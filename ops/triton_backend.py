@@ -73,17 +73,26 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, quad_rng=None, chunk=None, num_warps=4,
-              philox_rounds=10):
+              philox_rounds=10, layout="2pass"):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, e.g.
     isfinite of the gradient's norm) masks every write without a host sync. Tuning knobs: `quad_rng`
     (default: whenever the layout allows) draws one Philox call per 4 elements, False forces the
     element-wise path, which yields the same numbers (tests compare them); `chunk` elements per program;
-    `philox_rounds` (10, Random123's default; fewer rounds are another stream, for the benchmark's sweep).
+    `philox_rounds` (10, Random123's default; fewer rounds are another stream, for the benchmark's sweep);
+    `layout` "3d" runs lion_kernel_3d (one load of g, m, w when the weight group divides the momentum
+    block; the same outputs, tested; not yet measured on a GPU, so not the default).
     """
     if m_block & (m_block - 1):
         raise ValueError(f"the triton Lion kernel needs a power-of-two momentum block_size, got {m_block}")
+    if layout not in ("2pass", "3d"):
+        raise ValueError(f"layout must be '2pass' or '3d', got {layout!r}")
+    if layout == "3d" and (w_block & (w_block - 1) or m_block % w_block or w_block % 4 or offset % 4
+                           or (chunk or 2048) // m_block & ((chunk or 2048) // m_block - 1)):
+        raise ValueError(f"layout '3d' needs a power-of-two weight group dividing the momentum block, an offset "
+                         f"divisible by 4 and a power-of-two number of blocks per chunk (group {w_block}, "
+                         f"block {m_block}, offset {offset}, chunk {chunk})")
     g = grad.reshape(-1)
     if not g.is_contiguous():
         g = g.contiguous()
@@ -101,29 +110,44 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         u_o = torch.lerp(m_o, g_o, 1 - beta1).sign_()
         torch.where(finite, torch.add(outlier_val * (1 - lr * weight_decay), u_o, alpha=-lr), outlier_val,
                     out=outlier_val)
-    base = math.lcm(w_block, m_block)
-    chunk = chunk or base
-    if chunk % base:
-        raise ValueError(f"chunk {chunk} must be a multiple of lcm(w_block, m_block) = {base}")
-    while chunk < 2048 and chunk * 2 // w_block <= 64:
-        chunk *= 2
-    rw, rm = chunk // w_block, chunk // m_block
-    aligned = offset % 4 == 0 and w_block % 4 == 0 and m_block % 4 == 0
-    if quad_rng is None:
-        quad_rng = aligned
-    elif quad_rng and not aligned:
-        raise ValueError(f"quad_rng needs offset, w_block and m_block divisible by 4 ({offset}, {w_block}, {m_block})")
-    _kernels().lion_kernel[(triton_cdiv(n, chunk),)](
-        w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
-        float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
-        ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
-        G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
-        ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ROUNDS=philox_rounds,
-        num_warps=num_warps)
+    if layout == "3d":
+        _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
+                   beta2, weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds)
+    elif layout == "2pass":
+        base = math.lcm(w_block, m_block)
+        chunk = chunk or base
+        if chunk % base:
+            raise ValueError(f"chunk {chunk} must be a multiple of lcm(w_block, m_block) = {base}")
+        while chunk < 2048 and chunk * 2 // w_block <= 64:
+            chunk *= 2
+        rw, rm = chunk // w_block, chunk // m_block
+        aligned = offset % 4 == 0 and w_block % 4 == 0 and m_block % 4 == 0
+        if quad_rng is None:
+            quad_rng = aligned
+        elif quad_rng and not aligned:
+            raise ValueError(f"quad_rng needs offset, w_block and m_block divisible by 4 ({offset}, {w_block}, {m_block})")
+        _kernels().lion_kernel[(triton_cdiv(n, chunk),)](
+            w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
+            float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
+            ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
+            G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
+            ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ROUNDS=philox_rounds,
+            num_warps=num_warps)
     if has_outliers:  # the kernel rounded -lr*u at outlier slots; their dense code must stay 0
         w_codes[idx] = 0
         if residual is not None:
             residual[idx] = 0
+
+
+def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
+               weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds):
+    rm = max(1, (chunk or 2048) // m_block)  # preconditions checked by lion_step before any write
+    _kernels().lion_kernel_3d[(triton_cdiv(n, rm * m_block),)](
+        w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
+        float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
+        ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
+        G=w_block, K=m_block // w_block, RM=rm, ROUNDING=_rounding_id(rounding), ROUNDS=philox_rounds,
+        num_warps=num_warps)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -141,3 +141,72 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     q = _round(m * inv[:, None], u, 0)  # momentum: always stochastic (unbiased EMA)
     tl.store(m_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(ms_ptr + brow, ms_new, mask=bmask)
+
+
+@triton.jit
+def _uniform_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUNDS: tl.constexpr = 10):
+    """_uniform_rows for a [R, K, G] tile at base + (r * K + k) * G + c: the same numbers, one Philox call
+    per 4 elements. Needs base % 4 == 0 and G % 4 == 0."""
+    r = tl.arange(0, R)
+    k = tl.arange(0, K)
+    j = tl.arange(0, G // 4)
+    counters = (base + (r[:, None, None] * K + k[None, :, None]) * G) // 4 + j[None, None, :]
+    r0, r1, r2, r3 = tl.randint4x(key, counters, ROUNDS)
+    quad = tl.join(tl.join(r0, r2), tl.join(r1, r3))
+    return tl.uint_to_uniform_float(tl.reshape(quad, (R, K, G)))
+
+
+@triton.jit
+def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
+                   w_key, m_key, offset,
+                   G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
+                   ROUNDS: tl.constexpr = 10):
+    """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
+
+    One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
+    both absmax reductions run on the same registers (over G for a weight group, over K and G for a
+    momentum block); no reshape of data. In-tile offsets are int32 (the int64 chunk start is added to the
+    pointers once). The random numbers are those of lion_kernel (tests compare the outputs).
+    """
+    start = tl.program_id(0).to(tl.int64) * (RM * K * G)
+    n = n * tl.load(ok_ptr).to(tl.int64)  # not finite: n = 0 masks every load and store
+    left = n - start
+    rm = tl.arange(0, RM)
+    k = tl.arange(0, K)
+    c = tl.arange(0, G)
+    local = (rm[:, None, None] * K + k[None, :, None]) * G + c[None, None, :]
+    mask = local < left
+    g = tl.load(g_ptr + start + local, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    bmask = rm * (K * G) < left
+    ms = tl.load(ms_ptr + start // (K * G) + rm, mask=bmask, other=0.0)
+    m = tl.load(m_ptr + start + local, mask=mask, other=0).to(tl.float32) * ms[:, None, None]
+    u = m * beta1 + g * (1.0 - beta1)
+    u = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
+    glocal = rm[:, None] * K + k[None, :]
+    gmask = glocal * G < left
+    s = tl.load(ws_ptr + start // G + glocal, mask=gmask, other=0.0)
+    w = tl.load(w_ptr + start + local, mask=mask, other=0).to(tl.float32) * s[:, :, None]
+    if ROUNDING == 2:
+        w += tl.load(r_ptr + start + local, mask=mask, other=0).to(tl.float32) * (s[:, :, None] / 254.0)
+    w = tl.where(mask, w * decay - lr * u, 0.0)
+    s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) / 127.0)
+    inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
+    y = w * inv[:, :, None]
+    if ROUNDING == 0:
+        uw = _uniform_3d(w_key, start + offset, RM, K, G, ROUNDS)
+    else:
+        uw = 0.0
+    q = _round(y, uw, ROUNDING)
+    tl.store(w_ptr + start + local, q.to(tl.int8), mask=mask)
+    tl.store(ws_ptr + start // G + glocal, s_new, mask=gmask)
+    if ROUNDING == 2:
+        r = (y - q) * 254.0
+        r = tl.where(r >= 0, tl.floor(r + 0.5), -tl.floor(-r + 0.5))
+        tl.store(r_ptr + start + local, tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8), mask=mask)
+    m = tl.where(mask, m * beta2 + g * (1.0 - beta2), 0.0)
+    ms_new = tl.max(tl.max(tl.abs(m), axis=2), axis=1) / 127.0
+    minv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
+    um = _uniform_3d(m_key, start + offset, RM, K, G, ROUNDS)
+    q = _round(m * minv[:, None, None], um, 0)  # momentum: always stochastic (unbiased EMA)
+    tl.store(m_ptr + start + local, q.to(tl.int8), mask=mask)
+    tl.store(ms_ptr + start // (K * G) + rm, ms_new, mask=bmask)

@@ -172,3 +172,24 @@ def test_lion_kernel_not_finite_writes_nothing_and_bf16_grad_reads_like_fp32(tb,
     as32 = _run(be.lion_step, dev, (*inputs[:4], g16.float()), wblock, "sr")
     for a, b in zip(as16[:4], as32[:4]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("rounding", ["sr", "ef", "rtn"])
+def test_lion_kernel_3d_layout_equals_two_pass(tb, rounding):
+    """One [blocks, groups, group] tile (group divides block) writes what the two-pass kernel writes,
+    outliers and a ragged last block included."""
+    be, dev = tb
+    n = 8192 + 384  # a partial last momentum block
+    inputs = _lion_inputs(n, 128, seed=6)
+    idx = torch.tensor([3, 5000, n - 1], dtype=torch.int32)
+    inputs[0][idx.long()] = 0
+    outs = []
+    for layout in ("2pass", "3d"):
+        val = torch.tensor([0.4, -0.2, 0.1]).to(dev)
+        out = _run(lambda *a, **k: be.lion_step(*a, layout=layout, **k), dev, inputs, 128, rounding, idx=idx, val=val)
+        outs.append((out, val.cpu()))
+    for a, b in zip(outs[0][0], outs[1][0]):
+        assert a is None and b is None or torch.equal(a, b)
+    assert torch.equal(outs[0][1], outs[1][1])
+    with pytest.raises(ValueError, match="layout '3d'"):
+        _run(lambda *a, **k: be.lion_step(*a, layout="3d", **k), dev, _lion_inputs(960, 96), 96, rounding)
