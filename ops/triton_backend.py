@@ -73,7 +73,7 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, quad_rng=None, chunk=None, num_warps=4,
-              philox_rounds=10, layout="2pass"):
+              philox_rounds=10, layout="2pass", fused_outliers=False):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, e.g.
@@ -82,7 +82,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     element-wise path, which yields the same numbers (tests compare them); `chunk` elements per program;
     `philox_rounds` (10, Random123's default; fewer rounds are another stream, for the benchmark's sweep);
     `layout` "3d" runs lion_kernel_3d (one load of g, m, w when the weight group divides the momentum
-    block; the same outputs, tested; not yet measured on a GPU, so not the default).
+    block; the same outputs, tested; not yet measured on a GPU, so not the default); with it,
+    `fused_outliers` updates the (sorted) outliers inside that kernel too: one launch per tensor.
     """
     if m_block & (m_block - 1):
         raise ValueError(f"the triton Lion kernel needs a power-of-two momentum block_size, got {m_block}")
@@ -93,6 +94,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         raise ValueError(f"layout '3d' needs a power-of-two weight group dividing the momentum block, an offset "
                          f"divisible by 4 and a power-of-two number of blocks per chunk (group {w_block}, "
                          f"block {m_block}, offset {offset}, chunk {chunk})")
+    if fused_outliers and layout != "3d":
+        raise ValueError("fused_outliers needs layout='3d'")
     g = grad.reshape(-1)
     if not g.is_contiguous():
         g = g.contiguous()
@@ -100,6 +103,11 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if finite is None:
         finite = torch.ones((), dtype=torch.bool, device=w_codes.device)
     has_outliers = outlier_idx is not None and outlier_idx.numel() > 0
+    if has_outliers and fused_outliers:
+        _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
+                   beta2, weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
+                   outlier_idx, outlier_val)
+        return
     if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
         # As few torch ops as the maths allows: the training step is host-bound (bench/NOTES.md).
         idx = outlier_idx  # int32 indexes directly: no int64 copy of 1% of the weight
@@ -140,14 +148,25 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
 
 
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
-               weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds):
+               weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
+               outlier_idx=None, outlier_val=None):
     rm = max(1, (chunk or 2048) // m_block)  # preconditions checked by lion_step before any write
-    _kernels().lion_kernel_3d[(triton_cdiv(n, rm * m_block),)](
+    chunk = rm * m_block
+    n_chunks = triton_cdiv(n, chunk)
+    if outlier_idx is not None:  # chunk c owns outliers optr[c]:optr[c+1] (the indices are sorted)
+        bounds = torch.arange(0, n_chunks + 1, dtype=torch.int32, device=w_codes.device) * chunk
+        optr = torch.searchsorted(outlier_idx, bounds, out_int32=True)
+        extra = dict(OUTLIERS=True)
+    else:
+        outlier_idx = outlier_val = optr = w_codes  # unused pointers
+        extra = {}
+    _kernels().lion_kernel_3d[(n_chunks,)](
         w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
         float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
         ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
+        outlier_idx, outlier_val, optr,
         G=w_block, K=m_block // w_block, RM=rm, ROUNDING=_rounding_id(rounding), ROUNDS=philox_rounds,
-        num_warps=num_warps)
+        num_warps=num_warps, **extra)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -158,18 +158,24 @@ def _uniform_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, RO
 
 @triton.jit
 def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
-                   w_key, m_key, offset,
+                   w_key, m_key, offset, oi_ptr, ov_ptr, optr_ptr,
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
-                   ROUNDS: tl.constexpr = 10):
+                   ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
     One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
     both absmax reductions run on the same registers (over G for a weight group, over K and G for a
     momentum block); no reshape of data. In-tile offsets are int32 (the int64 chunk start is added to the
     pointers once). The random numbers are those of lion_kernel (tests compare the outputs).
+
+    OUTLIERS: the exact fp32 outliers of this chunk (sorted indices oi[optr[pid]:optr[pid+1]]) are updated
+    here too, from the old momentum, and their dense codes zeroed after the tile is stored: the whole
+    update is one launch instead of a dozen small torch ops.
     """
-    start = tl.program_id(0).to(tl.int64) * (RM * K * G)
-    n = n * tl.load(ok_ptr).to(tl.int64)  # not finite: n = 0 masks every load and store
+    pid = tl.program_id(0)
+    start = pid.to(tl.int64) * (RM * K * G)
+    ok = tl.load(ok_ptr).to(tl.int32)
+    n = n * ok.to(tl.int64)  # not finite: n = 0 masks every load and store
     left = n - start
     rm = tl.arange(0, RM)
     k = tl.arange(0, K)
@@ -189,6 +195,20 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     if ROUNDING == 2:
         w += tl.load(r_ptr + start + local, mask=mask, other=0).to(tl.float32) * (s[:, :, None] / 254.0)
     w = tl.where(mask, w * decay - lr * u, 0.0)
+    if OUTLIERS:  # before any store: they read the old momentum
+        o_lo = tl.load(optr_ptr + pid)
+        o_hi = o_lo + (tl.load(optr_ptr + pid + 1) - o_lo) * ok  # not finite: no outlier is written
+        ob = tl.arange(0, OB)
+        for j in range(o_lo, o_hi, OB):
+            om = j + ob < o_hi
+            oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
+            mo = tl.load(m_ptr + oi, mask=om, other=0).to(tl.float32) * tl.load(ms_ptr + oi // (K * G), mask=om,
+                                                                               other=0.0)
+            go = tl.load(g_ptr + oi, mask=om, other=0.0).to(tl.float32) * grad_scale
+            c = mo + (1.0 - beta1) * (go - mo)  # torch.lerp's form, as the reference
+            uo = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
+            vo = tl.load(ov_ptr + j + ob, mask=om, other=0.0)
+            tl.store(ov_ptr + j + ob, vo * decay - lr * uo, mask=om)
     s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) / 127.0)
     inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
     y = w * inv[:, :, None]
@@ -203,6 +223,14 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
         r = (y - q) * 254.0
         r = tl.where(r >= 0, tl.floor(r + 0.5), -tl.floor(-r + 0.5))
         tl.store(r_ptr + start + local, tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8), mask=mask)
+    if OUTLIERS:  # an outlier's dense code stays 0 (and its EF carry): after the tile's store, same CTA
+        tl.debug_barrier()
+        for j in range(o_lo, o_hi, OB):
+            om = j + ob < o_hi
+            oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
+            tl.store(w_ptr + oi, tl.zeros([OB], dtype=tl.int8), mask=om)
+            if ROUNDING == 2:
+                tl.store(r_ptr + oi, tl.zeros([OB], dtype=tl.int8), mask=om)
     m = tl.where(mask, m * beta2 + g * (1.0 - beta2), 0.0)
     ms_new = tl.max(tl.max(tl.abs(m), axis=2), axis=1) / 127.0
     minv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)

@@ -193,3 +193,27 @@ def test_lion_kernel_3d_layout_equals_two_pass(tb, rounding):
     assert torch.equal(outs[0][1], outs[1][1])
     with pytest.raises(ValueError, match="layout '3d'"):
         _run(lambda *a, **k: be.lion_step(*a, layout="3d", **k), dev, _lion_inputs(960, 96), 96, rounding)
+
+
+@pytest.mark.parametrize("rounding", ["sr", "ef"])
+def test_lion_kernel_fused_outliers_equal_the_torch_outlier_path(tb, rounding):
+    """Outliers updated inside the 3d kernel (one launch) write what the torch ops around it write."""
+    be, dev = tb
+    n = 4096 + 256
+    inputs = _lion_inputs(n, 128, seed=7)
+    idx = torch.tensor([0, 1, 2, 700, 2047, 2048, 4000, n - 1], dtype=torch.int32)  # several in one chunk
+    inputs[0][idx.long()] = 0
+    outs = []
+    for fused in (False, True):
+        val = torch.linspace(-0.5, 0.5, len(idx)).to(dev)
+        out = _run(lambda *a, **k: be.lion_step(*a, layout="3d", fused_outliers=fused, chunk=1024, **k), dev,
+                   inputs, 128, rounding, idx=idx, val=val)
+        outs.append((out, val.cpu()))
+    for a, b in zip(outs[0][0], outs[1][0]):
+        assert a is None and b is None or torch.equal(a, b)
+    assert torch.equal(outs[0][1], outs[1][1]) and (outs[1][0][0][idx.long()] == 0).all()
+    skip_val = torch.linspace(-0.5, 0.5, len(idx)).to(dev)
+    _run(lambda *a, **k: be.lion_step(*a, layout="3d", fused_outliers=True, chunk=1024,
+                                      finite=torch.tensor(False, device=dev), **k), dev, inputs, 128, rounding,
+         idx=idx, val=skip_val)
+    assert torch.equal(skip_val.cpu(), torch.linspace(-0.5, 0.5, len(idx)))  # not finite: nothing written
