@@ -73,7 +73,7 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, quad_rng=None, chunk=None, num_warps=4,
-              philox_rounds=10, layout="2pass", fused_outliers=False):
+              philox_rounds=10, layout=None, fused_outliers=None):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, e.g.
@@ -84,13 +84,22 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     `layout` "3d" runs lion_kernel_3d (one load of g, m, w when the weight group divides the momentum
     block; the same outputs, tested; not yet measured on a GPU, so not the default); with it,
     `fused_outliers` updates the (sorted) outliers inside that kernel too: one launch per tensor.
+    `layout=None` reads QFT_DS_LION_LAYOUT: "2pass" (the default) or "auto" (3d with fused outliers for
+    every tensor whose shape allows it, two-pass for the others), so a benchmark can compare whole runs.
     """
+    if layout is None:
+        layout = os.environ.get("QFT_DS_LION_LAYOUT", "2pass")
+        if layout not in ("2pass", "auto"):
+            raise ValueError(f"QFT_DS_LION_LAYOUT must be '2pass' or 'auto', got {layout!r}")
+        if layout == "auto":
+            layout = "3d" if _fits_3d(w_block, m_block, offset, chunk) else "2pass"
+    if fused_outliers is None:
+        fused_outliers = layout == "3d"
     if m_block & (m_block - 1):
         raise ValueError(f"the triton Lion kernel needs a power-of-two momentum block_size, got {m_block}")
     if layout not in ("2pass", "3d"):
         raise ValueError(f"layout must be '2pass' or '3d', got {layout!r}")
-    if layout == "3d" and (w_block & (w_block - 1) or m_block % w_block or w_block % 4 or offset % 4
-                           or (chunk or 2048) // m_block & ((chunk or 2048) // m_block - 1)):
+    if layout == "3d" and not _fits_3d(w_block, m_block, offset, chunk):
         raise ValueError(f"layout '3d' needs a power-of-two weight group dividing the momentum block, an offset "
                          f"divisible by 4 and a power-of-two number of blocks per chunk (group {w_block}, "
                          f"block {m_block}, offset {offset}, chunk {chunk})")
@@ -145,6 +154,11 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         w_codes[idx] = 0
         if residual is not None:
             residual[idx] = 0
+
+
+def _fits_3d(w_block, m_block, offset, chunk) -> bool:
+    blocks = max(1, (chunk or 2048) // m_block)
+    return not (w_block & (w_block - 1) or m_block % w_block or w_block % 4 or offset % 4 or blocks & (blocks - 1))
 
 
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,

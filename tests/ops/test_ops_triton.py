@@ -217,3 +217,19 @@ def test_lion_kernel_fused_outliers_equal_the_torch_outlier_path(tb, rounding):
                                       finite=torch.tensor(False, device=dev), **k), dev, inputs, 128, rounding,
          idx=idx, val=skip_val)
     assert torch.equal(skip_val.cpu(), torch.linspace(-0.5, 0.5, len(idx)))  # not finite: nothing written
+
+
+def test_lion_layout_from_environment(tb, monkeypatch):
+    """QFT_DS_LION_LAYOUT=auto: the one-tile kernel where the shape allows, two-pass elsewhere, same bits."""
+    be, dev = tb
+    for wblock in (128, 96):
+        inputs = _lion_inputs(4096 * 3 // 2 if wblock == 96 else 4096, wblock, seed=8)
+        monkeypatch.setenv("QFT_DS_LION_LAYOUT", "auto")
+        auto = _run(be.lion_step, dev, inputs, wblock, "sr")
+        monkeypatch.setenv("QFT_DS_LION_LAYOUT", "2pass")
+        two = _run(be.lion_step, dev, inputs, wblock, "sr")
+        for a, b in zip(auto[:4], two[:4]):
+            assert torch.equal(a, b)
+    monkeypatch.setenv("QFT_DS_LION_LAYOUT", "fast")
+    with pytest.raises(ValueError, match="QFT_DS_LION_LAYOUT"):
+        _run(be.lion_step, dev, _lion_inputs(4096, 128), 128, "sr")
