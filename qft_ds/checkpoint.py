@@ -310,6 +310,12 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     for name, t in tensors.items():  # all checks passed: now write
         t.copy_(saved[name])
     optimizer.load_state_dict(osd)
+    restore_run_state(ckpt, meta, engine)
+    return meta
+
+
+def restore_run_state(ckpt: Path, meta: dict, engine) -> None:
+    """The LR scheduler, the engine's counters and the torch RNG, as saved (plain and ZeRO loads)."""
     sched = getattr(engine, "lr_scheduler", None)
     if sched is not None and meta["scheduler"] is not None:
         sched.load_state_dict(meta["scheduler"])
@@ -321,7 +327,6 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     if torch.cuda.is_available() and "cuda.0" in rng:
         torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())
                                       if f"cuda.{i}" in rng])
-    return meta
 
 
 def _optimizer_state(ckpt: Path, meta: dict, device) -> dict:

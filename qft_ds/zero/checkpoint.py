@@ -265,7 +265,7 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     osd = ckpt_mod._optimizer_state(ckpt, meta, device)
     osd["state"] = {k: v for k, v in osd["state"].items() if k not in state} | state
     optimizer.load_state_dict(osd)
-    _restore_rest(ckpt, meta, engine)
+    ckpt_mod.restore_run_state(ckpt, meta, engine)
     return meta
 
 
@@ -300,16 +300,3 @@ def _check_fits(ckpt: Path, meta: dict, model, weights: dict) -> None:
                 raise CheckpointError(f"{ckpt}: {prefix} has {key} {saved[prefix][key]} in the checkpoint, "
                                       f"{lay[key]} in the model")
 
-
-def _restore_rest(ckpt: Path, meta: dict, engine) -> None:
-    sched = getattr(engine, "lr_scheduler", None)
-    if sched is not None and meta["scheduler"] is not None:
-        sched.load_state_dict(meta["scheduler"])
-    for key, value in meta["engine"].items():
-        if hasattr(engine, key):
-            setattr(engine, key, value)
-    rng = ckpt_mod.read_tensors(ckpt / "rng.safetensors")
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available() and "cuda.0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())
-                                      if f"cuda.{i}" in rng])
