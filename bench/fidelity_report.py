@@ -96,7 +96,8 @@ def print_table(result: dict) -> None:
     print(f"{'method':>12} {'lr':>8} {'seed':>4} {'val':>7} {'start':>7} {'end':>7} {'peak GiB':>8} {'tok/s':>8}")
     for r in result["rows"]:
         print(f"{r['method']:>12} {r['lr']:>8g} {r['seed']:>4} {r['val_end']:7.4f} {r['eval_start']:7.4f} "
-              f"{r['eval_end']:7.4f} {r['peak_gib']:8.2f} {r['tok_s']:8.0f}{'  *' if r.get('chosen') else ''}")
+              f"{r['eval_end']:7.4f} {r['peak_gib']:8.2f} {r['tok_s']:8.0f}{'  *' if r.get('chosen') else ''}"
+              + (f"  (GPU shared by {r['gpu_shared_by']} runs)" if r.get("gpu_shared_by", 1) > 1 else ""))
     print("\nchosen on the validation play (* above); held-out loss at that lr:")
     for s in result.get("chosen", []):
         print(f"{s['method']:>12}  lr {s['chosen_lr']:g} of {s['lr_grid']}  held-out {s['eval_end']:.4f}  "

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The fidelity lr grid in one GPU call: every method's grid as its own process, all sharing the GPU
+# (SmolLM2-135M runs are host-bound, so they overlap well), then one solo run per method for tok/s, which
+# sharing lowers, then the merge. Losses and per-process peak memory do not depend on the sharing.
+#   bash bench/fidelity_grid.sh OUT_DIR [COMMIT]          (STEPS=300 by default; SOLO_STEPS=40)
+set -u
+out=${1:?usage: bash bench/fidelity_grid.sh OUT_DIR [COMMIT]}
+commit=${2:-unknown}
+steps=${STEPS:-300}
+solo_steps=${SOLO_STEPS:-40}
+py=${PYTHON:-python3}
+here=$(cd "$(dirname "$0")" && pwd)
+# qft is the slowest method: its three lrs get a process each, so no process runs much longer than another.
+parts=(fp32_adamw fp32_lion qft=1e-5 qft=2e-5 qft=5e-5 peqa qst lora)
+mkdir -p "$out"
+pids=()
+for i in "${!parts[@]}"; do
+  d="$out/part$i"
+  mkdir -p "$d"
+  MASTER_PORT=$((29600 + i)) OMP_NUM_THREADS=2 "$py" "$here/fidelity.py" --lrs "${parts[$i]}" --steps "$steps" \
+    --gpu_shared_by "${#parts[@]}" --commit "$commit" --out "$d" > "$d/log.txt" 2>&1 &
+  pids+=($!)
+done
+failed=0
+for i in "${!pids[@]}"; do
+  wait "${pids[$i]}" || { echo "part $i (${parts[$i]}) failed; see $out/part$i/log.txt"; tail -5 "$out/part$i/log.txt"; failed=1; }
+done
+echo "grid done in ${SECONDS}s"
+mkdir -p "$out/solo"
+MASTER_PORT=29650 "$py" "$here/fidelity.py" --steps "$solo_steps" --eval_every "$solo_steps" --commit "$commit" \
+  --out "$out/solo" --runs fp32_adamw:3e-5:0 fp32_lion:2e-5:0 qft:2e-5:0 peqa:2e-4:0 qst:1e-3:0 lora:3e-4:0 \
+  > "$out/solo/log.txt" 2>&1 || { echo "solo speed runs failed"; tail -5 "$out/solo/log.txt"; failed=1; }
+"$py" "$here/fidelity.py" --merge "$out"/part*/fidelity_2*.json --out "$out" || failed=1
+echo "all done in ${SECONDS}s"
+exit $failed
