@@ -8,7 +8,8 @@ each method's lr, on the first 64 blocks of a third play (--validation, not trai
     python bench/fidelity.py --commit $(git rev-parse HEAD)                       # all default runs
     python bench/fidelity.py --runs qft:2e-5:0 fp32_lion:2e-5:0 --steps 50       # a subset
     python bench/fidelity.py --lrs peqa=2e-5,6e-5,2e-4 qst                       # lr grids (qst: default grid)
-    python bench/fidelity.py --merge bench/results/fidelity_a.json bench/results/fidelity_b.json
+    python bench/fidelity.py --merge bench/results/fidelity_a.json bench/results/fidelity_b.json [--solo SPEED.json]
+    bash bench/fidelity_grid.sh OUT_DIR $(git rev-parse HEAD)                     # the whole grid, one GPU call
 
 Runs are METHOD:LR:SEED with METHOD in fp32_adamw, fp32_lion, qft (stochastic rounding), qft_rtn
 (round-to-nearest, the failure mode), qft_ef (error feedback), peqa (4-bit, group 128, scales only,
@@ -213,8 +214,10 @@ def grid_runs(specs, seeds) -> list[str]:
     return runs
 
 
-def finish(result, out_dir) -> None:
+def finish(result, out_dir, solo=None) -> None:
     result["chosen"] = report.select([r for r in result["rows"] if "val_end" in r])
+    if solo:
+        report.add_solo_speed(result, solo)
     path = common.write_result("fidelity", result, out_dir)
     pngs = report.plot(result, path.with_suffix(".png"))
     print(f"\nwrote {path} and {', '.join(p.name for p in pngs)}")
@@ -242,9 +245,13 @@ def main(argv=None):
                         "which sharing lowers; losses and peak memory (per process) are unaffected")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--merge", nargs="+", default=None, help="merge result JSONs (parts of one grid), select, plot")
+    p.add_argument("--solo", default=None, help="with --merge: a result JSON of solo (unshared GPU) runs whose "
+                                                "tok_s stands for each method's speed")
     args = p.parse_args(argv)
+    if args.solo and not args.merge:
+        raise SystemExit("--solo goes with --merge")
     if args.merge:
-        return finish(report.merge(args.merge), args.out)
+        return finish(report.merge(args.merge), args.out, args.solo)
     runs = grid_runs(args.lrs, args.seeds) if args.lrs else args.runs
     for spec in runs:
         if spec.split(":")[0] not in METHODS or spec.count(":") != 2:

@@ -30,6 +30,9 @@ mkdir -p "$out/solo"
 MASTER_PORT=29650 "$py" "$here/fidelity.py" --steps "$solo_steps" --eval_every "$solo_steps" --commit "$commit" \
   --out "$out/solo" --runs fp32_adamw:3e-5:0 fp32_lion:2e-5:0 qft:2e-5:0 peqa:2e-4:0 qst:1e-3:0 lora:3e-4:0 \
   > "$out/solo/log.txt" 2>&1 || { echo "solo speed runs failed"; tail -5 "$out/solo/log.txt"; failed=1; }
-"$py" "$here/fidelity.py" --merge "$out"/part*/fidelity_2*.json --out "$out" || failed=1
+"$py" "$here/fidelity.py" --merge "$out"/part*/fidelity_2*.json --solo "$(ls "$out"/solo/fidelity_2*.json | head -1)" \
+  --out "$out" || failed=1
+# the device tool brings back a limited number of files: keep the parts' JSONs and logs, drop their plots
+rm -f "$out"/part*/*.png "$out"/part*/fidelity_partial.json "$out"/solo/*.png "$out"/solo/fidelity_partial.json
 echo "all done in ${SECONDS}s"
 exit $failed

@@ -51,6 +51,19 @@ def merge(paths) -> dict:
     return out
 
 
+def add_solo_speed(result: dict, path) -> None:
+    """tok_s of grid runs that shared the GPU understates speed: take each method's from solo runs instead."""
+    solo = json.loads(Path(path).read_text())
+    shared = [r for r in solo["rows"] if r.get("gpu_shared_by", 1) != 1]
+    if shared:
+        raise SystemExit(f"--solo {path}: its runs shared the GPU ({shared[0]['method']}); give solo runs")
+    speed = {r["method"]: r["tok_s"] for r in solo["rows"]}
+    result["solo_speed"] = {"from": Path(path).name, "device": solo.get("device"), "steps": solo["setup"]["steps"],
+                            "tok_s": speed}
+    for s in result.get("chosen", []):
+        s["tok_s_solo"] = speed.get(s["method"])
+
+
 def plot(result: dict, path: Path) -> list[Path]:
     """Held-out curves (chosen lr bold, others faint) and held-out loss vs peak memory at the chosen lr."""
     import matplotlib
@@ -67,6 +80,9 @@ def plot(result: dict, path: Path) -> list[Path]:
                     label=f"{row['method']} lr={row['lr']:g} seed={row['seed']}")
         else:
             ax.plot(xs, ys, color=c, lw=0.7, alpha=0.35)
+    shown = [y for row in result["rows"] if row.get("chosen") for _, y in row["eval_curve"]]
+    if shown:  # a diverged grid point should not squash the curves that matter
+        ax.set_ylim(min(shown) - 0.05, max(shown) + 0.1)
     ax.set(xlabel="step", ylabel="held-out loss",
            title=f"SmolLM2-135M, held-out plays; lr chosen on validation ({result['device']})")
     ax.grid(alpha=0.3)
@@ -100,6 +116,7 @@ def print_table(result: dict) -> None:
               + (f"  (GPU shared by {r['gpu_shared_by']} runs)" if r.get("gpu_shared_by", 1) > 1 else ""))
     print("\nchosen on the validation play (* above); held-out loss at that lr:")
     for s in result.get("chosen", []):
+        speed = f"{s['tok_s_solo']:.0f} tok/s (solo)" if s.get("tok_s_solo") else f"{s['tok_s']:.0f} tok/s"
         print(f"{s['method']:>12}  lr {s['chosen_lr']:g} of {s['lr_grid']}  held-out {s['eval_end']:.4f}  "
-              f"peak {s['peak_gib']:.2f} GiB  {s['tok_s']:.0f} tok/s"
+              f"peak {s['peak_gib']:.2f} GiB  {speed}"
               + ("  (at the grid's edge: widen it)" if s.get("at_grid_edge") else ""))
