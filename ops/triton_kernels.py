@@ -205,8 +205,8 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             mo = tl.load(m_ptr + oi, mask=om, other=0).to(tl.float32) * tl.load(ms_ptr + oi // (K * G), mask=om,
                                                                                other=0.0)
             go = tl.load(g_ptr + oi, mask=om, other=0.0).to(tl.float32) * grad_scale
-            c = mo + (1.0 - beta1) * (go - mo)  # torch.lerp's form, as the reference
-            uo = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
+            mix = mo + (1.0 - beta1) * (go - mo)  # torch.lerp's form, as the reference
+            uo = tl.where(mix > 0, 1.0, tl.where(mix < 0, -1.0, 0.0))
             vo = tl.load(ov_ptr + j + ob, mask=om, other=0.0)
             tl.store(ov_ptr + j + ob, vo * decay - lr * uo, mask=om)
     s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) / 127.0)
