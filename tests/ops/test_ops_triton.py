@@ -174,6 +174,14 @@ def test_lion_kernel_not_finite_writes_nothing_and_bf16_grad_reads_like_fp32(tb,
         assert torch.equal(a, b)
 
 
+def _same_outliers(a, b, dev):
+    """fp32 outlier values from the kernel against torch's ops: bit-equal interpreted; compiled, the kernel's
+    `v * decay - lr * u` contracts to one FMA where torch rounds twice, so they may differ by an ulp."""
+    if dev == "cpu":
+        return torch.equal(a, b)
+    return torch.allclose(a, b, rtol=2.5e-7, atol=0) and not torch.equal(a, torch.zeros_like(a))
+
+
 @pytest.mark.parametrize("rounding", ["sr", "ef", "rtn"])
 def test_lion_kernel_3d_layout_equals_two_pass(tb, rounding):
     """One [blocks, groups, group] tile (group divides block) writes what the two-pass kernel writes,
@@ -190,7 +198,7 @@ def test_lion_kernel_3d_layout_equals_two_pass(tb, rounding):
         outs.append((out, val.cpu()))
     for a, b in zip(outs[0][0], outs[1][0]):
         assert a is None and b is None or torch.equal(a, b)
-    assert torch.equal(outs[0][1], outs[1][1])
+    assert _same_outliers(outs[0][1], outs[1][1], dev)
     with pytest.raises(ValueError, match="layout '3d'"):
         _run(lambda *a, **k: be.lion_step(*a, layout="3d", **k), dev, _lion_inputs(960, 96), 96, rounding)
 
@@ -211,7 +219,7 @@ def test_lion_kernel_fused_outliers_equal_the_torch_outlier_path(tb, rounding):
         outs.append((out, val.cpu()))
     for a, b in zip(outs[0][0], outs[1][0]):
         assert a is None and b is None or torch.equal(a, b)
-    assert torch.equal(outs[0][1], outs[1][1]) and (outs[1][0][0][idx.long()] == 0).all()
+    assert _same_outliers(outs[0][1], outs[1][1], dev) and (outs[1][0][0][idx.long()] == 0).all()
     skip_val = torch.linspace(-0.5, 0.5, len(idx)).to(dev)
     _run(lambda *a, **k: be.lion_step(*a, layout="3d", fused_outliers=True, chunk=1024,
                                       finite=torch.tensor(False, device=dev), **k), dev, inputs, 128, rounding,
