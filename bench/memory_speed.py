@@ -10,8 +10,9 @@ copy bandwidth and the int8 Lion kernel's achieved bandwidth, measured in the sa
 
 Methods: qft (through DeepSpeed, as users run it; Triton kernels where they run), qft_torch (the same
 with the PyTorch reference ops), fp32_adamw (fp32 master weights, fused torch AdamW), bf16_adamw and
-bf16_lion (pure bf16 weights), ds_fusedadam (DeepSpeed FusedAdam at ZeRO-0 with its bf16 mode); qft_3d is
-qft with QFT_DS_LION_LAYOUT=auto (the one-tile Lion kernel with fused outliers, not yet the default).
+bf16_lion (pure bf16 weights), ds_fusedadam (DeepSpeed FusedAdam at ZeRO-0 with its bf16 mode); qft_2pass is
+qft with QFT_DS_LION_LAYOUT=2pass (the two-pass Lion kernel and torch outlier ops, the default before the
+one-tile kernel was measured; results before commit 6870043 call these qft and qft_3d instead).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, batch=2, seq=64),
 }
-METHODS = ["qft", "qft_3d", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
+METHODS = ["qft", "qft_2pass", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
 
 
 def build(shape, dtype, device):
@@ -116,7 +117,7 @@ def measure(method, shape, args, dev):
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    os.environ["QFT_DS_LION_LAYOUT"] = "auto" if method == "qft_3d" else "2pass"
+    os.environ["QFT_DS_LION_LAYOUT"] = "2pass" if method == "qft_2pass" else "auto"
     try:
         step, bpp, n = setup(method, shape, dev)
         row.update(state_bytes_per_param=round(bpp, 4), params=n)

@@ -82,13 +82,13 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     element-wise path, which yields the same numbers (tests compare them); `chunk` elements per program;
     `philox_rounds` (10, Random123's default; fewer rounds are another stream, for the benchmark's sweep);
     `layout` "3d" runs lion_kernel_3d (one load of g, m, w when the weight group divides the momentum
-    block; the same outputs, tested; not yet measured on a GPU, so not the default); with it,
-    `fused_outliers` updates the (sorted) outliers inside that kernel too: one launch per tensor.
-    `layout=None` reads QFT_DS_LION_LAYOUT: "2pass" (the default) or "auto" (3d with fused outliers for
-    every tensor whose shape allows it, two-pass for the others), so a benchmark can compare whole runs.
+    block; the same outputs, tested); with it, `fused_outliers` updates the (sorted) outliers inside that
+    kernel too: one launch per tensor. `layout=None` reads QFT_DS_LION_LAYOUT: "auto" (the default: 3d with
+    fused outliers for every tensor whose shape allows it, two-pass for the others) or "2pass". On the
+    H100, auto made the 1.1B LLaMA-shape step 1.43x faster (bench/NOTES.md).
     """
     if layout is None:
-        layout = os.environ.get("QFT_DS_LION_LAYOUT", "2pass")
+        layout = os.environ.get("QFT_DS_LION_LAYOUT", "auto")
         if layout not in ("2pass", "auto"):
             raise ValueError(f"QFT_DS_LION_LAYOUT must be '2pass' or 'auto', got {layout!r}")
         if layout == "auto":

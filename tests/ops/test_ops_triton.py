@@ -241,3 +241,15 @@ def test_lion_layout_from_environment(tb, monkeypatch):
     monkeypatch.setenv("QFT_DS_LION_LAYOUT", "fast")
     with pytest.raises(ValueError, match="QFT_DS_LION_LAYOUT"):
         _run(be.lion_step, dev, _lion_inputs(4096, 128), 128, "sr")
+
+
+def test_lion_layout_default_is_the_one_tile_kernel_where_it_fits(tb, monkeypatch):
+    """No QFT_DS_LION_LAYOUT: group 128 (divides the 256 block) takes lion_kernel_3d, group 96 two-pass."""
+    be, dev = tb
+    monkeypatch.delenv("QFT_DS_LION_LAYOUT", raising=False)
+    launched = []
+    real = be._launch_3d
+    monkeypatch.setattr(be, "_launch_3d", lambda *a, **k: launched.append(a[2]) or real(*a, **k))
+    for wblock in (128, 96):
+        _run(be.lion_step, dev, _lion_inputs(4096 * 3 // 2 if wblock == 96 else 4096, wblock, seed=9), wblock, "sr")
+    assert launched == [128]
