@@ -26,6 +26,7 @@ import torch
 from qft_ds.config import QFTConfig, gradient_accumulation_steps, load_ds_config
 from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
 from qft_ds.nn.precision import autocast_forward
+from qft_ds.nn.qmodules import mark_checkpointed
 from qft_ds.optim.lion import QFTLion
 
 _OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
@@ -138,6 +139,7 @@ def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError("qft.gradient_checkpointing needs a transformers model")
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mark_checkpointed(model)  # also when the caller enabled checkpointing before initialize
     return weights
 
 

@@ -6,6 +6,8 @@ the flow (qft_ds.flow.deliver); autograd never sees it, so no model-sized gradie
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,27 +18,33 @@ from qft_ds.quant.hybrid import HybridWeight
 
 class _QLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, anchor, weight: HybridWeight, cdt):
+    def forward(ctx, x, anchor, weight: HybridWeight, cdt, keep_weight: bool):
         xc = x.to(cdt)
-        ctx.save_for_backward(xc)
+        w = weight.dequantize(cdt)
+        # keep_weight (inside a checkpointed layer only): the recompute's dequantized weight serves the
+        # backward too, one dequantize fewer per step. The first forward's copy is not kept: checkpointing
+        # drops what it saves. Elsewhere this would hold every layer's weight until backward.
+        ctx.save_for_backward(xc, w) if keep_weight else ctx.save_for_backward(xc)
         ctx.weight, ctx.x_dtype = weight, x.dtype
-        y = F.linear(xc, weight.dequantize(cdt))
+        y = F.linear(xc, w)
         # Out in the input's dtype, as torch.nn.Linear: a bf16 q/v next to an fp32 k (after fp32 RoPE)
         # breaks attention. Under autocast, stay in the compute dtype like every autocast matmul.
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
-        (xc,) = ctx.saved_tensors
+        xc, *kept = ctx.saved_tensors
         weight = ctx.weight
         gy = gy.to(xc.dtype)
         gx = None
         if ctx.needs_input_grad[0]:
             # grad_input first: the fused flow may update this weight as soon as it gets grad_weight.
-            gx = (gy @ weight.dequantize(xc.dtype)).to(ctx.x_dtype)
+            w = kept[0] if kept else weight.dequantize(xc.dtype)
+            gx = (gy @ w).to(ctx.x_dtype)
+        del kept
         gw = gy.reshape(-1, gy.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
         deliver(weight, gw)  # in the compute dtype: the Lion kernel upcasts in registers (6 B/param, not 8)
-        return gx, None, None, None
+        return gx, None, None, None, None
 
 
 class _QEmbeddingFn(torch.autograd.Function):
@@ -74,7 +82,12 @@ class QLinear(nn.Module):
         return self.qweight.dequantize(torch.float32)
 
     def forward(self, x):
-        y = _QLinearFn.apply(x, self.qweight.anchor, self.qweight, self.compute_dtype)
+        ref = _CHECKPOINTED_LAYER.get(self)
+        layer = ref() if ref is not None else None
+        # read each call: gradient_checkpointing_disable() must stop the reuse, or every weight is kept
+        keep = (layer is not None and getattr(layer, "gradient_checkpointing", False) and layer.training
+                and torch.is_grad_enabled())
+        y = _QLinearFn.apply(x, self.qweight.anchor, self.qweight, self.compute_dtype, keep)
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -100,3 +113,27 @@ class QEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, padding_idx={self.padding_idx}"
+
+
+# QLinear -> weakref to its enclosing checkpointed layer. Kept outside the modules so that they still
+# pickle, and a deepcopy (new modules, not in here) never reads another model's layer.
+_CHECKPOINTED_LAYER: "weakref.WeakKeyDictionary[QLinear, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def mark_checkpointed(model: nn.Module) -> int:
+    """Flag the QLinears inside transformers layers that run under gradient checkpointing, so their
+    backward reuses the recompute's dequantized weight (one dequantize fewer per weight and step). Call
+    after gradient_checkpointing_enable(); returns how many were flagged. A layer checkpointed some other
+    way is simply not flagged: it dequantizes once more in backward, as before."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: no per-layer flag to read
+        return 0
+    flagged = 0
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer) and getattr(layer, "gradient_checkpointing", False):
+            for m in layer.modules():
+                if isinstance(m, QLinear):
+                    _CHECKPOINTED_LAYER[m] = weakref.ref(layer)
+                    flagged += 1
+    return flagged

@@ -85,3 +85,48 @@ def test_tied_gradient_is_the_sum_of_both_uses(tiny_llama):
 def test_convert_rejects_a_model_without_layers():
     with pytest.raises(ValueError, match="no nn.Linear"):
         convert_model(nn.Sequential(nn.ReLU()))
+
+
+def _dequantize_counts(model, x, monkeypatch):
+    """Dequantize calls per weight name over one forward + backward, and the weights' gradients."""
+    calls = {}
+    names = {id(m.qweight): n for n, m in model.named_modules() if isinstance(m, (QLinear, QEmbedding))}
+    real = HybridWeight.dequantize
+
+    def counting(self, *a, **k):
+        calls[names[id(self)]] = calls.get(names[id(self)], 0) + 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(HybridWeight, "dequantize", counting)
+    model(input_ids=x, labels=x).loss.backward()
+    monkeypatch.setattr(HybridWeight, "dequantize", real)
+    grads = {n: w.grad.clone() for n, w in zip(names.values(), quantized_weights(model))}
+    for w in quantized_weights(model):
+        w.grad = None
+    return calls, grads
+
+
+def test_checkpointed_layers_reuse_the_recomputed_weight_in_backward(tiny_llama, monkeypatch):
+    """Under gradient checkpointing a layer's QLinear dequantizes twice per step (forward, recompute),
+    not three times, with the same gradients; the head (not checkpointed) and a model whose
+    checkpointing was switched off dequantize in backward as before."""
+    from qft_ds.nn.qmodules import mark_checkpointed
+    model = tiny_llama(tie=False)
+    convert_model(model, group_size=64, outlier_frac=0.01)
+    model.train()
+    x = torch.randint(0, 128, (2, 16))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    before, g_before = _dequantize_counts(model, x, monkeypatch)  # not marked yet: three per layer weight
+    n_layer_linears = 7 * model.config.num_hidden_layers
+    assert mark_checkpointed(model) == n_layer_linears
+    after, g_after = _dequantize_counts(model, x, monkeypatch)
+    layer = [n for n in after if ".layers." in n]
+    assert len(layer) == n_layer_linears and {before[n] for n in layer} == {3} and {after[n] for n in layer} == {2}
+    assert after["lm_head"] == before["lm_head"] == 2
+    for n in g_before:
+        assert torch.equal(g_before[n], g_after[n]), n
+    model.gradient_checkpointing_disable()
+    off, g_off = _dequantize_counts(model, x, monkeypatch)
+    assert {off[n] for n in layer} == {2}  # forward + backward: nothing kept from the forward
+    for n in g_before:
+        assert torch.allclose(g_off[n], g_before[n], rtol=1e-5, atol=1e-7), n
