@@ -161,6 +161,21 @@ def _fits_3d(w_block, m_block, offset, chunk) -> bool:
     return not (w_block & (w_block - 1) or m_block % w_block or w_block % 4 or offset % 4 or blocks & (blocks - 1))
 
 
+_BOUNDS: dict = {}
+
+
+def _chunk_bounds(n_chunks: int, chunk: int, device) -> torch.Tensor:
+    """[0, chunk, 2*chunk, ...] as int32, cached: a model has a few weight shapes, and two launches per
+    weight and step add up in a host-bound step."""
+    key = (n_chunks, chunk, str(device))
+    bounds = _BOUNDS.get(key)
+    if bounds is None:
+        if len(_BOUNDS) > 256:
+            _BOUNDS.clear()
+        bounds = _BOUNDS[key] = torch.arange(0, n_chunks + 1, dtype=torch.int32, device=device) * chunk
+    return bounds
+
+
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
                weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
                outlier_idx=None, outlier_val=None):
@@ -168,8 +183,7 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
     chunk = rm * m_block
     n_chunks = triton_cdiv(n, chunk)
     if outlier_idx is not None:  # chunk c owns outliers optr[c]:optr[c+1] (the indices are sorted)
-        bounds = torch.arange(0, n_chunks + 1, dtype=torch.int32, device=w_codes.device) * chunk
-        optr = torch.searchsorted(outlier_idx, bounds, out_int32=True)
+        optr = torch.searchsorted(outlier_idx, _chunk_bounds(n_chunks, chunk, w_codes.device), out_int32=True)
         extra = dict(OUTLIERS=True)
     else:
         outlier_idx = outlier_val = optr = w_codes  # unused pointers
