@@ -20,9 +20,11 @@ class _LowBitLinearFn(torch.autograd.Function):
         xc = x.to(cdt)
         ctx.save_for_backward(xc)
         ctx.weight, ctx.x_dtype = weight, x.dtype
-        # Out in the input's dtype: the residual stream and attention inputs stay fp32, only this matmul
-        # runs in the compute dtype (a bf16 v next to an fp32, RoPE-rotated q breaks SDPA).
-        return F.linear(xc, weight.dequantize(cdt)).to(x.dtype)
+        y = F.linear(xc, weight.dequantize(cdt))
+        # Out in the input's dtype, as torch.nn.Linear (a bf16 v next to an fp32, RoPE-rotated q breaks
+        # SDPA). Under autocast, stay in the compute dtype like every autocast matmul and like QLinear:
+        # fp32 outputs made the MLP and attention keep fp32 activations for backward.
+        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
