@@ -39,11 +39,10 @@ import fidelity_report as report  # noqa: E402
 DEFAULT_RUNS = ["fp32_adamw:3e-5:0", "fp32_lion:2e-5:0", "qft:2e-5:0", "qft_rtn:2e-5:0", "qft:2e-5:1",
                 "fp32_lion:2e-5:1"]
 WEIGHT_DECAY = {"fp32_adamw": 0.01, "peqa": 0.0, "qst": 0.0, "lora": 0.0}  # Lion: 0.1 (~10x AdamW's)
-# Three lrs per method around the values each method's authors or our earlier runs used.
-DEFAULT_GRID = {"fp32_adamw": [1e-5, 3e-5, 1e-4], "fp32_lion": [1e-5, 2e-5, 5e-5], "qft": [1e-5, 2e-5, 5e-5],
-                "peqa": [5e-5, 2e-4, 5e-4], "qst": [3e-4, 1e-3, 3e-3], "lora": [1e-4, 3e-4, 1e-3]}
-# peqa, qst: on the CPU, 6 PEQA steps at 2e-4 already took the held-out loss from 4.38 to 4.17, while 30 QST
-# steps at 1e-3 moved it from 4.38 to 4.37 only (alpha 1 -> 0.985): their grids sit higher.
+# Three lrs per method, centred on the lr each method chose on the validation play in the H100 grid of
+# 2026-11-23 (results/fidelity_20261123-1655.json, grids of 4-5 lrs): every optimum is inside its grid.
+DEFAULT_GRID = {"fp32_adamw": [1e-4, 3e-4, 1e-3], "fp32_lion": [2e-5, 5e-5, 1e-4], "qft": [5e-5, 1e-4, 2e-4],
+                "peqa": [2e-4, 5e-4, 1e-3], "qst": [3e-3, 1e-2, 3e-2], "lora": [1e-3, 3e-3, 1e-2]}
 METHODS = ("fp32_adamw", "fp32_lion", "qft", "qft_rtn", "qft_ef", "peqa", "qst", "lora")
 VALIDATION_PLAY = "as_you_like_it"
 

@@ -2,7 +2,7 @@
 # The fidelity lr grid in one GPU call: every method's grid as its own process, all sharing the GPU
 # (SmolLM2-135M runs are host-bound, so they overlap well), then one solo run per method for tok/s, which
 # sharing lowers, then the merge. Losses and per-process peak memory do not depend on the sharing.
-#   bash bench/fidelity_grid.sh OUT_DIR [COMMIT]          (STEPS=300 by default; SOLO_STEPS=40)
+#   bash bench/fidelity_grid.sh OUT_DIR [COMMIT [PART ...]]    (STEPS=300 by default; SOLO_STEPS=40)
 set -u
 out=${1:?usage: bash bench/fidelity_grid.sh OUT_DIR [COMMIT]}
 commit=${2:-unknown}
@@ -11,7 +11,9 @@ solo_steps=${SOLO_STEPS:-40}
 py=${PYTHON:-python3}
 here=$(cd "$(dirname "$0")" && pwd)
 # qft is the slowest method: its three lrs get a process each, so no process runs much longer than another.
-parts=(fp32_adamw fp32_lion qft=1e-5 qft=2e-5 qft=5e-5 peqa qst lora)
+# Any other split: name the parts after the commit (e.g. qft=1e-5,2e-5 lora=1e-4); DEFAULT_GRID otherwise.
+parts=(fp32_adamw fp32_lion qft=5e-5 qft=1e-4 qft=2e-4 peqa qst lora)
+if [ $# -gt 2 ]; then parts=("${@:3}"); fi
 mkdir -p "$out"
 pids=()
 for i in "${!parts[@]}"; do
@@ -28,7 +30,7 @@ done
 echo "grid done in ${SECONDS}s"
 mkdir -p "$out/solo"
 MASTER_PORT=29650 "$py" "$here/fidelity.py" --steps "$solo_steps" --eval_every "$solo_steps" --commit "$commit" \
-  --out "$out/solo" --runs fp32_adamw:3e-5:0 fp32_lion:2e-5:0 qft:2e-5:0 peqa:2e-4:0 qst:1e-3:0 lora:3e-4:0 \
+  --out "$out/solo" --runs fp32_adamw:3e-4:0 fp32_lion:5e-5:0 qft:1e-4:0 peqa:5e-4:0 qst:1e-2:0 lora:3e-3:0 \
   > "$out/solo/log.txt" 2>&1 || { echo "solo speed runs failed"; tail -5 "$out/solo/log.txt"; failed=1; }
 "$py" "$here/fidelity.py" --merge "$out"/part*/fidelity_2*.json --solo "$(ls "$out"/solo/fidelity_2*.json | head -1)" \
   --out "$out" || failed=1

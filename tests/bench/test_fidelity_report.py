@@ -41,3 +41,15 @@ def test_solo_speed_replaces_shared_tok_s(tmp_path):
     solo.write_text(json.dumps({"setup": {"steps": 40}, "rows": [row("qft", 1e-5, 3, 3, 90.0, shared=2)]}))
     with pytest.raises(SystemExit, match="shared the GPU"):
         report.add_solo_speed(result, solo)
+
+
+def test_grid_script_parses_and_default_grids_hold_three_lrs():
+    import subprocess
+    here = Path(__file__).resolve().parents[2] / "bench"
+    assert subprocess.run(["bash", "-n", str(here / "fidelity_grid.sh")]).returncode == 0
+    import fidelity
+    assert set(fidelity.DEFAULT_GRID) == set(fidelity.METHODS) - {"qft_rtn", "qft_ef"}
+    assert all(len(g) == 3 and g == sorted(g) for g in fidelity.DEFAULT_GRID.values())
+    assert fidelity.grid_runs(["qft", "lora=1e-4"], [0, 1]) == [
+        "qft:5e-05:0", "qft:5e-05:1", "qft:0.0001:0", "qft:0.0001:1", "qft:0.0002:0", "qft:0.0002:1", "lora:0.0001:0",
+        "lora:0.0001:1"]
