@@ -68,6 +68,7 @@ class QFTLion(torch.optim.Optimizer):
         self._skip_reason = None     # set before step() when the step must be skipped
         self._bad_now = 0            # tensors left unwritten in this (fused) step
         self._finite_flags = []      # fused: device bools, one per weight; counted once per step
+        self._norms = []             # fused: fp32 gradient norms, one per weight; summed once per step
         if rounding == "ef":
             for w in self.weights:
                 if w.residual is None:
@@ -121,6 +122,24 @@ class QFTLion(torch.optim.Optimizer):
     def _add_sq(self, sq):
         self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
 
+    def _note_norm(self, grad):
+        """Fused flow, per weight: two launches (norm, finite flag). A non-finite gradient: the kernel
+        writes nothing (the step becomes partial). Checked on the device: a host sync per layer would
+        serialise the CPU and GPU for the whole backward. The norms are summed once, in _take_norms."""
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        finite = torch.isfinite(norm)
+        self._finite_flags.append(finite)
+        self._norms.append(norm)
+        return finite
+
+    def _take_norms(self):
+        """Squared sum of this step's fused norms (a skipped tensor adds nothing), or None."""
+        if not self._norms:
+            return None
+        sq = torch.nan_to_num(torch.stack(self._norms), 0.0, 0.0, 0.0).square().sum()
+        self._norms = []
+        return sq
+
     @staticmethod
     def _all_reduce_mean(grad):
         """Data parallel: every rank applies the mean gradient, so int8 states stay identical (the
@@ -154,12 +173,7 @@ class QFTLion(torch.optim.Optimizer):
         finite = None
         if coef is None:  # fused: inside backward
             grad = self._all_reduce_mean(grad)  # NaN on any rank is NaN on all: every rank skips alike
-            sq = torch.linalg.vector_norm(grad.reshape(-1), dtype=torch.float32).square()
-            # A non-finite gradient: the kernel writes nothing (the step becomes partial). Checked on the
-            # device: a host sync per layer would serialise the CPU and GPU for the whole backward.
-            finite = torch.isfinite(sq)
-            self._finite_flags.append(finite)
-            self._add_sq(sq.nan_to_num(0.0, 0.0, 0.0))  # a skipped tensor adds nothing to the norm
+            finite = self._note_norm(grad)
             coef = self._clip_coef(self.prev_grad_norm)
         group = self._group_of[id(w)]
         st = self._qstate(w)
@@ -238,7 +252,7 @@ class QFTLion(torch.optim.Optimizer):
         """Write nothing: drop this step's gradients; step_count (the SR key) does not advance."""
         reason, self._skip_reason = self._skip_reason, None
         self.flow.discard()
-        self._sq_norm, self._bad_now, self._finite_flags = None, 0, []
+        self._sq_norm, self._bad_now, self._finite_flags, self._norms = None, 0, [], []
         self.overflow = True
         self.skipped_steps += 1
         self._log(f"step {self.step_count} skipped: {reason} (skipped steps so far: {self.skipped_steps})")
@@ -251,6 +265,9 @@ class QFTLion(torch.optim.Optimizer):
             logger.warning(msg)
 
     def _norm_now(self):
+        fused = self._take_norms()
+        if fused is not None:
+            self._add_sq(fused)
         return None if self._sq_norm is None else float(self._sq_norm) ** 0.5
 
     # -- checkpoints ---------------------------------------------------------------------------

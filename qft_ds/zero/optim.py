@@ -104,11 +104,10 @@ class ZeroLion(QFTLion):
         finite = None
         if coef is None:
             grad, finite = sh.reduce_scatter(grad)
-            sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
             # `finite` is the same on every rank (the flag was summed in the reduce-scatter): a weight
             # with a non-finite gradient anywhere is written by nobody, as on one device.
             self._finite_flags.append(finite)
-            self._add_sq_shard(sq.nan_to_num(0.0, 0.0, 0.0))
+            self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))  # of this rank's slice
             coef = self._clip_coef(self.prev_grad_norm)
         group = self._group_of[id(w)]
         st = self._qstate(w)
@@ -132,6 +131,9 @@ class ZeroLion(QFTLion):
         return None
 
     def _norm_now(self):
+        fused = self._take_norms()  # this rank's slices: summed over ranks below
+        if fused is not None:
+            self._add_sq_shard(fused)
         if self._sq_shard is not None:  # every rank reaches this with the same weights: same collectives
             self._add_sq(comm.all_reduce_sum(self._sq_shard.reshape(1).float()).reshape(()))
             self._sq_shard = None
