@@ -122,6 +122,9 @@ class QFTLion(torch.optim.Optimizer):
     def _add_sq(self, sq):
         self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
 
+    def _flush(self) -> None:
+        """Finish fused updates still in flight (ZeRO overlaps each with the next layer's backward)."""
+
     def _note_norm(self, grad):
         """Fused flow, per weight: two launches (norm, finite flag). A non-finite gradient: the kernel
         writes nothing (the step becomes partial). Checked on the device: a host sync per layer would
@@ -215,6 +218,7 @@ class QFTLion(torch.optim.Optimizer):
         if self.flow.mode == "fused":
             for w, grad in self.flow.held():  # a tied weight whose second use never came
                 self._apply(w, grad)
+            self._flush()
             coef = self._clip_coef(self.prev_grad_norm)
             stacked = []
         else:

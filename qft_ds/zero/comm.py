@@ -23,8 +23,24 @@ def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def reduce_scatter_mean(flat: torch.Tensor, bounds, flag: torch.Tensor):
-    """Mean over ranks of a flat float tensor (reduced in fp32), as this rank's slice [lo, hi) of `bounds`.
+class PendingSlice:
+    """A reduce-scatter in flight: wait() gives (this rank's slice of the mean, the summed flag)."""
+
+    def __init__(self, work, out: torch.Tensor, n: int, world: int, flag=None):
+        self.work, self.out, self.n, self.world, self.flag = work, out, n, world, flag
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()  # NCCL: the current stream waits for the collective's; no host block
+        if self.world == 1:
+            return self.out, self.flag
+        shard = self.out[:self.n].div_(self.world)  # SUM then divide: gloo has no AVG; (g + g) / 2 == g
+        return shard, self.out[-1]
+
+
+def reduce_scatter_mean_async(flat: torch.Tensor, bounds, flag: torch.Tensor) -> PendingSlice:
+    """Mean over ranks of a flat float tensor (reduced in fp32), as this rank's slice [lo, hi) of `bounds`,
+    started now and collected with .wait(): the fused flow overlaps it with the next layer's backward.
 
     `flag` (a 0-d float) is summed over ranks and returned too: it rides in one extra element per rank,
     so every rank learns that some rank's gradient was non-finite without a second collective.
@@ -32,16 +48,20 @@ def reduce_scatter_mean(flat: torch.Tensor, bounds, flag: torch.Tensor):
     world, me = world_size(), rank()
     lo, hi = bounds[me]
     if world == 1:
-        return flat[lo:hi], flag
+        return PendingSlice(None, flat[lo:hi], hi - lo, 1, flag)
     width = max(b - a for a, b in bounds) + 1
     buf = torch.zeros(world, width, dtype=torch.float32, device=flat.device)
     for r, (a, b) in enumerate(bounds):
         buf[r, :b - a] = flat[a:b]
         buf[r, -1] = flag
     out = torch.empty(width, dtype=torch.float32, device=flat.device)
-    _reduce_scatter(out, buf.view(-1), op=dist.ReduceOp.SUM)
-    shard = out[:hi - lo].div_(world)  # SUM then divide: gloo has no AVG; (g + g) / 2 == g exactly
-    return shard, out[-1]
+    work = _reduce_scatter(out, buf.view(-1), op=dist.ReduceOp.SUM, async_op=True)
+    return PendingSlice(work, out, hi - lo, world)
+
+
+def reduce_scatter_mean(flat: torch.Tensor, bounds, flag: torch.Tensor):
+    """reduce_scatter_mean_async, waited for: (this rank's slice, the summed flag)."""
+    return reduce_scatter_mean_async(flat, bounds, flag).wait()
 
 
 def all_gather_bytes(mine: torch.Tensor) -> torch.Tensor:

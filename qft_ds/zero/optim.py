@@ -4,7 +4,8 @@ Same QTensor layout, same backward hook (GradientFlow), same ops.lion_step as on
 the gradient is reduced and which slice a rank updates change:
 - every quantized weight is split into whole weight groups and momentum blocks (zero/partition.py);
   each rank holds int8 momentum (and the error-feedback residual) for its slice only: ~1/N;
-- fused flow: the layer's gradient is reduce-scattered inside backward (mean over ranks), the owner
+- fused flow: the layer's gradient is reduce-scattered inside backward (mean over ranks), asynchronously:
+  it overlaps the next layer's backward and is applied at the next hook (or at step()); the owner
   updates its slice with offset = global_offset + lo (the one-device random draws), and stages 1/2
   all-gather the slices' int8 codes, fp32 scales and outlier values: lossless;
 - stack flow (gradient accumulation): stage 1 keeps whole int8 buffers and reduce-scatters them at the
@@ -65,6 +66,7 @@ class ZeroLion(QFTLion):
         self.zero_stage = zero_stage
         self.shards: dict[int, WeightShard] = {}
         self._sq_shard = None  # this step's squared norm of this rank's gradient slices
+        self._pending = None   # fused: (weight, its reduce-scatter in flight)
         self.flow = ShardedFlow(self.flow.mode, self._apply, self.block_size, self.shard_of,
                                 per_push=zero_stage >= 2)
         self.flow.attach(self.weights)
@@ -99,16 +101,30 @@ class ZeroLion(QFTLion):
         self._sq_shard = sq if self._sq_shard is None else self._sq_shard + sq
 
     def _apply(self, w, grad, coef=None):
-        """fused (coef None): `grad` is this rank's whole gradient; stack: already this rank's slice."""
-        sh = self.shard_of(w)
-        finite = None
+        """fused (coef None): `grad` is this rank's whole gradient. Its reduce-scatter starts now and the
+        previous weight's, started one hook earlier and overlapped with the backward in between, is
+        finished and applied (one in flight; _flush finishes the last). stack: already this rank's slice."""
         if coef is None:
-            grad, finite = sh.reduce_scatter(grad)
-            # `finite` is the same on every rank (the flag was summed in the reduce-scatter): a weight
-            # with a non-finite gradient anywhere is written by nobody, as on one device.
-            self._finite_flags.append(finite)
-            self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))  # of this rank's slice
-            coef = self._clip_coef(self.prev_grad_norm)
+            pending = (w, self.shard_of(w).reduce_scatter_async(grad))
+            self._flush()
+            self._pending = pending
+            return
+        self._update(w, grad, coef, None)
+
+    def _flush(self) -> None:
+        if self._pending is None:
+            return
+        w, result = self._pending
+        self._pending = None
+        grad, finite = result()
+        # `finite` is the same on every rank (the flag was summed in the reduce-scatter): a weight with a
+        # non-finite gradient anywhere is written by nobody, as on one device.
+        self._finite_flags.append(finite)
+        self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))  # of this rank's slice
+        self._update(w, grad, self._clip_coef(self.prev_grad_norm), finite)
+
+    def _update(self, w, grad, coef, finite):
+        sh = self.shard_of(w)
         group = self._group_of[id(w)]
         st = self._qstate(w)
         if sh.numel:
@@ -140,6 +156,7 @@ class ZeroLion(QFTLion):
         return super()._norm_now()
 
     def _skip(self, loss):
+        self._flush()  # one device applied it inside backward already: so does every rank here
         self._sq_shard = None
         return super()._skip(loss)
 

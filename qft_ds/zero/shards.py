@@ -72,10 +72,18 @@ class WeightShard:
     def reduce_scatter(self, grad: torch.Tensor):
         """The mean gradient over ranks, this rank's slice (fp32), and whether every rank's was finite.
         A bf16 gradient is cast while it is packed: no fp32 copy of the whole layer's gradient."""
+        return self.reduce_scatter_async(grad)()
+
+    def reduce_scatter_async(self, grad: torch.Tensor):
+        """reduce_scatter started now; call the result for (slice, finite) once it is needed."""
         flat = grad.reshape(-1)
         bad = (~torch.isfinite(flat.sum(dtype=torch.float32))).float()
-        shard, bad_sum = comm.reduce_scatter_mean(flat, self.bounds, bad)
-        return shard, bad_sum == 0
+        pending = comm.reduce_scatter_mean_async(flat, self.bounds, bad)
+
+        def result():
+            shard, bad_sum = pending.wait()
+            return shard, bad_sum == 0
+        return result
 
     # -- gathers -----------------------------------------------------------------------------------
     def _sizes(self, with_idx: bool) -> list[int]:
