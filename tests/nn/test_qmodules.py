@@ -130,3 +130,18 @@ def test_checkpointed_layers_reuse_the_recomputed_weight_in_backward(tiny_llama,
     assert {off[n] for n in layer} == {2}  # forward + backward: nothing kept from the forward
     for n in g_before:
         assert torch.allclose(g_off[n], g_before[n], rtol=1e-5, atol=1e-7), n
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_reuse_recomputed_weight_key_decides_the_marking(tiny_llama, reuse):
+    from qft_ds.config import QFTConfig
+    from qft_ds.engine import prepare_model
+    from qft_ds.nn.qmodules import _CHECKPOINTED_LAYER
+    model = tiny_llama(tie=False)
+    cfg = QFTConfig.from_dict({"gradient_checkpointing": True, "reuse_recomputed_weight": reuse})
+    prepare_model(model, cfg)
+    linears = [m for m in model.modules() if isinstance(m, QLinear)]
+    marked = [m for m in linears if m in _CHECKPOINTED_LAYER]
+    assert len(marked) == (7 * model.config.num_hidden_layers if reuse else 0)
+    with pytest.raises(ValueError, match="reuse_recomputed_weight"):
+        QFTConfig.from_dict({"reuse_recomputed_weight": "yes"})
