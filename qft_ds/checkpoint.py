@@ -33,7 +33,7 @@ FORMAT_VERSION = 1
 LATEST = "latest"
 PREFIX = "checkpoint-"
 # qft keys that may change across a resume: they do not change the int8 state or its RNG stream.
-_RESUMABLE_QFT_KEYS = ("backend", "gradient_checkpointing", "flow")
+_RESUMABLE_QFT_KEYS = ("backend", "gradient_checkpointing", "flow", "reuse_recomputed_weight")
 
 
 class CheckpointError(ValueError):
