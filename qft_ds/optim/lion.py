@@ -125,12 +125,14 @@ class QFTLion(torch.optim.Optimizer):
     def _flush(self) -> None:
         """Finish fused updates still in flight (ZeRO overlaps each with the next layer's backward)."""
 
-    def _note_norm(self, grad):
-        """Fused flow, per weight: two launches (norm, finite flag). A non-finite gradient: the kernel
-        writes nothing (the step becomes partial). Checked on the device: a host sync per layer would
-        serialise the CPU and GPU for the whole backward. The norms are summed once, in _take_norms."""
+    def _note_norm(self, grad, finite=None):
+        """Fused flow, per weight: two launches (norm, finite flag; ZeRO passes the flag its reduce-scatter
+        carried). A non-finite gradient: the kernel writes nothing (the step becomes partial). Checked on
+        the device: a host sync per layer would serialise the CPU and GPU for the whole backward. The
+        norms are summed once, in _take_norms."""
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-        finite = torch.isfinite(norm)
+        if finite is None:
+            finite = torch.isfinite(norm)
         self._finite_flags.append(finite)
         self._norms.append(norm)
         return finite

@@ -119,8 +119,7 @@ class ZeroLion(QFTLion):
         grad, finite = result()
         # `finite` is the same on every rank (the flag was summed in the reduce-scatter): a weight with a
         # non-finite gradient anywhere is written by nobody, as on one device.
-        self._finite_flags.append(finite)
-        self._norms.append(torch.linalg.vector_norm(grad, dtype=torch.float32))  # of this rank's slice
+        self._note_norm(grad, finite)  # the norm of this rank's slice
         self._update(w, grad, self._clip_coef(self.prev_grad_norm), finite)
 
     def _update(self, w, grad, coef, finite):

@@ -11,6 +11,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
 from qft_ds.ops import triton_kernels as tk  # noqa: E402
+from qft_ds.ops.triton_backend import _next_pow2  # noqa: E402
 
 LION_ARGS = {"w_ptr": "*i8", "ws_ptr": "*fp32", "m_ptr": "*i8", "ms_ptr": "*fp32", "g_ptr": "*bf16", "r_ptr": "*i8",
              "ok_ptr": "*i1", "n": "i64", "lr": "fp32", "beta1": "fp32", "beta2": "fp32", "decay": "fp32",
@@ -29,8 +30,8 @@ def configs():
             {"B": 256, "BP2": 256, "ROUNDING": rounding}
     for (g, rw, rm), rounding, quad in itertools.product([(96, 32, 12), (128, 16, 8)], (0, 1, 2), (True, False)):
         yield f"lion 2pass G{g} r{rounding} quad={quad}", tk.lion_kernel, LION_ARGS, \
-            {"G": g, "GP2": 1 << (g - 1).bit_length(), "RW": rw, "RWP2": 1 << (rw - 1).bit_length(), "B": 256,
-             "RM": rm, "RMP2": 1 << (rm - 1).bit_length(), "ROUNDING": rounding, "QUAD_RNG": quad, "ROUNDS": 10}
+            {"G": g, "GP2": _next_pow2(g), "RW": rw, "RWP2": _next_pow2(rw), "B": 256, "RM": rm,
+             "RMP2": _next_pow2(rm), "ROUNDING": rounding, "QUAD_RNG": quad, "ROUNDS": 10}
     for rounding, outliers in itertools.product((0, 1, 2), (False, True)):
         yield f"lion 3d r{rounding} outliers={outliers}", tk.lion_kernel_3d, {**LION_ARGS, **OUTLIER_ARGS}, \
             {"G": 128, "K": 2, "RM": 8, "ROUNDING": rounding, "ROUNDS": 10, "OUTLIERS": outliers, "OB": 64}
