@@ -74,8 +74,9 @@ def main(argv=None):
     grad = torch.randn(256, 1024, device=dev, dtype=torch.bfloat16) * 1e-3
     st = opt._qstate(w)
     t = ops.get_ops("triton", dev)
+    finite = torch.ones((), dtype=torch.bool, device=dev)  # training passes the gradient's device flag
     kw = dict(lr=1e-5, beta1=0.9, beta2=0.99, weight_decay=0.1, rounding="sr", seed=0, step=0, offset=0,
-              outlier_idx=w.outlier_idx, outlier_val=w.outlier_val)
+              outlier_idx=w.outlier_idx, outlier_val=w.outlier_val, finite=finite)
     rows["lion_step_ops"] = host_us(lambda: t.lion_step(w.codes, w.scales, w.group, st["m_codes"], st["m_scales"],
                                                         256, grad, **kw))
     rows["qftlion_apply"] = host_us(lambda: opt._apply(w, grad))  # + norm, finite flag, clip coefficient
@@ -95,10 +96,22 @@ def main(argv=None):
     rows["nn_linear_fwd_bwd"] = host_us(fwd_bwd(lin), calls=100)
     opt._finite_flags, opt._norms = [], []
 
-    result = {**common.header(args.commit), "unit": "host microseconds per call", "rows": rows}
+    # which launches and host work one QLinear forward + backward is made of
+    from torch.profiler import ProfilerActivity, profile
+    run = fwd_bwd(q)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            run()
+        torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50)
+    opt._finite_flags, opt._norms = [], []
+
+    result = {**common.header(args.commit), "unit": "host microseconds per call", "rows": rows,
+              "qlinear_fwd_bwd_profile_10_calls": table.splitlines()}
     path = common.write_result("launch_overhead", result, args.out)
     for k, v in rows.items():
         print(f"  {k:>24}: {v:8.1f} us")
+    print(table)
     print(f"wrote {path}")
 
 

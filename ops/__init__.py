@@ -12,7 +12,8 @@ from types import SimpleNamespace
 
 from . import reference
 
-OP_NAMES = ("quantize_blockwise", "dequantize_blockwise", "uniform", "lion_step", "lion_step_fp32")
+OP_NAMES = ("quantize_blockwise", "dequantize_blockwise", "dequantize_hybrid", "uniform", "lion_step",
+            "lion_step_fp32")
 
 
 @dataclass

@@ -105,6 +105,15 @@ def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, block: int,
     return x.reshape(-1)[:n].to(dtype)
 
 
+def dequantize_hybrid(codes, scales, block, outlier_idx, outlier_val, dtype=torch.float32) -> torch.Tensor:
+    """Dense blockwise dequantize, then the exact fp32 outliers written at their (sorted int32) flat
+    indices, cast to `dtype`: the hybrid weight as the matmul reads it. Flat out."""
+    w = dequantize_blockwise(codes, scales, block, dtype)
+    if outlier_idx is not None and outlier_idx.numel():
+        w[outlier_idx] = outlier_val.to(dtype)
+    return w
+
+
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None):

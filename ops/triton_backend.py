@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 
@@ -45,13 +46,30 @@ def _next_pow2(x: int) -> int:
 
 
 def dequantize_blockwise_kernel(codes, scales, block, dtype=torch.float32):
-    """The Triton dequantize. Not registered as the backend's `dequantize_blockwise`: on the H100 the
-    reference's single mixed-dtype torch kernel moves the same bytes with a tenth of the host launch
-    cost, and the training forward is host-bound (bench/NOTES.md). Kept, tested, for fused use."""
+    """The Triton dequantize. Not registered as the backend's `dequantize_blockwise`: without outliers the
+    reference's single mixed-dtype torch kernel does the same in one launch, and a torch launch costs
+    less host time than a Triton one (8.9 against 15.3 us on the H100, results/launch_overhead_*)."""
     n = codes.numel()
     out = torch.empty(n, dtype=dtype, device=codes.device)
     BLOCK = 4096
     _kernels().dequant_kernel[(triton_cdiv(n, BLOCK),)](codes, scales, out, n, G=block, BLOCK=BLOCK)
+    return out
+
+
+DEQUANT_CHUNK = 8192
+
+
+def dequantize_hybrid(codes, scales, block, outlier_idx, outlier_val, dtype=torch.float32):
+    """reference.dequantize_hybrid in one launch (dense dequantize + the outliers). The training forward
+    is host-bound: this replaces four torch launches per weight use (bench/NOTES.md)."""
+    if outlier_idx is None or not outlier_idx.numel():
+        return ref.dequantize_blockwise(codes, scales, block, dtype)
+    n = codes.numel()
+    out = torch.empty(n, dtype=dtype, device=codes.device)
+    n_chunks = triton_cdiv(n, DEQUANT_CHUNK)
+    _kernels().dequant_hybrid_kernel[(n_chunks,)](
+        codes, scales, out, n, outlier_idx, outlier_val, outlier_chunk_ptrs(outlier_idx, DEQUANT_CHUNK, n_chunks),
+        G=block, BLOCK=DEQUANT_CHUNK)
     return out
 
 
@@ -146,7 +164,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         _kernels().lion_kernel[(triton_cdiv(n, chunk),)](
             w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
             float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
-            ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
+            _step_key(seed, step), offset,
             G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
             ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ROUNDS=philox_rounds,
             num_warps=num_warps)
@@ -156,24 +174,44 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
             residual[idx] = 0
 
 
+_KEYS: dict = {}
+
+
+def _step_key(seed: int, step: int) -> int:
+    """The Lion kernels' Philox key for one step (one draw per element feeds both roundings; see
+    triton_kernels). Cached: every weight of a step uses the same key, and the hash is Python work."""
+    key = _KEYS.get((seed, step))
+    if key is None:
+        if len(_KEYS) > 64:
+            _KEYS.clear()
+        key = _KEYS[(seed, step)] = ref.rng_key(seed, step, ref.STREAM_WEIGHT)
+    return key
+
+
 def _fits_3d(w_block, m_block, offset, chunk) -> bool:
     blocks = max(1, (chunk or 2048) // m_block)
     return not (w_block & (w_block - 1) or m_block % w_block or w_block % 4 or offset % 4 or blocks & (blocks - 1))
 
 
-_BOUNDS: dict = {}
+_PTRS: dict = {}  # id(index tensor) -> (weakref to it, its version, {(chunk, n_chunks): ptrs})
 
 
-def _chunk_bounds(n_chunks: int, chunk: int, device) -> torch.Tensor:
-    """[0, chunk, 2*chunk, ...] as int32, cached: a model has a few weight shapes, and two launches per
-    weight and step add up in a host-bound step."""
-    key = (n_chunks, chunk, str(device))
-    bounds = _BOUNDS.get(key)
-    if bounds is None:
-        if len(_BOUNDS) > 256:
-            _BOUNDS.clear()
-        bounds = _BOUNDS[key] = torch.arange(0, n_chunks + 1, dtype=torch.int32, device=device) * chunk
-    return bounds
+def outlier_chunk_ptrs(outlier_idx: torch.Tensor, chunk: int, n_chunks: int) -> torch.Tensor:
+    """int32 [n_chunks + 1]: chunk c of `chunk` elements owns the (sorted) outliers ptr[c]:ptr[c+1].
+
+    Cached per index tensor (while it lives) and checked against its version: the indices change only
+    when the outliers are refreshed or loaded, and two launches (arange, searchsorted) per weight use add
+    up in a host-bound step. Not keyed by data_ptr: a freed index tensor's memory is soon another's, and
+    not stored on the tensor: torch.save would write it into checkpoints."""
+    key = id(outlier_idx)
+    entry = _PTRS.get(key)
+    if entry is None or entry[0]() is not outlier_idx or entry[1] != outlier_idx._version:
+        entry = _PTRS[key] = (weakref.ref(outlier_idx, lambda _, k=key: _PTRS.pop(k, None)), outlier_idx._version, {})
+    ptrs = entry[2].get((chunk, n_chunks))
+    if ptrs is None:
+        bounds = torch.arange(0, n_chunks + 1, dtype=torch.int32, device=outlier_idx.device) * chunk
+        ptrs = entry[2][(chunk, n_chunks)] = torch.searchsorted(outlier_idx, bounds, out_int32=True)
+    return ptrs
 
 
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
@@ -183,7 +221,7 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
     chunk = rm * m_block
     n_chunks = triton_cdiv(n, chunk)
     if outlier_idx is not None:  # chunk c owns outliers optr[c]:optr[c+1] (the indices are sorted)
-        optr = torch.searchsorted(outlier_idx, _chunk_bounds(n_chunks, chunk, w_codes.device), out_int32=True)
+        optr = outlier_chunk_ptrs(outlier_idx, chunk, n_chunks)
         extra = dict(OUTLIERS=True)
     else:
         outlier_idx = outlier_val = optr = w_codes  # unused pointers
@@ -191,7 +229,7 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
     _kernels().lion_kernel_3d[(n_chunks,)](
         w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
         float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
-        ref.rng_key(seed, step, ref.STREAM_WEIGHT), ref.rng_key(seed, step, ref.STREAM_MOMENTUM), offset,
+        _step_key(seed, step), offset,
         outlier_idx, outlier_val, optr,
         G=w_block, K=m_block // w_block, RM=rm, ROUNDING=_rounding_id(rounding), ROUNDS=philox_rounds,
         num_warps=num_warps, **extra)

@@ -4,6 +4,10 @@ Random draws are counter-based Philox (`tl.randint4x`): element e gets output la
 philox(key, e // 4), with e the *global* element offset. So a rerun is bit-identical and a shard draws
 what the whole tensor would. One Philox call feeds four elements: with one call per element
 (`tl.rand`), the 10 Philox rounds made the Lion kernel compute-bound at a third of copy bandwidth.
+The Lion kernels go further: one 32-bit draw per element feeds both of its roundings, the low 16 bits
+the weight's and the high 16 bits the momentum's (independent bits of one Philox output), so one
+Philox call covers four elements of both streams. A 16-bit uniform biases stochastic rounding by at
+most 2^-17 of an int8 step, far below a Lion update (lr / scale is ~1e-2 steps at lr 1e-5).
 The CPU reference uses another generator: the two agree in distribution, not bit for bit.
 """
 import triton
@@ -13,18 +17,30 @@ SR, RTN, EF = 0, 1, 2
 
 
 @triton.jit
-def _uniform(key, offs, ROUNDS: tl.constexpr = 10):
-    """U[0,1) for global element offsets of any shape: lane offs % 4 of philox(key, offs // 4)."""
+def _bits(key, offs, ROUNDS: tl.constexpr = 10):
+    """32 random bits for global element offsets of any shape: lane offs % 4 of philox(key, offs // 4)."""
     r0, r1, r2, r3 = tl.randint4x(key, offs // 4, ROUNDS)
     lane = offs % 4
-    r = tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
-    return tl.uint_to_uniform_float(r)
+    return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
 
 
 @triton.jit
-def _uniform_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.constexpr,
-                  ROUNDS: tl.constexpr = 10):
-    """The same numbers as _uniform for the tile [ROWS, COLS] at base + r * STRIDE + c, one Philox call per
+def _uniform(key, offs, ROUNDS: tl.constexpr = 10):
+    """U[0,1) (32-bit) for global element offsets of any shape."""
+    return tl.uint_to_uniform_float(_bits(key, offs, ROUNDS))
+
+
+@triton.jit
+def _half_uniform(bits, HIGH: tl.constexpr):
+    """U[0,1) on a 2^-16 grid from the low (weight) or high (momentum) 16 bits of a draw."""
+    h = (bits >> 16) if HIGH else (bits & 0xFFFF)
+    return h.to(tl.int32).to(tl.float32) * (1.0 / 65536.0)
+
+
+@triton.jit
+def _bits_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.constexpr,
+               ROUNDS: tl.constexpr = 10):
+    """The same bits as _bits for the tile [ROWS, COLS] at base + r * STRIDE + c, one Philox call per
     4 elements. Needs base % 4 == 0, STRIDE % 4 == 0, COLS % 4 == 0 (the caller checks)."""
     r = tl.arange(0, ROWS)
     k = tl.arange(0, COLS // 4)
@@ -32,7 +48,7 @@ def _uniform_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.
     r0, r1, r2, r3 = tl.randint4x(key, counters, ROUNDS)
     # join(join(a, c), join(b, d)) laid out row-major is a, b, c, d: element 4k + j gets lane j
     quad = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-    return tl.uint_to_uniform_float(tl.reshape(quad, (ROWS, COLS)))
+    return tl.reshape(quad, (ROWS, COLS))
 
 
 @triton.jit
@@ -55,6 +71,28 @@ def dequant_kernel(codes_ptr, scales_ptr, out_ptr, n, G: tl.constexpr, BLOCK: tl
 
 
 @triton.jit
+def dequant_hybrid_kernel(codes_ptr, scales_ptr, out_ptr, n, oi_ptr, ov_ptr, optr_ptr, G: tl.constexpr,
+                          BLOCK: tl.constexpr, OB: tl.constexpr = 64):
+    """dequant_kernel, then this chunk's outliers (sorted indices oi[optr[pid]:optr[pid+1]]) written over
+    the dense zeros, after a CTA barrier: the hybrid weight in one launch instead of four torch ops."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    q = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.float32)
+    s = tl.load(scales_ptr + offs // G, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+    o_lo = tl.load(optr_ptr + pid)
+    o_hi = tl.load(optr_ptr + pid + 1)
+    tl.debug_barrier()  # the dense store above wrote 0 at these slots: every thread's store lands first
+    ob = tl.arange(0, OB)
+    for j in range(o_lo, o_hi, OB):
+        om = j + ob < o_hi
+        oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
+        ov = tl.load(ov_ptr + j + ob, mask=om, other=0.0)
+        tl.store(out_ptr + oi, ov.to(out_ptr.dtype.element_ty), mask=om)
+
+
+@triton.jit
 def quant_kernel(x_ptr, codes_ptr, scales_ptr, n, key, offset, B: tl.constexpr, BP2: tl.constexpr,
                  ROUNDING: tl.constexpr):
     """One program per block of B elements: absmax scale, then round (B padded to a power of two)."""
@@ -72,7 +110,7 @@ def quant_kernel(x_ptr, codes_ptr, scales_ptr, n, key, offset, B: tl.constexpr, 
 
 @triton.jit
 def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
-                w_key, m_key, offset,
+                key, offset,
                 G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
                 B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr,
                 QUAD_RNG: tl.constexpr, ROUNDS: tl.constexpr = 10):
@@ -107,11 +145,11 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     s_new = tl.maximum(s, tl.max(tl.abs(w), axis=1) / 127.0)
     inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
     y = w * inv[:, None]
-    if ROUNDING == 0:
+    if ROUNDING == 0:  # the low 16 bits of each element's draw (the momentum half takes the high 16)
         if QUAD_RNG:
-            u = _uniform_rows(w_key, start + offset, RWP2, G, GP2, ROUNDS)
+            u = _half_uniform(_bits_rows(key, start + offset, RWP2, G, GP2, ROUNDS), False)
         else:
-            u = _uniform(w_key, offs + offset, ROUNDS)
+            u = _half_uniform(_bits(key, offs + offset, ROUNDS), False)
     else:
         u = 0.0
     q = _round(y, u, ROUNDING)
@@ -134,18 +172,18 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     m = m * beta2 + g * (1.0 - beta2)
     ms_new = tl.max(tl.abs(m), axis=1) / 127.0
     inv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
-    if QUAD_RNG:
-        u = _uniform_rows(m_key, start + offset, RMP2, B, B, ROUNDS)
+    if QUAD_RNG:  # the same draws again (this layout's rows): their high 16 bits
+        u = _half_uniform(_bits_rows(key, start + offset, RMP2, B, B, ROUNDS), True)
     else:
-        u = _uniform(m_key, offs + offset, ROUNDS)
+        u = _half_uniform(_bits(key, offs + offset, ROUNDS), True)
     q = _round(m * inv[:, None], u, 0)  # momentum: always stochastic (unbiased EMA)
     tl.store(m_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(ms_ptr + brow, ms_new, mask=bmask)
 
 
 @triton.jit
-def _uniform_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUNDS: tl.constexpr = 10):
-    """_uniform_rows for a [R, K, G] tile at base + (r * K + k) * G + c: the same numbers, one Philox call
+def _bits_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUNDS: tl.constexpr = 10):
+    """_bits_rows for a [R, K, G] tile at base + (r * K + k) * G + c: the same bits, one Philox call
     per 4 elements. Needs base % 4 == 0 and G % 4 == 0."""
     r = tl.arange(0, R)
     k = tl.arange(0, K)
@@ -153,12 +191,12 @@ def _uniform_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, RO
     counters = (base + (r[:, None, None] * K + k[None, :, None]) * G) // 4 + j[None, None, :]
     r0, r1, r2, r3 = tl.randint4x(key, counters, ROUNDS)
     quad = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-    return tl.uint_to_uniform_float(tl.reshape(quad, (R, K, G)))
+    return tl.reshape(quad, (R, K, G))
 
 
 @triton.jit
 def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
-                   w_key, m_key, offset, oi_ptr, ov_ptr, optr_ptr,
+                   key, offset, oi_ptr, ov_ptr, optr_ptr,
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
                    ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
@@ -212,8 +250,9 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) / 127.0)
     inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
     y = w * inv[:, :, None]
+    bits = _bits_3d(key, start + offset, RM, K, G, ROUNDS)  # one draw per element feeds both roundings
     if ROUNDING == 0:
-        uw = _uniform_3d(w_key, start + offset, RM, K, G, ROUNDS)
+        uw = _half_uniform(bits, False)
     else:
         uw = 0.0
     q = _round(y, uw, ROUNDING)
@@ -234,7 +273,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     m = tl.where(mask, m * beta2 + g * (1.0 - beta2), 0.0)
     ms_new = tl.max(tl.max(tl.abs(m), axis=2), axis=1) / 127.0
     minv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
-    um = _uniform_3d(m_key, start + offset, RM, K, G, ROUNDS)
+    um = _half_uniform(bits, True)
     q = _round(m * minv[:, None, None], um, 0)  # momentum: always stochastic (unbiased EMA)
     tl.store(m_ptr + start + local, q.to(tl.int8), mask=mask)
     tl.store(ms_ptr + start // (K * G) + rm, ms_new, mask=bmask)

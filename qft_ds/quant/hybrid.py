@@ -78,9 +78,7 @@ class HybridWeight(nn.Module):
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         codes, scales, outlier_idx, outlier_val = self.full_state()
-        w = ops.current(codes.device).dequantize_blockwise(codes, scales, self.group, dtype)
-        if outlier_idx.numel():
-            w[outlier_idx] = outlier_val.to(dtype)
+        w = ops.current(codes.device).dequantize_hybrid(codes, scales, self.group, outlier_idx, outlier_val, dtype)
         return w.view(self.shape)
 
     def dequantize_rows(self, ids: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

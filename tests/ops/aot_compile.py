@@ -15,7 +15,7 @@ from qft_ds.ops.triton_backend import _next_pow2  # noqa: E402
 
 LION_ARGS = {"w_ptr": "*i8", "ws_ptr": "*fp32", "m_ptr": "*i8", "ms_ptr": "*fp32", "g_ptr": "*bf16", "r_ptr": "*i8",
              "ok_ptr": "*i1", "n": "i64", "lr": "fp32", "beta1": "fp32", "beta2": "fp32", "decay": "fp32",
-             "grad_scale": "fp32", "w_key": "i64", "m_key": "i64", "offset": "i64"}
+             "grad_scale": "fp32", "key": "i64", "offset": "i64"}
 OUTLIER_ARGS = {"oi_ptr": "*i32", "ov_ptr": "*fp32", "optr_ptr": "*i32"}
 
 
@@ -24,6 +24,8 @@ def configs():
     SmolLM2 (G 96) weights with 256-element momentum blocks."""
     yield "dequant", tk.dequant_kernel, {"codes_ptr": "*i8", "scales_ptr": "*fp32", "out_ptr": "*bf16", "n": "i64"}, \
         {"G": 96, "BLOCK": 4096}
+    yield "dequant hybrid", tk.dequant_hybrid_kernel, {"codes_ptr": "*i8", "scales_ptr": "*fp32", "out_ptr": "*bf16",
+                                                       "n": "i64", **OUTLIER_ARGS}, {"G": 128, "BLOCK": 8192, "OB": 64}
     for rounding in (0, 1):
         yield f"quant r{rounding}", tk.quant_kernel, {"x_ptr": "*fp32", "codes_ptr": "*i8", "scales_ptr": "*fp32",
                                                       "n": "i64", "key": "i64", "offset": "i64"}, \

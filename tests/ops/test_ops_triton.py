@@ -35,6 +35,42 @@ def test_dequantize_matches_reference(tb, n, block):
     assert out16.dtype == torch.bfloat16 and rel(out16.cpu(), out.cpu()) < 4e-3
 
 
+@pytest.mark.parametrize("block,dtype", [(96, torch.bfloat16), (128, torch.float32)])
+def test_dequantize_hybrid_matches_reference(tb, block, dtype):
+    """Dense dequantize + outliers in one launch; outliers in several chunks, at chunk edges, and a chunk
+    without any (the last one)."""
+    be, dev = tb
+    n = 3 * be.DEQUANT_CHUNK + 500
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=g) * 0.02
+    idx = torch.randperm(2 * be.DEQUANT_CHUNK, generator=g)[:300]
+    idx = torch.cat([idx, torch.tensor([0, be.DEQUANT_CHUNK - 1, be.DEQUANT_CHUNK, 2 * be.DEQUANT_CHUNK - 1])])
+    idx = idx.unique().sort().values.to(torch.int32)
+    val = torch.randn(idx.numel(), generator=g)
+    x[idx.long()] = 0.0  # the hybrid invariant: an outlier's dense code is 0
+    codes, scales = ref.quantize_blockwise(x, block)
+    want = ref.dequantize_hybrid(codes, scales, block, idx, val, dtype)
+    args = [t.to(dev) for t in (codes, scales)]
+    got = be.dequantize_hybrid(*args, block, idx.to(dev), val.to(dev), dtype)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        assert torch.equal(got.cpu(), want)
+    else:  # the interpreter's fp32 -> bf16 cast truncates where CUDA rounds to nearest: one bf16 ulp
+        assert torch.allclose(got.cpu().float(), want.float(), rtol=2**-7, atol=0)
+    assert torch.allclose(got.cpu()[idx.long()].float(), val, rtol=2**-7, atol=0)  # outliers, not dense 0s
+
+
+def test_outlier_chunk_ptrs_follow_in_place_changes(tb):
+    """The cached per-chunk outlier ranges are recomputed when the indices change in place (a load)."""
+    be, dev = tb
+    idx = torch.tensor([1, 5, 9000, 20000], dtype=torch.int32, device=dev)
+    first = be.outlier_chunk_ptrs(idx, 8192, 3)
+    assert first.tolist() == [0, 2, 3, 4]
+    assert be.outlier_chunk_ptrs(idx, 8192, 3) is first  # cached: no launch
+    idx.copy_(torch.tensor([1, 8200, 8300, 9000], dtype=torch.int32))
+    assert be.outlier_chunk_ptrs(idx, 8192, 3).tolist() == [0, 1, 4, 4]
+
+
 @pytest.mark.parametrize("n,block", [(5000, 256), (3000, 96)])
 def test_quantize_rtn_matches_reference(tb, n, block):
     be, dev = tb
