@@ -94,6 +94,23 @@ def main(argv=None):
         return run
     rows["qlinear_fwd_bwd"] = host_us(fwd_bwd(q), calls=100)
     rows["nn_linear_fwd_bwd"] = host_us(fwd_bwd(lin), calls=100)
+
+    # the same, split: forward alone (graph built, then dropped), and backward without the Lion update
+    def fwd(mod):
+        def run():
+            with torch.autocast("cuda", torch.bfloat16):
+                mod(x)
+        return run
+    rows["qlinear_fwd"] = host_us(fwd(q), calls=100)
+    rows["nn_linear_fwd"] = host_us(fwd(lin), calls=100)
+    import qft_ds.nn.qmodules as qm
+    deliver, qm.deliver = qm.deliver, lambda weight, g: None
+    rows["qlinear_fwd_bwd_no_update"] = host_us(fwd_bwd(q), calls=100)
+    qm.deliver = deliver
+    norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+    rows["vector_norm"] = host_us(lambda: torch.linalg.vector_norm(grad, dtype=torch.float32))
+    rows["isfinite"] = host_us(lambda: torch.isfinite(norm))
+    rows["python_sum_range_1000"] = host_us(lambda: sum(range(1000)))  # the host CPU's Python speed
     opt._finite_flags, opt._norms = [], []
 
     # which launches and host work one QLinear forward + backward is made of
