@@ -41,6 +41,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--cprofile", action="store_true", help="also cProfile 500 QLinear forward + backward calls")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("launch_overhead.py measures CUDA launches: no CUDA device here")
@@ -122,6 +123,24 @@ def main(argv=None):
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50)
     opt._finite_flags, opt._norms = [], []
+
+    if args.cprofile:  # Python-level host time of one QLinear forward + backward, backward on this thread
+        import cProfile
+        import io
+        import pstats
+        torch.autograd.set_multithreading_enabled(False)  # cProfile sees only the calling thread
+        run = fwd_bwd(q)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(500):
+            run()
+        torch.cuda.synchronize()
+        prof.disable()
+        torch.autograd.set_multithreading_enabled(True)
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)
+        print(buf.getvalue())
+        opt._finite_flags, opt._norms = [], []
 
     result = {**common.header(args.commit), "unit": "host microseconds per call", "rows": rows,
               "qlinear_fwd_bwd_profile_10_calls": table.splitlines()}
