@@ -125,10 +125,10 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     onto a fresh grid every step would add rounding noise to every element every step). Outliers are
     exact fp32, updated in place; their dense codes stay 0. `residual` (int8, units of s/254) is the
     error-feedback carry when rounding == 'ef'. `offset` is the global element offset of element 0.
-    `finite` (a bool tensor or None): if False nothing is written (the GPU kernel masks its stores; here
-    one host sync is cheap next to the rest).
+    `finite` (a bool tensor, a float tensor that must be finite, e.g. the gradient's norm, or None): if
+    not, nothing is written (the GPU kernel masks its stores; here one host sync is cheap next to the rest).
     """
-    if finite is not None and not bool(finite):
+    if finite is not None and not bool(torch.isfinite(finite) if finite.is_floating_point() else finite):
         return
     g = grad.reshape(-1).float()
     if grad_scale != 1.0:

@@ -94,8 +94,9 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
               philox_rounds=10, layout=None, fused_outliers=None):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
-    `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, e.g.
-    isfinite of the gradient's norm) masks every write without a host sync. Tuning knobs: `quad_rng`
+    `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, or a float
+    tensor such as the gradient's norm, which counts as "finite" when it is) masks every write without
+    a host sync. Tuning knobs: `quad_rng`
     (default: whenever the layout allows) draws one Philox call per 4 elements, False forces the
     element-wise path, which yields the same numbers (tests compare them); `chunk` elements per program;
     `philox_rounds` (10, Random123's default; fewer rounds are another stream, for the benchmark's sweep);
@@ -143,7 +144,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         if grad_scale != 1.0:
             g_o.mul_(grad_scale)
         u_o = torch.lerp(m_o, g_o, 1 - beta1).sign_()
-        torch.where(finite, torch.add(outlier_val * (1 - lr * weight_decay), u_o, alpha=-lr), outlier_val,
+        ok = torch.isfinite(finite) if finite.is_floating_point() else finite
+        torch.where(ok, torch.add(outlier_val * (1 - lr * weight_decay), u_o, alpha=-lr), outlier_val,
                     out=outlier_val)
     if layout == "3d":
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
@@ -167,6 +169,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
             _step_key(seed, step), offset,
             G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
             ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ROUNDS=philox_rounds,
+            OK_FLOAT=finite.is_floating_point(),
             num_warps=num_warps)
     if has_outliers:  # the kernel rounded -lr*u at outlier slots; their dense code must stay 0
         w_codes[idx] = 0
@@ -232,6 +235,7 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
         _step_key(seed, step), offset,
         outlier_idx, outlier_val, optr,
         G=w_block, K=m_block // w_block, RM=rm, ROUNDING=_rounding_id(rounding), ROUNDS=philox_rounds,
+        OK_FLOAT=finite.is_floating_point(),
         num_warps=num_warps, **extra)
 
 

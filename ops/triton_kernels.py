@@ -52,6 +52,17 @@ def _bits_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.con
 
 
 @triton.jit
+def _load_ok(ok_ptr, OK_FLOAT: tl.constexpr):
+    """1 if the update may be written: a bool flag, or (OK_FLOAT) a value that must be finite, e.g. the
+    gradient's norm, which saves the isfinite launches (host time) per weight."""
+    if OK_FLOAT:
+        v = tl.load(ok_ptr).to(tl.float32)
+        return ((v - v) == 0.0).to(tl.int32)  # NaN - NaN and inf - inf are NaN
+    else:
+        return tl.load(ok_ptr).to(tl.int32)
+
+
+@triton.jit
 def _round(y, u, ROUNDING: tl.constexpr):
     """y in units of the scale -> codes as float; u: uniforms (used by SR only)."""
     if ROUNDING == 0:
@@ -113,18 +124,19 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
                 key, offset,
                 G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
                 B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr,
-                QUAD_RNG: tl.constexpr, ROUNDS: tl.constexpr = 10):
+                QUAD_RNG: tl.constexpr, ROUNDS: tl.constexpr = 10, OK_FLOAT: tl.constexpr = False):
     """One INT8 Lion step over a chunk of RW*G = RM*B elements (a common multiple of both groupings).
 
     The weight half runs first, in weight-group rows, reading the *old* momentum to get sign(c); the
     momentum half then re-reads its inputs (cache hits) in momentum-block rows and overwrites m. No
     other program touches this chunk, so the order inside the program is the whole synchronisation.
     (A one-pass variant, the [RW, G] tile reshaped to [RM, B] rows, measured slower on the H100 and
-    failed a compiled test: not kept.) `ok_ptr` (a device flag, 0 = the gradient is not finite) masks
+    failed a compiled test: not kept.) `ok_ptr` (a device flag, 0 = the gradient is not finite, or a float
+    that is not finite: see _load_ok) masks
     every load and store: a bad tensor is left unwritten without a host sync.
     """
     start = tl.program_id(0).to(tl.int64) * (RW * G)
-    n = n * tl.load(ok_ptr).to(tl.int64)  # not finite: n = 0 masks every load and store
+    n = n * _load_ok(ok_ptr, OK_FLOAT).to(tl.int64)  # not finite: n = 0 masks every load and store
     # ---- weights: rows are groups of G (padded to GP2 lanes)
     rw = tl.arange(0, RWP2)
     cg = tl.arange(0, GP2)
@@ -198,7 +210,8 @@ def _bits_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUND
 def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
                    key, offset, oi_ptr, ov_ptr, optr_ptr,
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
-                   ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64):
+                   ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64,
+                   OK_FLOAT: tl.constexpr = False):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
     One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
@@ -212,7 +225,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     """
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * (RM * K * G)
-    ok = tl.load(ok_ptr).to(tl.int32)
+    ok = _load_ok(ok_ptr, OK_FLOAT)
     n = n * ok.to(tl.int64)  # not finite: n = 0 masks every load and store
     left = n - start
     rm = tl.arange(0, RM)

@@ -67,7 +67,7 @@ class QFTLion(torch.optim.Optimizer):
         self.skipped_steps = self.partial_steps = self.nonfinite_tensors = 0
         self._skip_reason = None     # set before step() when the step must be skipped
         self._bad_now = 0            # tensors left unwritten in this (fused) step
-        self._finite_flags = []      # fused: device bools, one per weight; counted once per step
+        self._finite_flags = []      # fused: device bools (ZeRO: one per weight), counted once per step
         self._norms = []             # fused: fp32 gradient norms, one per weight; summed once per step
         if rounding == "ef":
             for w in self.weights:
@@ -126,22 +126,27 @@ class QFTLion(torch.optim.Optimizer):
         """Finish fused updates still in flight (ZeRO overlaps each with the next layer's backward)."""
 
     def _note_norm(self, grad, finite=None):
-        """Fused flow, per weight: two launches (norm, finite flag; ZeRO passes the flag its reduce-scatter
-        carried). A non-finite gradient: the kernel writes nothing (the step becomes partial). Checked on
-        the device: a host sync per layer would serialise the CPU and GPU for the whole backward. The
-        norms are summed once, in _take_norms."""
+        """Fused flow, per weight: one launch, the norm, which is also the finite flag the kernel reads (a
+        gradient is finite iff its fp32 norm is; ZeRO passes the flag its reduce-scatter carried). A
+        non-finite gradient: the kernel writes nothing (the step becomes partial). Checked on the device:
+        a host sync per layer would serialise the CPU and GPU for the whole backward. The norms are summed
+        and the flags counted once per step (_take_norms, step)."""
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-        if finite is None:
-            finite = torch.isfinite(norm)
-        self._finite_flags.append(finite)
         self._norms.append(norm)
+        if finite is None:
+            return norm
+        self._finite_flags.append(finite)
         return finite
 
     def _take_norms(self):
-        """Squared sum of this step's fused norms (a skipped tensor adds nothing), or None."""
+        """Squared sum of this step's fused norms (a skipped tensor adds nothing), or None. Without explicit
+        flags (one device) the non-finite norms are the skipped tensors: counted here, synced in step()."""
         if not self._norms:
             return None
-        sq = torch.nan_to_num(torch.stack(self._norms), 0.0, 0.0, 0.0).square().sum()
+        norms = torch.stack(self._norms)
+        if not self._finite_flags:
+            self._finite_flags = [torch.isfinite(norms)]
+        sq = torch.nan_to_num(norms, 0.0, 0.0, 0.0).square().sum()
         self._norms = []
         return sq
 
@@ -240,7 +245,7 @@ class QFTLion(torch.optim.Optimizer):
         self.prev_grad_norm = self._norm_now()
         self._sq_norm = None
         if self._finite_flags:
-            self._bad_now += int((~torch.stack(self._finite_flags)).sum())  # one host sync per step
+            self._bad_now += int((~torch.cat([f.reshape(-1) for f in self._finite_flags])).sum())  # one sync
             self._finite_flags = []
         if self._bad_now:
             self.partial_steps += 1

@@ -37,12 +37,22 @@ def configs():
     for rounding, outliers in itertools.product((0, 1, 2), (False, True)):
         yield f"lion 3d r{rounding} outliers={outliers}", tk.lion_kernel_3d, {**LION_ARGS, **OUTLIER_ARGS}, \
             {"G": 128, "K": 2, "RM": 8, "ROUNDING": rounding, "ROUNDS": 10, "OUTLIERS": outliers, "OB": 64}
+    # training's path: the gradient norm (fp32) is the finite flag
+    yield "lion 3d r0 outliers ok=norm", tk.lion_kernel_3d, {**LION_ARGS, **OUTLIER_ARGS, "ok_ptr": "*fp32"}, \
+        {"G": 128, "K": 2, "RM": 8, "ROUNDING": 0, "ROUNDS": 10, "OUTLIERS": True, "OB": 64, "OK_FLOAT": True}
+    yield "lion 2pass G96 r0 ok=norm", tk.lion_kernel, {**LION_ARGS, "ok_ptr": "*fp32"}, \
+        {"G": 96, "GP2": 128, "RW": 32, "RWP2": 32, "B": 256, "RM": 12, "RMP2": 16, "ROUNDING": 0, "QUAD_RNG": True,
+         "ROUNDS": 10, "OK_FLOAT": True}
 
 
 def main() -> int:
     target = GPUTarget("cuda", 90, 32)
     failed = 0
     for name, kernel, sig, const in configs():
+        # constexprs left to their defaults (ROUNDS, OK_FLOAT, ...) must be named too: unnamed, they are
+        # runtime arguments of no type and the compile fails
+        const = {**{k: p.default for k, p in kernel.signature.parameters.items()
+                    if p.default is not p.empty and k not in sig}, **const}
         src = triton.compiler.ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in const}},
                                         constexprs=const)
         try:

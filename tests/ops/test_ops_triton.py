@@ -198,11 +198,16 @@ def test_lion_kernel_not_finite_writes_nothing_and_bf16_grad_reads_like_fp32(tb,
     idx = torch.tensor([7, 4000], dtype=torch.int32)
     inputs[0][idx.long()] = 0
     val = torch.tensor([0.5, -0.3]).to(dev)
-    skip = _run(lambda *a, **k: be.lion_step(*a, finite=torch.tensor(False, device=dev), **k), dev, inputs,
-                wblock, "sr", idx=idx, val=val)
-    for a, b in zip(skip[:4], inputs[:4]):
-        assert torch.equal(a, b)
-    assert torch.equal(val.cpu(), torch.tensor([0.5, -0.3]))
+    # a False flag, or a float flag (training passes the gradient's norm) that is NaN or inf
+    for flag in (torch.tensor(False), torch.tensor(float("nan")), torch.tensor(float("inf"))):
+        skip = _run(lambda *a, **k: be.lion_step(*a, finite=flag.to(dev), **k), dev, inputs, wblock, "sr",
+                    idx=idx, val=val)
+        for a, b in zip(skip[:4], inputs[:4]):
+            assert torch.equal(a, b)
+        assert torch.equal(val.cpu(), torch.tensor([0.5, -0.3]))
+    run = _run(lambda *a, **k: be.lion_step(*a, finite=torch.tensor(3.5, device=dev), **k), dev, inputs, wblock,
+               "sr", idx=idx, val=val)
+    assert not torch.equal(run[2], inputs[2])  # a finite norm: written
     g16 = inputs[4].bfloat16()
     as16 = _run(be.lion_step, dev, (*inputs[:4], g16), wblock, "sr")
     as32 = _run(be.lion_step, dev, (*inputs[:4], g16.float()), wblock, "sr")
