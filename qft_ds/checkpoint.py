@@ -69,6 +69,8 @@ def quant_layout(model: torch.nn.Module) -> dict:
         if isinstance(m, (QLinear, QEmbedding)):
             kind = "linear" if isinstance(m, QLinear) else "embedding"
             layout[prefix_of[id(m.qweight)]]["modules"][name] = kind
+            if isinstance(m, QLinear) and m.fused is not None:  # fused projections: this module's rows
+                layout[prefix_of[id(m.qweight)]].setdefault("rows", {})[name] = list(m.rows)
     return layout
 
 
@@ -168,6 +170,7 @@ def base_meta(engine, model, step, data, aliases, osd, opt_scalars, ds_config) -
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "qft_ds_version": _version(), "step": step,
         "data": data, "model_class": type(model).__name__, "aliases": aliases, "quant": quant_layout(model),
+        "fuse_projections": bool(getattr(model, "_qft_fuse_projections", False)),
         "engine": {k: int(getattr(engine, k, 0)) for k in ("global_steps", "global_samples", "skipped_steps",
                                                              "micro_steps")},
         "scheduler": sched.state_dict() if sched is not None else None,
@@ -276,6 +279,8 @@ def check_config(meta: dict, ds_config: dict | None) -> None:
     saved = (meta.get("ds_config") or {}).get("qft")
     if ds_config is None or saved is None:
         return
+    if saved.get("method", "qft") == "qft":  # what the model was converted with (older checkpoints: never fused)
+        saved = {**saved, "fuse_projections": bool(meta.get("fuse_projections", False))}
     from qft_ds.config import QFTConfig
     a, b = QFTConfig.from_dict(saved).__dict__, QFTConfig.from_dict(ds_config.get("qft")).__dict__
     diff = [k for k in QFTConfig.keys() if k not in _RESUMABLE_QFT_KEYS and a[k] != b[k]]

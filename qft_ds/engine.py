@@ -129,10 +129,15 @@ def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False
     """Convert (once) and set up checkpointing; returns the HybridWeights."""
     if is_converted(model):
         weights = quantized_weights(model)
+        fused = getattr(model, "_qft_fuse_projections", cfg.fuse_projections)
+        if fused != cfg.fuse_projections:
+            raise ValueError(f"the model was converted with fuse_projections={fused} but 'qft.fuse_projections' is "
+                             f"{cfg.fuse_projections}: convert with the config's value, or let initialize convert")
     else:
         weights = convert_model(model, group_size=cfg.group_size, outlier_frac=cfg.outlier_frac,
                                 compute_dtype=torch.bfloat16 if cfg.compute_bf16 else torch.float32,
-                                error_feedback=cfg.rounding == "ef", progress=progress)
+                                error_feedback=cfg.rounding == "ef", progress=progress,
+                                fuse_projections=cfg.fuse_projections)
     if cfg.compute_bf16:
         autocast_forward(model, torch.bfloat16)
     if cfg.gradient_checkpointing:

@@ -43,7 +43,12 @@ def _dense_tensors(ckpt: Path, meta: dict, dtype: torch.dtype, tied: bool) -> di
     out = {}
     for prefix, layout in meta["quant"].items():
         w = dequantize(t, prefix, layout).to(dtype)
+        rows = layout.get("rows")
         for i, module in enumerate(layout["modules"]):
+            if rows is not None:  # fused projections: each module's rows of the stacked weight
+                a, b = rows[module]
+                out[f"{module}.weight"] = w[a:b].clone()
+                continue
             if i and tied:  # a tied head: config.tie_word_embeddings re-ties it on load
                 continue
             out[f"{module}.weight"] = w if i == 0 else w.clone()
@@ -151,6 +156,7 @@ def _write_int8(ckpt: Path, meta: dict, tmp: Path) -> None:
     qft = (meta.get("ds_config") or {}).get("qft") or {}
     info = {"format": INT8_FORMAT, "format_version": INT8_VERSION, "quant": meta["quant"], "aliases": meta["aliases"],
             "group_size": qft.get("group_size", 128), "outlier_frac": qft.get("outlier_frac", 0.01),
+            "fuse_projections": bool(meta.get("fuse_projections", False)),
             "compute_bf16": bool(((meta.get("ds_config") or {}).get("bf16") or {}).get("enabled"))}
     (tmp / "qft_int8.json").write_text(json.dumps(info, indent=1))
 
@@ -178,7 +184,8 @@ def load_int8(path, device="cpu", compute_dtype: torch.dtype | None = None):
     if compute_dtype is None:
         compute_dtype = torch.bfloat16 if info["compute_bf16"] else torch.float32
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    convert_model(model, group_size=info["group_size"], outlier_frac=info["outlier_frac"], compute_dtype=compute_dtype)
+    convert_model(model, group_size=info["group_size"], outlier_frac=info["outlier_frac"], compute_dtype=compute_dtype,
+                  fuse_projections=info.get("fuse_projections", False))
     have, aliases = checkpoint.model_tensors(model)
     saved = checkpoint.read_tensors(path / "qft_int8.safetensors")
     layout = checkpoint.quant_layout(model)

@@ -19,11 +19,12 @@ import torch
 from qft_ds.quant.qtensor import QTensor
 
 
-def deliver(weight, grad: torch.Tensor) -> None:
-    """Called by the quantized modules' backward with a dense fp32 gradient of `weight`."""
+def deliver(weight, grad: torch.Tensor, uses: int = 1) -> None:
+    """Called by the quantized modules' backward with a dense gradient of `weight` that covers `uses` of
+    its `n_uses` readers (fused projections: the members that read one matmul's outputs)."""
     flow = getattr(weight, "_qft_flow", None)
     if flow is not None:
-        flow.push(weight, grad)
+        flow.push(weight, grad, uses)
     elif weight.grad is None:  # no optimizer attached: keep it for inspection
         weight.grad = grad
     else:
@@ -46,15 +47,15 @@ class GradientFlow:
         for w in weights:
             w._qft_flow = self
 
-    def push(self, weight, grad: torch.Tensor) -> None:
+    def push(self, weight, grad: torch.Tensor, uses: int = 1) -> None:
         if self.mode == "fused":
-            if weight.n_uses > 1:
+            if uses < weight.n_uses:
                 held = self._held.get(weight)
                 if held is None:  # summed in fp32: the uses' gradients may arrive in bf16
-                    self._held[weight] = [grad.float(), 1]
+                    self._held[weight] = [grad.float(), uses]
                     return
                 held[0] += grad
-                held[1] += 1
+                held[1] += uses
                 if held[1] < weight.n_uses:
                     return
                 grad = self._held.pop(weight)[0]

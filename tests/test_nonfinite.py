@@ -48,11 +48,11 @@ def nan_grad_for(monkeypatch):
     def arm(target):
         real = qmodules.deliver
 
-        def deliver(weight, grad):
+        def deliver(weight, grad, uses=1):
             if weight is target:
                 grad = grad.clone()
                 grad.view(-1)[0] = float("nan")
-            real(weight, grad)
+            real(weight, grad, uses)
         monkeypatch.setattr(qmodules, "deliver", deliver)
     return arm
 

@@ -18,14 +18,16 @@ from qft_ds.quant.hybrid import HybridWeight
 
 class _QLinearFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, anchor, weight: HybridWeight, cdt, keep_weight: bool):
+    def forward(ctx, x, anchor, weight: HybridWeight, cdt, keep_weight: bool, readers=None):
         xc = x.to(cdt)
         w = weight.dequantize(cdt)
         # keep_weight (inside a checkpointed layer only): the recompute's dequantized weight serves the
         # backward too, one dequantize fewer per step. The first forward's copy is not kept: checkpointing
         # drops what it saves. Elsewhere this would hold every layer's weight until backward.
         ctx.save_for_backward(xc, w) if keep_weight else ctx.save_for_backward(xc)
-        ctx.weight, ctx.x_dtype = weight, x.dtype
+        # readers: the fused projections whose outputs this call produced (filled in as they read them);
+        # the gradient counts as that many of the weight's uses
+        ctx.weight, ctx.x_dtype, ctx.readers = weight, x.dtype, readers
         y = F.linear(xc, w)
         # Out in the input's dtype, as torch.nn.Linear: a bf16 q/v next to an fp32 k (after fp32 RoPE)
         # breaks attention. Under autocast, stay in the compute dtype like every autocast matmul.
@@ -43,8 +45,9 @@ class _QLinearFn(torch.autograd.Function):
             gx = (gy @ w).to(ctx.x_dtype)
         del kept
         gw = gy.reshape(-1, gy.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
-        deliver(weight, gw)  # in the compute dtype: the Lion kernel upcasts in registers (6 B/param, not 8)
-        return gx, None, None, None, None
+        # in the compute dtype: the Lion kernel upcasts in registers (6 B/param, not 8)
+        deliver(weight, gw, len(ctx.readers) if ctx.readers is not None else 1)
+        return gx, None, None, None, None, None
 
 
 class _QEmbeddingFn(torch.autograd.Function):
@@ -67,32 +70,82 @@ class _QEmbeddingFn(torch.autograd.Function):
 
 
 class QLinear(nn.Module):
+    """y = x W^T (+ b) over a HybridWeight. With `fused` (a FusedProjections shared by siblings such as
+    q/k/v_proj, whose rows are stacked in one HybridWeight) this module's W is `rows` of that weight."""
+
     def __init__(self, qweight: HybridWeight, bias: torch.Tensor | None = None,
-                 compute_dtype: torch.dtype = torch.float32):
+                 compute_dtype: torch.dtype = torch.float32, fused: "FusedProjections | None" = None,
+                 member: int = 0):
         super().__init__()
         self.qweight = qweight
-        self.out_features, self.in_features = qweight.shape
+        self.in_features = qweight.shape[1]
+        self.rows = fused.rows[member] if fused is not None else (0, qweight.shape[0])
+        self.out_features = self.rows[1] - self.rows[0]
         self.bias = nn.Parameter(bias.detach().float()) if bias is not None else None
         self.compute_dtype = compute_dtype
+        self.fused, self.member = fused, member
         qweight.n_uses += 1
 
     @property
     def weight(self) -> torch.Tensor:
         """A dequantized fp32 copy, for code that reads `.weight`; writing to it changes nothing."""
-        return self.qweight.dequantize(torch.float32)
+        w = self.qweight.dequantize(torch.float32)
+        return w[self.rows[0]:self.rows[1]] if self.fused is not None else w
 
-    def forward(self, x):
+    def keeps_weight(self) -> bool:
         ref = _CHECKPOINTED_LAYER.get(self)
         layer = ref() if ref is not None else None
         # read each call: gradient_checkpointing_disable() must stop the reuse, or every weight is kept
-        keep = (layer is not None and getattr(layer, "gradient_checkpointing", False) and layer.training
+        return (layer is not None and getattr(layer, "gradient_checkpointing", False) and layer.training
                 and torch.is_grad_enabled())
-        y = _QLinearFn.apply(x, self.qweight.anchor, self.qweight, self.compute_dtype, keep)
+
+    def forward(self, x):
+        if self.fused is not None:
+            y = self.fused.output(self, x)
+        else:
+            y = _QLinearFn.apply(x, self.qweight.anchor, self.qweight, self.compute_dtype, self.keeps_weight())
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
+        rows = f", rows={self.rows[0]}:{self.rows[1]} of a fused weight" if self.fused is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}")
+                f"bias={self.bias is not None}, compute_dtype={self.compute_dtype}{rows}")
+
+
+class FusedProjections:
+    """Sibling projections that read the same input (q/k/v_proj, gate/up_proj) over one HybridWeight
+    with their rows stacked: the first member called computes every member's output in one matmul and the
+    others take their slice, so the host work per layer (dequantize, matmul, autograd node, Lion update;
+    the step is host-bound, bench/NOTES.md) is paid once instead of per projection.
+
+    A member called with another input, grad mode or autocast state than the pending outputs were made
+    with computes afresh, so the result is always right. The gradient of each matmul then counts as the
+    number of members that read its outputs (the others' rows are zero), and the fused flow updates the
+    weight once, when all members' gradients are in.
+    """
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = list(sizes)
+        starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.rows = [(a, a + n) for a, n in zip(starts, self.sizes)]
+        self._pending = None  # (weakref to the input, its version, state, outputs, readers, members left)
+
+    def output(self, member: QLinear, x: torch.Tensor) -> torch.Tensor:
+        state = (torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
+        p = self._pending
+        if p is not None and p[0]() is x and p[1] == x._version and p[2] == state and member.member in p[5]:
+            p[5].discard(member.member)
+            p[4].append(member.member)
+            if not p[5]:
+                self._pending = None  # every member has its output: hold nothing
+            return p[3][member.member]
+        readers = [member.member]
+        y = _QLinearFn.apply(x, member.qweight.anchor, member.qweight, member.compute_dtype, member.keeps_weight(),
+                             readers)
+        outs = y.split(self.sizes, dim=-1)
+        left = set(range(len(self.sizes))) - {member.member}
+        self._pending = (weakref.ref(x), x._version, state, outs, readers, left) if left else None
+        return outs[member.member]
 
 
 class QEmbedding(nn.Module):

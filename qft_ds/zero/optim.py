@@ -40,13 +40,13 @@ class ShardedFlow(GradientFlow):
         super().__init__(mode, apply_fn, block_size)
         self.shard_of, self.per_push = shard_of, per_push
 
-    def push(self, weight, grad: torch.Tensor) -> None:
+    def push(self, weight, grad: torch.Tensor, uses: int = 1) -> None:
         if self.mode == "stack" and self.per_push:
             bad = ~torch.isfinite(grad.sum())  # this rank's; QFTLion.step asks every rank
             self._bad = bad if self._bad is None else self._bad | bad
             grad = grad.float().nan_to_num_(0.0, 0.0, 0.0)  # never poison the other ranks' slices
             grad, _ = self.shard_of(weight).reduce_scatter(grad)
-        super().push(weight, grad)
+        super().push(weight, grad, uses)
 
     def scatter_buffers(self) -> None:
         """Whole int8 buffers -> this rank's slice of their mean over ranks (stage 1, at the boundary)."""

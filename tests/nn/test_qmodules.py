@@ -55,7 +55,7 @@ def test_convert_ties_embedding_and_head(tiny_llama):
     x = torch.randint(0, 128, (2, 16))
     with torch.no_grad():
         before = model(input_ids=x).logits
-    weights = convert_model(model, group_size=64, outlier_frac=0.0)
+    weights = convert_model(model, group_size=64, outlier_frac=0.0, fuse_projections=False)
     assert model.lm_head.qweight is model.model.embed_tokens.qweight
     assert weights[0].n_uses == 2 and all(w.n_uses == 1 for w in weights[1:])
     assert len(weights) == len(quantized_weights(model)) == 1 + 2 * 7
@@ -75,7 +75,7 @@ def test_tied_gradient_is_the_sum_of_both_uses(tiny_llama):
     with torch.no_grad():
         for name, mod in model.named_modules():
             if isinstance(mod, (QLinear, QEmbedding)):
-                dense.get_submodule(name).weight.data.copy_(mod.qweight.dequantize())
+                dense.get_submodule(name).weight.data.copy_(mod.weight)  # a fused projection: its rows
     model(input_ids=x, labels=x).loss.backward()
     dense(input_ids=x, labels=x).loss.backward()
     g = model.model.embed_tokens.qweight.grad
@@ -112,7 +112,7 @@ def test_checkpointed_layers_reuse_the_recomputed_weight_in_backward(tiny_llama,
     checkpointing was switched off dequantize in backward as before."""
     from qft_ds.nn.qmodules import mark_checkpointed
     model = tiny_llama(tie=False)
-    convert_model(model, group_size=64, outlier_frac=0.01)
+    convert_model(model, group_size=64, outlier_frac=0.01, fuse_projections=False)  # counted per projection
     model.train()
     x = torch.randint(0, 128, (2, 16))
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
