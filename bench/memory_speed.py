@@ -8,7 +8,8 @@ copy bandwidth and the int8 Lion kernel's achieved bandwidth, measured in the sa
     python bench/memory_speed.py --commit $(git rev-parse HEAD)                 # 1.1B and 7B shapes
     python bench/memory_speed.py --shapes 1.1b --methods qft bf16_adamw         # a subset
 
-Methods: qft (through DeepSpeed, as users run it; Triton kernels where they run), qft_torch (the same
+Methods: qft (through DeepSpeed, as users run it; Triton kernels where they run), qft_unfused (the same
+with `qft.fuse_projections: false`: one weight per projection, the layout before that key), qft_torch (the same
 with the PyTorch reference ops), fp32_adamw (fp32 master weights, fused torch AdamW), bf16_adamw and
 bf16_lion (pure bf16 weights), ds_fusedadam (DeepSpeed FusedAdam at ZeRO-0 with its bf16 mode); qft_2pass is
 qft with QFT_DS_LION_LAYOUT=2pass (the two-pass Lion kernel and torch outlier ops, the default before the
@@ -38,7 +39,7 @@ SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, batch=2, seq=64),
 }
-METHODS = ["qft", "qft_2pass", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
+METHODS = ["qft", "qft_unfused", "qft_2pass", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
 
 
 def build(shape, dtype, device):
@@ -52,11 +53,11 @@ def build(shape, dtype, device):
     return model
 
 
-def qft_config(backend, batch):
+def qft_config(backend, batch, fuse=True):
     return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
             "bf16": {"enabled": True}, "steps_per_print": 10**9,
             "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
-            "qft": {"backend": backend, "gradient_checkpointing": True}}
+            "qft": {"backend": backend, "gradient_checkpointing": True, "fuse_projections": fuse}}
 
 
 def setup(method, shape, dev):
@@ -66,9 +67,10 @@ def setup(method, shape, dev):
     if method.startswith("qft"):
         # weights are created on the CPU and quantized one by one straight onto the GPU
         model = build(shape, torch.bfloat16, "cpu")
-        qft_ds.convert_model(model, compute_dtype=torch.bfloat16, device=dev)
+        fuse = method != "qft_unfused"
+        qft_ds.convert_model(model, compute_dtype=torch.bfloat16, device=dev, fuse_projections=fuse)
         engine, opt, _, _ = qft_ds.initialize(model=model, config=qft_config(
-            "torch" if method == "qft_torch" else "auto", batch))
+            "torch" if method == "qft_torch" else "auto", batch, fuse))
 
         def step(x):
             loss = engine(input_ids=x, labels=x).loss
