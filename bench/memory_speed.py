@@ -252,6 +252,55 @@ def bandwidths(dev):
     return out
 
 
+def interleaved(shape, methods, args, dev) -> dict:
+    """Speed with every method's model resident at once, timed in alternating blocks of `iters` steps
+    (the method order rotates each round). The host-bound steps swing by 30% between runs of this
+    machine (other tenants' CPU load); a ratio of two methods is only fair when both saw the same
+    moments, so the ratio is taken per round and its median reported."""
+    steps = {}
+    for m in methods:
+        os.environ["QFT_DS_LION_LAYOUT"] = "2pass" if m == "qft_2pass" else "auto"
+        try:
+            steps[m] = setup(m, shape, dev)[0]
+        except torch.OutOfMemoryError:
+            print(f"  interleaved: {m} does not fit next to the others; left out", flush=True)
+        finally:
+            os.environ.pop("QFT_DS_LION_LAYOUT", None)
+    g = torch.Generator().manual_seed(1)
+    batch, seq = SHAPES[shape]["batch"], SHAPES[shape]["seq"]
+    x = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), generator=g).to(dev)
+    names = list(steps)
+    tok_s = {m: [] for m in names}
+    for r in range(args.rounds + 1):  # round 0: warm-up, not recorded
+        for m in names[r % len(names):] + names[: r % len(names)]:
+            os.environ["QFT_DS_LION_LAYOUT"] = "2pass" if m == "qft_2pass" else "auto"
+            times = []
+            for _ in range(args.iters if r else args.warmup):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                steps[m](x)
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - t0)
+            if r:
+                tok_s[m].append(batch * seq / statistics.median(times))
+        os.environ.pop("QFT_DS_LION_LAYOUT", None)
+    out = {"model": shape, "rounds": args.rounds, "steps_per_block": args.iters, "tok_s_per_round": tok_s,
+           "tok_s_median": {m: statistics.median(v) for m, v in tok_s.items()}}
+    if "fp32_adamw" in tok_s:
+        base = tok_s["fp32_adamw"]
+        out["ratio_to_fp32_adamw"] = {m: {"per_round": [a / b for a, b in zip(v, base)],
+                                          "median": statistics.median(a / b for a, b in zip(v, base))}
+                                      for m, v in tok_s.items() if m != "fp32_adamw"}
+    for m in names:
+        ratio = out.get("ratio_to_fp32_adamw", {}).get(m, {}).get("median")
+        print(f"  interleaved {shape} {m:>13}: median {out['tok_s_median'][m]:.0f} tok/s"
+              + (f", {ratio:.3f}x fp32_adamw (median of per-round ratios)" if ratio else ""), flush=True)
+    steps = None
+    gc.collect()
+    torch.cuda.empty_cache()
+    return out
+
+
 def plot(result, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -286,6 +335,8 @@ def main(argv=None):
     p.add_argument("--profile", nargs="*", default=[], choices=METHODS, help="profile these methods (2 steps)")
     p.add_argument("--cprofile", nargs="*", default=[], choices=METHODS, help="cProfile these methods (2 steps)")
     p.add_argument("--skip-bandwidth", action="store_true")
+    p.add_argument("--rounds", type=int, default=0,
+                   help="then time the methods of each shape interleaved, all resident, for this many rounds")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
@@ -302,6 +353,10 @@ def main(argv=None):
     for s in args.shapes:
         for m in args.methods:
             result["rows"].append(measure(m, s, args, dev))
+            common.write_partial("memory_speed", result, args.out)
+        if args.rounds:
+            fits = [r["method"] for r in result["rows"] if r["model"] == s and r["tok_s"] is not None]
+            result.setdefault("interleaved", []).append(interleaved(s, fits, args, dev))
             common.write_partial("memory_speed", result, args.out)
     path = common.write_result("memory_speed", result, args.out)
     plot(result, path.with_suffix(".png"))
