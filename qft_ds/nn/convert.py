@@ -90,7 +90,8 @@ def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: floa
                 mods = [model.get_submodule(n) if n != name else mod for n in names]
                 stacked = torch.cat([m.weight.detach() if device is None else m.weight.detach().to(device)
                                      for m in mods])
-                qw = HybridWeight(stacked, group_size, outlier_frac, global_offset=offset)
+                qw = HybridWeight(stacked, group_size, outlier_frac, global_offset=offset,
+                                  segments=[m.out_features for m in mods])
                 del stacked
                 if error_feedback:
                     qw.residual = torch.zeros_like(qw.codes)

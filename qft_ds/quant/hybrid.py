@@ -34,18 +34,29 @@ class HybridWeight(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, group_size: int = 128, outlier_frac: float = 0.01,
-                 global_offset: int = 0):
+                 global_offset: int = 0, segments: list[int] | None = None):
         super().__init__()
         if weight.dim() != 2:
             raise ValueError(f"HybridWeight expects a 2-D weight, got shape {tuple(weight.shape)}")
         self.shape = tuple(weight.shape)
         self.group = choose_group(self.shape[1], group_size)
         self.global_offset = global_offset
+        # row counts of stacked weights (fused projections): outliers are chosen per segment, so each
+        # projection keeps its own top outlier_frac, as it would unfused
+        self.segments = list(segments) if segments is not None else [self.shape[0]]
+        if sum(self.segments) != self.shape[0]:
+            raise ValueError(f"segments {self.segments} do not add up to the {self.shape[0]} rows")
         self.n_uses = 0  # modules that read this weight; set by conversion
         flat = weight.detach().reshape(-1).float().clone()
-        k = int(round(outlier_frac * flat.numel()))
-        if k > 0:
-            idx = torch.topk(flat.abs(), k, sorted=False).indices.sort().values.to(torch.int32)
+        idx, start = [], 0
+        for rows in self.segments:
+            n = rows * self.shape[1]
+            k = int(round(outlier_frac * n))
+            if k > 0:
+                idx.append(torch.topk(flat[start:start + n].abs(), k, sorted=False).indices + start)
+            start += n
+        if idx:
+            idx = torch.cat(idx).sort().values.to(torch.int32)
             val = flat[idx].clone()
             flat[idx] = 0.0
         else:
@@ -100,7 +111,7 @@ class HybridWeight(nn.Module):
 
     def refresh_outliers(self, outlier_frac: float) -> None:
         """Re-select outliers from the current weights (costs one RTN re-rounding of the tensor)."""
-        fresh = HybridWeight(self.dequantize(), self.group, outlier_frac, self.global_offset)
+        fresh = HybridWeight(self.dequantize(), self.group, outlier_frac, self.global_offset, self.segments)
         for name in ("codes", "scales", "outlier_idx", "outlier_val"):
             setattr(self, name, getattr(fresh, name))
         if self.residual is not None:
