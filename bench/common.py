@@ -51,7 +51,14 @@ def write_partial(name: str, payload: dict, out_dir: Path | None = None) -> None
     path.write_text(json.dumps(payload, indent=1))
 
 
-def single_process_env(port: int = 29511) -> None:
+def single_process_env(port: int | None = None) -> None:
+    """A one-rank distributed env; MASTER_PORT, unless set, is a free port, so that several benchmark
+    processes can share the machine (a fixed port made the second one fail with EADDRINUSE)."""
+    if port is None and "MASTER_PORT" not in os.environ:
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                        ("MASTER_PORT", str(port))):
         os.environ.setdefault(key, value)
