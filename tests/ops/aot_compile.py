@@ -53,8 +53,11 @@ def main() -> int:
         # runtime arguments of no type and the compile fails
         const = {**{k: p.default for k, p in kernel.signature.parameters.items()
                     if p.default is not p.empty and k not in sig}, **const}
+        # as the JIT specialises at run time: pointers 16-byte aligned, n a multiple of 16 (vectorised code)
+        names = list(kernel.signature.parameters)
+        attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items() if t.startswith("*") or k == "n"}
         src = triton.compiler.ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in const}},
-                                        constexprs=const)
+                                        constexprs=const, attrs=attrs)
         try:
             triton.compile(src, target=target)
             print(f"ok {name}", flush=True)
