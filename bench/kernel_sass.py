@@ -1,0 +1,63 @@
+"""Static instruction mix of the Triton kernels for an H100 (sm_90), on any machine: compile as the JIT
+would at run time (aligned pointers, n % 16 == 0), disassemble the cubin with the nvdisasm that Triton
+ships, count SASS opcodes. The Lion kernel is ALU-bound (bench/NOTES.md); conversions (I2F, F2I, FRND)
+run at a quarter of the FP32 rate on sm_90, so their count says how far it is from memory-bound.
+
+    python bench/kernel_sass.py                      # every kernel configuration of the compile check
+    python bench/kernel_sass.py "lion 3d r0 outliers ok=norm"
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "ops"))
+import aot_compile  # noqa: E402  (the kernel configurations CI compiles)
+
+CONVERSIONS = ("I2F", "I2FP", "F2I", "F2IP", "FRND", "F2F", "I2I")
+
+
+def sass_mix(kernel, sig, const) -> Counter:
+    const = {**{k: p.default for k, p in kernel.signature.parameters.items()
+                if p.default is not p.empty and k not in sig}, **const}
+    names = list(kernel.signature.parameters)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items() if t.startswith("*") or k == "n"}
+    src = triton.compiler.ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in const}},
+                                    constexprs=const, attrs=attrs)
+    cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+    nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        Path(path).write_bytes(cubin)
+        text = subprocess.run([str(nvdisasm), "-c", path], capture_output=True, text=True, check=True).stdout
+    ops = Counter()
+    for line in text.splitlines():
+        m = re.search(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
+        if m:
+            ops[m.group(1)] += 1
+    return ops
+
+
+def main(argv=None) -> int:
+    want = set(argv if argv is not None else sys.argv[1:])
+    for name, kernel, sig, const in aot_compile.configs():
+        if want and name not in want:
+            continue
+        ops = sass_mix(kernel, sig, const)
+        conv = sum(ops[c] for c in CONVERSIONS)
+        print(f"{name}: {sum(ops.values())} SASS instructions, {conv} conversions "
+              f"({', '.join(f'{c} {ops[c]}' for c in CONVERSIONS if ops[c])}); "
+              f"top: {', '.join(f'{k} {v}' for k, v in ops.most_common(8))}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
