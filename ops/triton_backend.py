@@ -91,7 +91,7 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, quad_rng=None, chunk=None, num_warps=4,
-              philox_rounds=10, layout=None, fused_outliers=None):
+              philox_rounds=10, layout=None, fused_outliers=None, bit_convert=False):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, or a float
@@ -104,7 +104,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     block; the same outputs, tested); with it, `fused_outliers` updates the (sorted) outliers inside that
     kernel too: one launch per tensor. `layout=None` reads QFT_DS_LION_LAYOUT: "auto" (the default: 3d with
     fused outliers for every tensor whose shape allows it, two-pass for the others) or "2pass". On the
-    H100, auto made the 1.1B LLaMA-shape step 1.43x faster (bench/NOTES.md).
+    H100, auto made the 1.1B LLaMA-shape step 1.43x faster (bench/NOTES.md). `bit_convert` (3d only, for
+    the benchmark's sweep): floats from int8 codes and random bits by bit tricks; the same outputs.
     """
     if layout is None:
         layout = os.environ.get("QFT_DS_LION_LAYOUT", "auto")
@@ -134,7 +135,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if has_outliers and fused_outliers:
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
                    beta2, weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
-                   outlier_idx, outlier_val)
+                   outlier_idx, outlier_val, bit_convert=bit_convert)
         return
     if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
         # As few torch ops as the maths allows: the training step is host-bound (bench/NOTES.md).
@@ -149,7 +150,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
                     out=outlier_val)
     if layout == "3d":
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
-                   beta2, weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds)
+                   beta2, weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
+                   bit_convert=bit_convert)
     elif layout == "2pass":
         base = math.lcm(w_block, m_block)
         chunk = chunk or base
@@ -219,7 +221,7 @@ def outlier_chunk_ptrs(outlier_idx: torch.Tensor, chunk: int, n_chunks: int) -> 
 
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
                weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
-               outlier_idx=None, outlier_val=None):
+               outlier_idx=None, outlier_val=None, bit_convert=False):
     rm = max(1, (chunk or 2048) // m_block)  # preconditions checked by lion_step before any write
     chunk = rm * m_block
     n_chunks = triton_cdiv(n, chunk)
@@ -235,7 +237,7 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
         _step_key(seed, step), offset,
         outlier_idx, outlier_val, optr,
         G=w_block, K=m_block // w_block, RM=rm, ROUNDING=_rounding_id(rounding), ROUNDS=philox_rounds,
-        OK_FLOAT=finite.is_floating_point(),
+        OK_FLOAT=finite.is_floating_point(), BIT_CONVERT=bool(bit_convert),
         num_warps=num_warps, **extra)
 
 

@@ -31,10 +31,24 @@ def _uniform(key, offs, ROUNDS: tl.constexpr = 10):
 
 
 @triton.jit
-def _half_uniform(bits, HIGH: tl.constexpr):
-    """U[0,1) on a 2^-16 grid from the low (weight) or high (momentum) 16 bits of a draw."""
+def _half_uniform(bits, HIGH: tl.constexpr, BITCAST: tl.constexpr = False):
+    """U[0,1) on a 2^-16 grid from the low (weight) or high (momentum) 16 bits of a draw. BITCAST: the
+    same value built as the mantissa of 1 + h * 2^-16, minus 1 (exact), with no int -> float conversion
+    (conversions run at a quarter of the fp32 rate; bench/NOTES.md weighs it)."""
     h = (bits >> 16) if HIGH else (bits & 0xFFFF)
+    if BITCAST:
+        return ((h << 7) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
     return h.to(tl.int32).to(tl.float32) * (1.0 / 65536.0)
+
+
+@triton.jit
+def _codes_f32(q, BITCAST: tl.constexpr = False):
+    """int8 codes -> fp32. BITCAST: exactly, without a conversion instruction: b + 128 (0..255) as the
+    low mantissa bits of 2^23, minus 2^23 + 128."""
+    if BITCAST:
+        x = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32)
+        return (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    return q.to(tl.float32)
 
 
 @triton.jit
@@ -211,13 +225,16 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
                    key, offset, oi_ptr, ov_ptr, optr_ptr,
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
                    ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64,
-                   OK_FLOAT: tl.constexpr = False):
+                   OK_FLOAT: tl.constexpr = False, BIT_CONVERT: tl.constexpr = False):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
     One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
     both absmax reductions run on the same registers (over G for a weight group, over K and G for a
     momentum block); no reshape of data. In-tile offsets are int32 (the int64 chunk start is added to the
     pointers once). The random numbers are those of lion_kernel (tests compare the outputs).
+
+    BIT_CONVERT: int8 codes and uniforms turned into floats by bit tricks instead of conversion
+    instructions; the same outputs (tested), a different instruction mix (bench/kernel_sass.py).
 
     OUTLIERS: the exact fp32 outliers of this chunk (sorted indices oi[optr[pid]:optr[pid+1]]) are updated
     here too, from the old momentum, and their dense codes zeroed after the tile is stored: the whole
@@ -236,15 +253,15 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     g = tl.load(g_ptr + start + local, mask=mask, other=0.0).to(tl.float32) * grad_scale
     bmask = rm * (K * G) < left
     ms = tl.load(ms_ptr + start // (K * G) + rm, mask=bmask, other=0.0)
-    m = tl.load(m_ptr + start + local, mask=mask, other=0).to(tl.float32) * ms[:, None, None]
+    m = _codes_f32(tl.load(m_ptr + start + local, mask=mask, other=0), BIT_CONVERT) * ms[:, None, None]
     u = m * beta1 + g * (1.0 - beta1)
     u = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
     glocal = rm[:, None] * K + k[None, :]
     gmask = glocal * G < left
     s = tl.load(ws_ptr + start // G + glocal, mask=gmask, other=0.0)
-    w = tl.load(w_ptr + start + local, mask=mask, other=0).to(tl.float32) * s[:, :, None]
+    w = _codes_f32(tl.load(w_ptr + start + local, mask=mask, other=0), BIT_CONVERT) * s[:, :, None]
     if ROUNDING == 2:
-        w += tl.load(r_ptr + start + local, mask=mask, other=0).to(tl.float32) * (s[:, :, None] / 254.0)
+        w += _codes_f32(tl.load(r_ptr + start + local, mask=mask, other=0), BIT_CONVERT) * (s[:, :, None] / 254.0)
     w = tl.where(mask, w * decay - lr * u, 0.0)
     if OUTLIERS:  # before any store: they read the old momentum
         o_lo = tl.load(optr_ptr + pid)
@@ -253,8 +270,8 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
         for j in range(o_lo, o_hi, OB):
             om = j + ob < o_hi
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
-            mo = tl.load(m_ptr + oi, mask=om, other=0).to(tl.float32) * tl.load(ms_ptr + oi // (K * G), mask=om,
-                                                                               other=0.0)
+            mo = (_codes_f32(tl.load(m_ptr + oi, mask=om, other=0), BIT_CONVERT)
+                  * tl.load(ms_ptr + oi // (K * G), mask=om, other=0.0))
             go = tl.load(g_ptr + oi, mask=om, other=0.0).to(tl.float32) * grad_scale
             mix = mo + (1.0 - beta1) * (go - mo)  # torch.lerp's form, as the reference
             uo = tl.where(mix > 0, 1.0, tl.where(mix < 0, -1.0, 0.0))
@@ -265,7 +282,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     y = w * inv[:, :, None]
     bits = _bits_3d(key, start + offset, RM, K, G, ROUNDS)  # one draw per element feeds both roundings
     if ROUNDING == 0:
-        uw = _half_uniform(bits, False)
+        uw = _half_uniform(bits, False, BIT_CONVERT)
     else:
         uw = 0.0
     q = _round(y, uw, ROUNDING)
@@ -286,7 +303,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     m = tl.where(mask, m * beta2 + g * (1.0 - beta2), 0.0)
     ms_new = tl.max(tl.max(tl.abs(m), axis=2), axis=1) / 127.0
     minv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
-    um = _half_uniform(bits, True)
+    um = _half_uniform(bits, True, BIT_CONVERT)
     q = _round(m * minv[:, None, None], um, 0)  # momentum: always stochastic (unbiased EMA)
     tl.store(m_ptr + start + local, q.to(tl.int8), mask=mask)
     tl.store(ms_ptr + start // (K * G) + rm, ms_new, mask=bmask)

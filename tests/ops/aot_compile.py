@@ -40,6 +40,9 @@ def configs():
     # training's path: the gradient norm (fp32) is the finite flag
     yield "lion 3d r0 outliers ok=norm", tk.lion_kernel_3d, {**LION_ARGS, **OUTLIER_ARGS, "ok_ptr": "*fp32"}, \
         {"G": 128, "K": 2, "RM": 8, "ROUNDING": 0, "ROUNDS": 10, "OUTLIERS": True, "OB": 64, "OK_FLOAT": True}
+    yield "lion 3d r0 outliers ok=norm bit_convert", tk.lion_kernel_3d, {**LION_ARGS, **OUTLIER_ARGS, "ok_ptr": "*fp32"}, \
+        {"G": 128, "K": 2, "RM": 8, "ROUNDING": 0, "ROUNDS": 10, "OUTLIERS": True, "OB": 64, "OK_FLOAT": True,
+         "BIT_CONVERT": True}
     yield "lion 2pass G96 r0 ok=norm", tk.lion_kernel, {**LION_ARGS, "ok_ptr": "*fp32"}, \
         {"G": 96, "GP2": 128, "RW": 32, "RWP2": 32, "B": 256, "RM": 12, "RMP2": 16, "ROUNDING": 0, "QUAD_RNG": True,
          "ROUNDS": 10, "OK_FLOAT": True}

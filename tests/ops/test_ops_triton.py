@@ -244,6 +244,27 @@ def test_lion_kernel_3d_layout_equals_two_pass(tb, rounding):
         _run(lambda *a, **k: be.lion_step(*a, layout="3d", **k), dev, _lion_inputs(960, 96), 96, rounding)
 
 
+@pytest.mark.parametrize("rounding", ["sr", "ef", "rtn"])
+def test_lion_kernel_bit_convert_writes_the_same_bits(tb, rounding):
+    """bit_convert (floats from int8 codes and random bits by bit tricks, no conversion instructions)
+    changes the instruction mix only: every output is bit-identical, outliers and a partial chunk included."""
+    be, dev = tb
+    n = 4096 + 256
+    inputs = _lion_inputs(n, 128, seed=8)
+    inputs[2][:300] = torch.arange(-128, 172, dtype=torch.int32).clamp(-127, 127).to(torch.int8)  # every code
+    idx = torch.tensor([3, 2048, n - 2], dtype=torch.int32)
+    inputs[0][idx.long()] = 0
+    outs = []
+    for bits in (False, True):
+        val = torch.linspace(-0.5, 0.5, len(idx)).to(dev)
+        out = _run(lambda *a, **k: be.lion_step(*a, layout="3d", bit_convert=bits, chunk=1024, **k), dev, inputs,
+                   128, rounding, idx=idx, val=val)
+        outs.append((out, val.cpu()))
+    for a, b in zip(outs[0][0], outs[1][0]):
+        assert a is None and b is None or torch.equal(a, b)
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
 @pytest.mark.parametrize("rounding", ["sr", "ef"])
 def test_lion_kernel_fused_outliers_equal_the_torch_outlier_path(tb, rounding):
     """Outliers updated inside the 3d kernel (one launch) write what the torch ops around it write."""
