@@ -17,7 +17,6 @@ from collections import Counter
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "ops"))
 import aot_compile  # noqa: E402  (the kernel configurations CI compiles)
@@ -26,13 +25,7 @@ CONVERSIONS = ("I2F", "I2FP", "F2I", "F2IP", "FRND", "F2F", "I2I")
 
 
 def sass_mix(kernel, sig, const) -> Counter:
-    const = {**{k: p.default for k, p in kernel.signature.parameters.items()
-                if p.default is not p.empty and k not in sig}, **const}
-    names = list(kernel.signature.parameters)
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items() if t.startswith("*") or k == "n"}
-    src = triton.compiler.ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in const}},
-                                    constexprs=const, attrs=attrs)
-    cubin = triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
+    cubin = aot_compile.compile_sm90(kernel, sig, const).asm["cubin"]
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")

@@ -48,21 +48,25 @@ def configs():
          "ROUNDS": 10, "OK_FLOAT": True}
 
 
+def compile_sm90(kernel, sig, const):
+    """Compile one configuration for an H100 as the JIT would at run time."""
+    # constexprs left to their defaults (ROUNDS, OK_FLOAT, ...) must be named too: unnamed, they are
+    # runtime arguments of no type and the compile fails
+    const = {**{k: p.default for k, p in kernel.signature.parameters.items()
+                if p.default is not p.empty and k not in sig}, **const}
+    # as the JIT specialises at run time: pointers 16-byte aligned, n a multiple of 16 (vectorised code)
+    names = list(kernel.signature.parameters)
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items() if t.startswith("*") or k == "n"}
+    src = triton.compiler.ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in const}},
+                                    constexprs=const, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32))
+
+
 def main() -> int:
-    target = GPUTarget("cuda", 90, 32)
     failed = 0
     for name, kernel, sig, const in configs():
-        # constexprs left to their defaults (ROUNDS, OK_FLOAT, ...) must be named too: unnamed, they are
-        # runtime arguments of no type and the compile fails
-        const = {**{k: p.default for k, p in kernel.signature.parameters.items()
-                    if p.default is not p.empty and k not in sig}, **const}
-        # as the JIT specialises at run time: pointers 16-byte aligned, n a multiple of 16 (vectorised code)
-        names = list(kernel.signature.parameters)
-        attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items() if t.startswith("*") or k == "n"}
-        src = triton.compiler.ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in const}},
-                                        constexprs=const, attrs=attrs)
         try:
-            triton.compile(src, target=target)
+            compile_sm90(kernel, sig, const)
             print(f"ok {name}", flush=True)
         except Exception as e:  # noqa: BLE001 - reported per configuration, the test fails on any
             failed += 1
