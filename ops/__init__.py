@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from . import reference
 
 OP_NAMES = ("quantize_blockwise", "dequantize_blockwise", "dequantize_hybrid", "uniform", "lion_step",
-            "lion_step_fp32")
+            "lion_step_fp32", "lion_step_fp32_foreach")
 
 
 @dataclass

@@ -207,12 +207,14 @@ class QFTLion(torch.optim.Optimizer):
                 loss = closure()
         float_params = [(g, p) for g in self.param_groups for p in g["params"]
                         if _qweight(p) is None and p.grad is not None]
-        sqs = [p.grad.float().pow(2).sum() for _, p in float_params]
-        if sqs and not torch.isfinite(torch.stack(sqs).sum()):  # one sync; find the culprits only then
-            keep = [bool(torch.isfinite(s)) for s in sqs]
+        # squared norms of every float gradient in two launches (foreach), not two per tensor
+        sqs = torch.stack(torch._foreach_norm([p.grad.float() for _, p in float_params])).square() \
+            if float_params else None
+        if sqs is not None and not torch.isfinite(sqs.sum()):  # one sync; find the culprits only then
+            keep = torch.isfinite(sqs).tolist()
             self._bad_now += keep.count(False)
             float_params = [fp for fp, k in zip(float_params, keep) if k]
-            sqs = [s for s, k in zip(sqs, keep) if k]
+            sqs = sqs[torch.tensor(keep, device=sqs.device)]
             if self.flow.mode == "stack" and self._skip_reason is None:
                 self._skip_reason = "non-finite gradient"
         if self.flow.mode == "stack" and self._skip_reason is None and self._any_rank(self.flow.nonfinite()):
@@ -220,8 +222,8 @@ class QFTLion(torch.optim.Optimizer):
         if self._skip_reason is not None:
             return self._skip(loss)
         self.overflow = False
-        for s in sqs:
-            self._add_sq(s)
+        if sqs is not None and sqs.numel():
+            self._add_sq(sqs.sum())
         if self.flow.mode == "fused":
             for w, grad in self.flow.held():  # a tied weight whose second use never came
                 self._apply(w, grad)
@@ -236,12 +238,16 @@ class QFTLion(torch.optim.Optimizer):
             stacked = self.flow.pop_all()
         for w, grad in stacked:
             self._apply(w, grad, coef)
+        by_group = {}
         for g, p in float_params:
             st = self.state[p]
             if "momentum" not in st:
                 st["momentum"] = torch.zeros_like(p, dtype=torch.float32)
-            self.ops.lion_step_fp32(p, st["momentum"], p.grad, lr=g["lr"], beta1=g["betas"][0],
-                                    beta2=g["betas"][1], weight_decay=g["weight_decay"], grad_scale=coef)
+            by_group.setdefault(id(g), (g, []))[1].append(p)
+        for g, ps in by_group.values():  # one foreach update per param group (lr, wd)
+            self.ops.lion_step_fp32_foreach(ps, [self.state[p]["momentum"] for p in ps], [p.grad for p in ps],
+                                            lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1],
+                                            weight_decay=g["weight_decay"], grad_scale=coef)
         self.prev_grad_norm = self._norm_now()
         self._sq_norm = None
         if self._finite_flags:

@@ -114,3 +114,22 @@ def test_triton_backend_request_fails_loudly_without_it(monkeypatch):
     assert get_ops("auto", "cpu").backend == "torch"
     with pytest.raises(ValueError, match="qft.backend"):
         get_ops("cuda-magic", "cpu")
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 0.37])
+def test_foreach_fp32_lion_writes_the_per_tensor_bits(grad_scale):
+    """The optimizer updates all float params of a group with one foreach call: the same bits as the
+    per-tensor reference, for tensors of several shapes."""
+    g = torch.Generator().manual_seed(4)
+    shapes = [(64,), (3, 5), (1,), (7, 2, 3)]
+    params = [torch.randn(s, generator=g) for s in shapes]
+    moms = [torch.randn(s, generator=g) * 1e-2 for s in shapes]
+    grads = [torch.randn(s, generator=g) * 1e-1 for s in shapes]
+    kw = dict(lr=3e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, grad_scale=grad_scale)
+    p1, m1 = [p.clone() for p in params], [m.clone() for m in moms]
+    for p, m, gr in zip(p1, m1, grads):
+        ref.lion_step_fp32(p, m, gr, **kw)
+    ref.lion_step_fp32_foreach(params, moms, grads, **kw)
+    for a, b in zip(p1 + m1, params + moms):
+        assert torch.equal(a, b)
+    assert not torch.equal(p1[0], torch.randn(64, generator=torch.Generator().manual_seed(4)))  # it moved
