@@ -327,6 +327,33 @@ def plot(result, path):
     fig.suptitle(f"qft_ds memory and speed ({result['device']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    if result.get("interleaved"):
+        plot_interleaved(result, path.with_name(path.stem + "_interleaved.png"))
+
+
+def plot_interleaved(result, path):
+    """Per-round tok/s of the interleaved timing (the fair comparison on a noisy host) and the median of
+    the per-round ratios to fp32 AdamW."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    runs = result["interleaved"]
+    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
+    for ax, run in zip(axes[0], runs):
+        for i, (m, vals) in enumerate(run["tok_s_per_round"].items()):
+            ax.plot(range(1, len(vals) + 1), vals, marker="o", color=f"C{i}",
+                    label=m + (f" ({run['ratio_to_fp32_adamw'][m]['median']:.2f}x)"
+                               if m in run.get("ratio_to_fp32_adamw", {}) else ""))
+        ax.set_xlabel("round (methods alternate within a round)")
+        ax.set_xticks(range(1, run["rounds"] + 1))
+        ax.set_ylabel("tokens/s")
+        ax.set_title(f"{run['model']}: {run['steps_per_block']} steps per block")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"interleaved speed; (median per-round ratio to fp32 AdamW)\n{result['device']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None):
