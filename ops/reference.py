@@ -114,6 +114,12 @@ def dequantize_hybrid(codes, scales, block, outlier_idx, outlier_val, dtype=torc
     return w
 
 
+def finite_flag(finite: torch.Tensor) -> torch.Tensor:
+    """The update-may-be-written flag as a bool tensor: `finite` is a bool flag, or a float (the
+    gradient's norm) that must be finite."""
+    return torch.isfinite(finite) if finite.is_floating_point() else finite
+
+
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None):
@@ -128,7 +134,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     `finite` (a bool tensor, a float tensor that must be finite, e.g. the gradient's norm, or None): if
     not, nothing is written (the GPU kernel masks its stores; here one host sync is cheap next to the rest).
     """
-    if finite is not None and not bool(torch.isfinite(finite) if finite.is_floating_point() else finite):
+    if finite is not None and not bool(finite_flag(finite)):
         return
     g = grad.reshape(-1).float()
     if grad_scale != 1.0:

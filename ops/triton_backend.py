@@ -145,8 +145,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         if grad_scale != 1.0:
             g_o.mul_(grad_scale)
         u_o = torch.lerp(m_o, g_o, 1 - beta1).sign_()
-        ok = torch.isfinite(finite) if finite.is_floating_point() else finite
-        torch.where(ok, torch.add(outlier_val * (1 - lr * weight_decay), u_o, alpha=-lr), outlier_val,
+        torch.where(ref.finite_flag(finite), torch.add(outlier_val * (1 - lr * weight_decay), u_o, alpha=-lr), outlier_val,
                     out=outlier_val)
     if layout == "3d":
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,

@@ -7,6 +7,7 @@ the flow (qft_ds.flow.deliver); autograd never sees it, so no model-sized gradie
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -128,24 +129,34 @@ class FusedProjections:
         self.sizes = list(sizes)
         starts = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.rows = [(a, a + n) for a, n in zip(starts, self.sizes)]
-        self._pending = None  # (weakref to the input, its version, state, outputs, readers, members left)
+        self._pending: _Pending | None = None
 
     def output(self, member: QLinear, x: torch.Tensor) -> torch.Tensor:
-        state = (torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
-        p = self._pending
-        if p is not None and p[0]() is x and p[1] == x._version and p[2] == state and member.member in p[5]:
-            p[5].discard(member.member)
-            p[4].append(member.member)
-            if not p[5]:
+        key = (x._version, torch.is_grad_enabled(), torch.is_autocast_enabled(x.device.type))
+        p, i = self._pending, member.member
+        if p is not None and p.input() is x and p.key == key and i in p.left:
+            p.left.discard(i)
+            p.readers.append(i)
+            if not p.left:
                 self._pending = None  # every member has its output: hold nothing
-            return p[3][member.member]
-        readers = [member.member]
+            return p.outputs[i]
+        readers = [i]
         y = _QLinearFn.apply(x, member.qweight.anchor, member.qweight, member.compute_dtype, member.keeps_weight(),
                              readers)
-        outs = y.split(self.sizes, dim=-1)
-        left = set(range(len(self.sizes))) - {member.member}
-        self._pending = (weakref.ref(x), x._version, state, outs, readers, left) if left else None
-        return outs[member.member]
+        outputs = y.split(self.sizes, dim=-1)
+        left = set(range(len(self.sizes))) - {i}
+        self._pending = _Pending(weakref.ref(x), key, outputs, readers, left) if left else None
+        return outputs[i]
+
+
+@dataclass
+class _Pending:
+    """Outputs of one fused matmul not yet taken by their members."""
+    input: weakref.ref      # the input they were computed from
+    key: tuple              # its version, grad mode and autocast state then
+    outputs: tuple          # one per member
+    readers: list           # members that took theirs (the _QLinearFn ctx holds this list)
+    left: set               # members still to take theirs
 
 
 class QEmbedding(nn.Module):
