@@ -3,7 +3,7 @@
 Random-init LLaMA shapes, bf16 compute, gradient checkpointing. For each method: peak GPU memory of
 training (torch.cuda.max_memory_allocated, reset after setup; the setup peak is recorded apart),
 tokens/s from the median of timed steps after warm-up, and model-state bytes per parameter. Also the
-copy bandwidth and the int8 Lion kernel's achieved bandwidth, measured in the same run.
+copy bandwidth and the int8 Lion kernel's achieved bandwidth, measured in the same run (lion_bandwidth.py).
 
     python bench/memory_speed.py --commit $(git rev-parse HEAD)                 # 1.1B and 7B shapes
     python bench/memory_speed.py --shapes 1.1b --methods qft bf16_adamw         # a subset
