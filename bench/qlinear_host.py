@@ -20,13 +20,12 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("qlinear_host.py times CUDA launches: no CUDA device here")
     from qft_ds import ops
-    from qft_ds.nn.qmodules import QLinear, _QLinearFn
+    from qft_ds.nn import qmodules
     from qft_ds.quant.hybrid import HybridWeight
     ops.configure("triton")
     dev, bf16 = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     w = HybridWeight(torch.randn(256, 1024, device=dev) * 0.02)
-    q = QLinear(w, compute_dtype=bf16)
     x = torch.randn(4, 32, 1024, device=dev, requires_grad=True)
     xc = x.detach().to(bf16)
     wd = w.dequantize(bf16)
@@ -41,24 +40,24 @@ def main():
     for name, fn in rows.items():
         print(f"{name:>40}: {host_us(fn):7.1f} us", flush=True)
 
-    def under_autocast(fn, grad=True):
-        def run():
-            with ac, torch.set_grad_enabled(grad):
-                fn()
-        return run
-    pieces = {
-        "autocast enter/exit": lambda: None,
-        "nn.Linear(x)": lambda: lin(x),
-        "F.linear(x, w fp32)": lambda: F.linear(x, lin.weight),
-        "_QLinearFn.apply": lambda: _QLinearFn.apply(x, w.anchor, w, bf16, False),
-        "QLinear(x)": lambda: q(x),
+    # forward, and forward + backward (the weight's gradient delivered to nothing), under autocast:
+    # torch's nn.Linear against qlinear's two paths (Python autograd Function; torch's matmul backward)
+    paths = {
+        "nn.Linear": lambda: lin(x),
+        "qlinear Function path": lambda: qmodules.qlinear(x, w, bf16, keep_weight=False),
+        "qlinear torch-backward path": lambda: qmodules.qlinear(x, w, bf16, keep_weight=True),
     }
-    for name, fn in pieces.items():
-        print(f"{name + ' [autocast, grad]':>40}: {host_us(under_autocast(fn)):7.1f} us", flush=True)
-    for name in ("_QLinearFn.apply", "nn.Linear(x)"):
-        print(f"{name + ' [autocast, no grad]':>40}: {host_us(under_autocast(pieces[name], False)):7.1f} us",
+    deliver, qmodules.deliver = qmodules.deliver, lambda weight, g, uses=1: None
+    for name, fn in paths.items():
+        def fwd(fn=fn):
+            with ac:
+                return fn()
+
+        def fwd_bwd(fn=fn):
+            fwd(fn).sum().backward()
+        print(f"{name + ' fwd':>40}: {host_us(fwd):7.1f} us   fwd+bwd: {host_us(fwd_bwd, calls=100):7.1f} us",
               flush=True)
-    print(f"{'_QLinearFn.apply [no autocast, grad]':>40}: {host_us(pieces['_QLinearFn.apply']):7.1f} us", flush=True)
+    qmodules.deliver = deliver
 
 
 if __name__ == "__main__":

@@ -1,8 +1,18 @@
 """QLinear and QEmbedding: modules over a HybridWeight whose gradients leave autograd in backward.
 
 Forward dequantizes the weight to the compute dtype (bf16 or fp32) for one matmul and frees it.
-Backward computes grad_input with a fresh dequantization, then grad_weight, and hands grad_weight to
-the flow (qft_ds.flow.deliver); autograd never sees it, so no model-sized gradient ever exists.
+Backward computes grad_input, then grad_weight, and hands grad_weight to the flow
+(qft_ds.flow.deliver); autograd never accumulates it, so no model-sized gradient ever exists.
+
+Two ways to the same numbers (tests compare them):
+- inside a checkpointed layer, or without grad, the matmul is torch's own `F.linear` on the dequantized
+  weight, which passes through `_DeliverGrad` (an identity whose backward delivers the weight's gradient):
+  torch's C++ backward does both matmuls, one small Python node is left per weight. The training step
+  is host-bound (bench/NOTES.md), and a Python autograd Function with the matmuls in it cost ~2x
+  nn.Linear's host time. The saved dequantized weight is the recompute's and lives until the layer's
+  backward, as a checkpointed layer's activations do;
+- elsewhere `_QLinearFn` saves only the input and dequantizes again in backward: holding every layer's
+  dequantized weight from forward to backward would be a bf16 copy of the model.
 """
 from __future__ import annotations
 
@@ -18,37 +28,62 @@ from qft_ds.quant.hybrid import HybridWeight
 
 
 class _QLinearFn(torch.autograd.Function):
+    """The matmul with its backward in Python, for layers that are not checkpointed: only the input is
+    saved, and backward dequantizes the weight again."""
+
     @staticmethod
-    def forward(ctx, x, anchor, weight: HybridWeight, cdt, keep_weight: bool, readers=None):
+    def forward(ctx, x, anchor, weight: HybridWeight, cdt, readers=None):
         xc = x.to(cdt)
-        w = weight.dequantize(cdt)
-        # keep_weight (inside a checkpointed layer only): the recompute's dequantized weight serves the
-        # backward too, one dequantize fewer per step. The first forward's copy is not kept: checkpointing
-        # drops what it saves. Elsewhere this would hold every layer's weight until backward.
-        ctx.save_for_backward(xc, w) if keep_weight else ctx.save_for_backward(xc)
+        ctx.save_for_backward(xc)
         # readers: the fused projections whose outputs this call produced (filled in as they read them);
         # the gradient counts as that many of the weight's uses
         ctx.weight, ctx.x_dtype, ctx.readers = weight, x.dtype, readers
-        y = F.linear(xc, w)
+        y = F.linear(xc, weight.dequantize(cdt))
         # Out in the input's dtype, as torch.nn.Linear: a bf16 q/v next to an fp32 k (after fp32 RoPE)
         # breaks attention. Under autocast, stay in the compute dtype like every autocast matmul.
         return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
-        xc, *kept = ctx.saved_tensors
+        (xc,) = ctx.saved_tensors
         weight = ctx.weight
         gy = gy.to(xc.dtype)
         gx = None
         if ctx.needs_input_grad[0]:
-            # grad_input first: the fused flow may update this weight as soon as it gets grad_weight.
-            w = kept[0] if kept else weight.dequantize(xc.dtype)
-            gx = (gy @ w).to(ctx.x_dtype)
-        del kept
+            gx = (gy @ weight.dequantize(xc.dtype)).to(ctx.x_dtype)
         gw = gy.reshape(-1, gy.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
         # in the compute dtype: the Lion kernel upcasts in registers (6 B/param, not 8)
         deliver(weight, gw, len(ctx.readers) if ctx.readers is not None else 1)
-        return gx, None, None, None, None, None
+        return gx, None, None, None, None
+
+
+class _DeliverGrad(torch.autograd.Function):
+    """Identity on a dequantized weight; its backward hands the weight's gradient to the flow. It holds
+    no tensor, so checkpointing's first forward keeps nothing alive."""
+
+    @staticmethod
+    def forward(ctx, w, anchor, weight: HybridWeight, readers=None):
+        ctx.weight, ctx.readers = weight, readers
+        return w
+
+    @staticmethod
+    def backward(ctx, gw):
+        deliver(ctx.weight, gw, len(ctx.readers) if ctx.readers is not None else 1)
+        return None, None, None, None
+
+
+def qlinear(x, weight: HybridWeight, cdt, keep_weight: bool, readers=None):
+    """x @ W^T over a HybridWeight in compute dtype `cdt` (see the module docstring for the two paths);
+    out in the compute dtype under autocast, else in x's dtype, like torch.nn.Linear."""
+    grad = torch.is_grad_enabled()
+    if grad and not keep_weight:
+        return _QLinearFn.apply(x, weight.anchor, weight, cdt, readers)
+    w = weight.dequantize(cdt)
+    if grad:
+        w = _DeliverGrad.apply(w, weight.anchor, weight, readers)
+    if torch.is_autocast_enabled(x.device.type):
+        return F.linear(x, w)  # autocast casts x (to bf16: w is already)
+    return F.linear(x.to(cdt), w).to(x.dtype)
 
 
 class _QEmbeddingFn(torch.autograd.Function):
@@ -104,7 +139,7 @@ class QLinear(nn.Module):
         if self.fused is not None:
             y = self.fused.output(self, x)
         else:
-            y = _QLinearFn.apply(x, self.qweight.anchor, self.qweight, self.compute_dtype, self.keeps_weight())
+            y = qlinear(x, self.qweight, self.compute_dtype, self.keeps_weight())
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -141,8 +176,7 @@ class FusedProjections:
                 self._pending = None  # every member has its output: hold nothing
             return p.outputs[i]
         readers = [i]
-        y = _QLinearFn.apply(x, member.qweight.anchor, member.qweight, member.compute_dtype, member.keeps_weight(),
-                             readers)
+        y = qlinear(x, member.qweight, member.compute_dtype, member.keeps_weight(), readers)
         outputs = y.split(self.sizes, dim=-1)
         left = set(range(len(self.sizes))) - {i}
         self._pending = _Pending(weakref.ref(x), key, outputs, readers, left) if left else None

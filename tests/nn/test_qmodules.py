@@ -35,6 +35,31 @@ def test_qlinear_bf16_compute_is_close():
     assert ((y16.float() - y32).norm() / y32.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_both_matmul_paths_give_the_same_output_and_gradients(autocast):
+    """qlinear's two paths (torch's own matmul backward through _DeliverGrad, used inside checkpointed
+    layers, and the Python _QLinearFn elsewhere) on fresh random inputs: the same output, input gradient and
+    delivered weight gradient, in bf16 compute with and without autocast."""
+    from qft_ds.nn.qmodules import qlinear
+    torch.manual_seed(0)
+    hw = HybridWeight(torch.randn(40, 96) * 0.1, 32, 0.02)
+    x = torch.randn(3, 7, 96)
+    gy = torch.randn(3, 7, 40)
+    got = {}
+    for keep in (False, True):
+        xi = x.clone().requires_grad_()
+        hw.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = qlinear(xi, hw, torch.bfloat16, keep_weight=keep)
+        (y.float() * gy).sum().backward()
+        got[keep] = (y, xi.grad, hw.grad)
+    for a, b in zip(got[False], got[True]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert ((a.float() - b.float()).norm() / b.float().norm()).item() < 1e-2  # bf16 matmuls in another order
+    assert got[True][0].dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert hw.anchor.grad is None
+
+
 def test_qembedding_gradient_and_padding():
     hw = HybridWeight(torch.randn(50, 32), 32, 0.01)
     emb = QEmbedding(hw, padding_idx=0)
