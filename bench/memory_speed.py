@@ -9,7 +9,8 @@ copy bandwidth and the int8 Lion kernel's achieved bandwidth, measured in the sa
     python bench/memory_speed.py --shapes 1.1b --methods qft bf16_adamw         # a subset
 
 Methods: qft (through DeepSpeed, as users run it; Triton kernels where they run), qft_unfused (the same
-with `qft.fuse_projections: false`: one weight per projection, the layout before that key), qft_torch (the same
+with `qft.fuse_projections: false` and `qft.fuse_norms: false`: one weight per projection and HF's own
+RMSNorm, the model as before those keys), qft_torch (the same
 with the PyTorch reference ops), fp32_adamw (fp32 master weights, fused torch AdamW), bf16_adamw and
 bf16_lion (pure bf16 weights), ds_fusedadam (DeepSpeed FusedAdam at ZeRO-0 with its bf16 mode); qft_2pass is
 qft with QFT_DS_LION_LAYOUT=2pass (the two-pass Lion kernel and torch outlier ops, the default before the
@@ -58,7 +59,8 @@ def qft_config(backend, batch, fuse=True):
     return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
             "bf16": {"enabled": True}, "steps_per_print": 10**9,
             "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
-            "qft": {"backend": backend, "gradient_checkpointing": True, "fuse_projections": fuse}}
+            "qft": {"backend": backend, "gradient_checkpointing": True, "fuse_projections": fuse,
+                    "fuse_norms": fuse}}
 
 
 def setup(method, shape, dev):

@@ -18,7 +18,7 @@ _CHOICES = {
 _METHOD_KEYS = {
     "rounding": ("qft",), "flow": ("qft",), "outlier_frac": ("qft",), "block_size": ("qft",),
     "backend": ("qft",), "outlier_refresh": ("qft",), "gradient_checkpointing": ("qft", "peqa"),
-    "reuse_recomputed_weight": ("qft",), "fuse_projections": ("qft",),
+    "reuse_recomputed_weight": ("qft",), "fuse_projections": ("qft",), "fuse_norms": ("qft",),
     "bits": ("peqa", "qst"), "r": ("qst",), "downsample": ("qst",), "adapter_rank": ("qst",),
 }
 
@@ -37,6 +37,7 @@ class QFTConfig:
     gradient_checkpointing: bool = False
     reuse_recomputed_weight: bool = True  # checkpointed layers: backward reuses the recompute's weight
     fuse_projections: bool = True   # q/k/v_proj and gate/up_proj: one stacked weight, one matmul each
+    fuse_norms: bool = True         # LLaMA-style RMSNorms run as one torch op (qft_ds.nn.norms)
     bits: int = 4                   # peqa, qst: low-bit weight width (3 or 4)
     r: int = 16                     # qst: the side network's hidden size is d / r
     downsample: str = "adapter"     # qst: adapter (low-rank) | linear | maxpool | avgpool

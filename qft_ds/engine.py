@@ -25,6 +25,7 @@ import torch
 
 from qft_ds.config import QFTConfig, gradient_accumulation_steps, load_ds_config
 from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
+from qft_ds.nn.norms import fuse_rms_norms
 from qft_ds.nn.precision import autocast_forward
 from qft_ds.nn.qmodules import mark_checkpointed
 from qft_ds.optim.lion import QFTLion
@@ -138,6 +139,8 @@ def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False
                                 compute_dtype=torch.bfloat16 if cfg.compute_bf16 else torch.float32,
                                 error_feedback=cfg.rounding == "ef", progress=progress,
                                 fuse_projections=cfg.fuse_projections)
+    if cfg.fuse_norms:
+        fuse_rms_norms(model)
     if cfg.compute_bf16:
         autocast_forward(model, torch.bfloat16)
     if cfg.gradient_checkpointing:
