@@ -185,6 +185,10 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     from qft_ds.zero.comm import broadcast_from_rank0
     broadcast_from_rank0([t for w in quantized_weights(model) for t in (w.codes, w.scales, w.outlier_idx,
                                                                         w.outlier_val)])
+    if engine.dp_world_size == 1:
+        # DeepSpeed would flatten, "all-reduce" over one rank and copy back the float params' gradients
+        # every step: pure host time in a host-bound step (bench/NOTES.md)
+        engine.enable_backward_allreduce = False
     if cfg.zero_stage:
         opt.shard()
     opt.init_state()

@@ -45,6 +45,7 @@ def test_qft_ds_initialize_end_to_end_loss_falls(tiny_llama):
     assert model.model.layers[0].mlp.up_proj.compute_dtype == torch.bfloat16  # "bf16" = compute only
     assert all(p.dtype == torch.float32 for p in model.parameters())          # no bf16 stored state
     assert opt.max_grad_norm == 1.0 and engine.gradient_clipping() == 0.0     # clipping is ours
+    assert not engine.enable_backward_allreduce  # one rank: no all-reduce of the float gradients
     losses = run(engine)
     assert losses[-1] < losses[0] - 0.3
 
