@@ -1,7 +1,9 @@
 """Static instruction mix of the Triton kernels for an H100 (sm_90), on any machine: compile as the JIT
 would at run time (aligned pointers, n % 16 == 0), disassemble the cubin with the nvdisasm that Triton
-ships, count SASS opcodes. The Lion kernel is ALU-bound (bench/NOTES.md); conversions (I2F, F2I, FRND)
-run at a quarter of the FP32 rate on sm_90, so their count says how far it is from memory-bound.
+ships, count SASS opcodes. The Lion kernel is issue-bound on the H100: the total count is the lever (a
+variant with fewer conversions but more instructions measured slower, fewer Philox rounds faster), so
+that comes first; conversions (I2F, F2I, FRND: a narrower pipe) are listed after it. The count is static:
+loops (the outlier ones) count once, however often they run.
 
     python bench/kernel_sass.py                      # every kernel configuration of the compile check
     python bench/kernel_sass.py "lion 3d r0 outliers ok=norm"

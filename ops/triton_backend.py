@@ -91,7 +91,7 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, quad_rng=None, chunk=None, num_warps=4,
-              philox_rounds=10, layout=None, fused_outliers=None, bit_convert=False):
+              philox_rounds=10, layout=None, fused_outliers=None):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, or a float
@@ -104,8 +104,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     block; the same outputs, tested); with it, `fused_outliers` updates the (sorted) outliers inside that
     kernel too: one launch per tensor. `layout=None` reads QFT_DS_LION_LAYOUT: "auto" (the default: 3d with
     fused outliers for every tensor whose shape allows it, two-pass for the others) or "2pass". On the
-    H100, auto made the 1.1B LLaMA-shape step 1.43x faster (bench/NOTES.md). `bit_convert` (3d only, for
-    the benchmark's sweep): floats from int8 codes and random bits by bit tricks; the same outputs.
+    H100, auto made the 1.1B LLaMA-shape step 1.43x faster (bench/NOTES.md). `grad_scale` must be >= 0
+    (the kernels fold it into the sign test, see _lion_scalars).
     """
     if layout is None:
         layout = os.environ.get("QFT_DS_LION_LAYOUT", "auto")
@@ -135,7 +135,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if has_outliers and fused_outliers:
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
                    beta2, weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
-                   outlier_idx, outlier_val, bit_convert=bit_convert)
+                   outlier_idx, outlier_val)
         return
     if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
         # As few torch ops as the maths allows: the training step is host-bound (bench/NOTES.md).
@@ -149,8 +149,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
                     out=outlier_val)
     if layout == "3d":
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
-                   beta2, weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
-                   bit_convert=bit_convert)
+                   beta2, weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds)
     elif layout == "2pass":
         base = math.lcm(w_block, m_block)
         chunk = chunk or base
@@ -167,6 +166,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         _kernels().lion_kernel[(triton_cdiv(n, chunk),)](
             w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
             float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
+            *_lion_scalars(beta1, beta2, grad_scale),
             _step_key(seed, step), offset,
             G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
             ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ROUNDS=philox_rounds,
@@ -176,6 +176,18 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         w_codes[idx] = 0
         if residual is not None:
             residual[idx] = 0
+
+
+def _lion_scalars(beta1, beta2, grad_scale) -> tuple[float, float]:
+    """The kernels' folded scalars (mix, g2). The momentum is m*b2 + g*g2, g2 = (1-b2)*gs; Lion's direction
+    sign(b1*m + (1-b1)*gs*g) is sign(m*mix + g), mix = b1 / ((1-b1)*gs): one FMA on the raw gradient.
+    Where (1-b1)*gs = 0 (gs = 0, or b1 = 1), mix = inf keeps sign(m) (m = 0 gives nan: no step, as
+    sign(0)); with b1 = 0 too it is nan: no step. A negative gs would flip the sign: refused."""
+    if grad_scale < 0:
+        raise ValueError(f"grad_scale must be >= 0 (a clip or unscale factor), got {grad_scale}")
+    d = (1 - beta1) * grad_scale
+    mix = beta1 / d if d else (math.copysign(math.inf, beta1) if beta1 else math.nan)
+    return float(mix), float((1 - beta2) * grad_scale)
 
 
 _KEYS: dict = {}
@@ -220,7 +232,7 @@ def outlier_chunk_ptrs(outlier_idx: torch.Tensor, chunk: int, n_chunks: int) -> 
 
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
                weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
-               outlier_idx=None, outlier_val=None, bit_convert=False):
+               outlier_idx=None, outlier_val=None):
     rm = max(1, (chunk or 2048) // m_block)  # preconditions checked by lion_step before any write
     chunk = rm * m_block
     n_chunks = triton_cdiv(n, chunk)
@@ -233,10 +245,11 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
     _kernels().lion_kernel_3d[(n_chunks,)](
         w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
         float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
+        *_lion_scalars(beta1, beta2, grad_scale),
         _step_key(seed, step), offset,
         outlier_idx, outlier_val, optr,
         G=w_block, K=m_block // w_block, RM=rm, ROUNDING=_rounding_id(rounding), ROUNDS=philox_rounds,
-        OK_FLOAT=finite.is_floating_point(), BIT_CONVERT=bool(bit_convert),
+        OK_FLOAT=finite.is_floating_point(),
         num_warps=num_warps, **extra)
 
 

@@ -1,25 +1,68 @@
 """Triton kernels. Each computes the same function as its twin in reference.py (tests compare them).
 
-Random draws are counter-based Philox (`tl.randint4x`): element e gets output lane e % 4 of
-philox(key, e // 4), with e the *global* element offset. So a rerun is bit-identical and a shard draws
-what the whole tensor would. One Philox call feeds four elements: with one call per element
+Random draws are counter-based Philox (the bits of `tl.randint4x`, see _philox): element e gets output
+lane e % 4 of philox(key, e // 4), with e the *global* element offset. So a rerun is bit-identical and a
+shard draws what the whole tensor would. One Philox call feeds four elements: with one call per element
 (`tl.rand`), the 10 Philox rounds made the Lion kernel compute-bound at a third of copy bandwidth.
-The Lion kernels go further: one 32-bit draw per element feeds both of its roundings, the low 16 bits
-the weight's and the high 16 bits the momentum's (independent bits of one Philox output), so one
-Philox call covers four elements of both streams. A 16-bit uniform biases stochastic rounding by at
-most 2^-17 of an int8 step, far below a Lion update (lr / scale is ~1e-2 steps at lr 1e-5).
+The Lion kernels go further: one 32-bit draw per element feeds both of its roundings, the low 15 bits
+the weight's and the high 15 bits the momentum's (independent bits of one Philox output), so one
+Philox call covers four elements of both streams (see _sr_codes for what 15 bits cost: nothing on average).
 The CPU reference uses another generator: the two agree in distribution, not bit for bit.
+
+The Lion kernel is issue-bound on the H100 (fewer Philox rounds made it faster; a variant that built
+floats from int8 codes and random bits by bit tricks, fewer conversions but more instructions, was slower:
+0.153 against 0.139 ms), so its arithmetic is written for the fewest SASS instructions per element
+(bench/kernel_sass.py counts them).
 """
+import os
+
 import triton
 import triton.language as tl
+from triton.language import core as tlc  # to_tensor: triton 3.6 has it only here
 
 SR, RTN, EF = 0, 1, 2
+# Read once, as @triton.jit reads it: interpreted kernels run no inline asm (_mulhilo)
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def _mulhilo(x, C: tl.constexpr):
+    """(hi, lo) 32-bit halves of x * C. Compiled: one mul.wide (IMAD.WIDE.U32); tl.umulhi and a 32-bit
+    mul, which the interpreter runs (it has no inline asm), compile mostly to two IMADs."""
+    if INTERPRETED:
+        return tl.umulhi(x, C), x * C
+    return tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }",
+                                     "=r,=r,r,r", [x, tl.full(x.shape, C, tl.uint32)],
+                                     dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _philox(key, counter, ROUNDS: tl.constexpr = 10):
+    """tl.randint4x(key, counter, ROUNDS), bit for bit (tested), in fewer instructions: each round's two
+    products as wide multiplies, and the first round's products of the zero counter words folded."""
+    seed = tlc.to_tensor(key).to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    ha, c3 = _mulhilo(counter.to(tl.uint32), 0xD2511F53)
+    c0 = (counter >> 32).to(tl.uint32) ^ k0  # round 1: c2 = c3 = 0
+    c1 = tl.zeros_like(c3)
+    c2 = ha ^ k1
+    for _ in tl.static_range(ROUNDS - 1):
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+        hb, lb = _mulhilo(c2, 0xCD9E8D57)
+        ha, la = _mulhilo(c0, 0xD2511F53)
+        c0 = hb ^ c1 ^ k0
+        c2 = ha ^ c3 ^ k1
+        c1 = lb
+        c3 = la
+    return c0, c1, c2, c3
 
 
 @triton.jit
 def _bits(key, offs, ROUNDS: tl.constexpr = 10):
     """32 random bits for global element offsets of any shape: lane offs % 4 of philox(key, offs // 4)."""
-    r0, r1, r2, r3 = tl.randint4x(key, offs // 4, ROUNDS)
+    r0, r1, r2, r3 = _philox(key, offs // 4, ROUNDS)
     lane = offs % 4
     return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
 
@@ -30,25 +73,30 @@ def _uniform(key, offs, ROUNDS: tl.constexpr = 10):
     return tl.uint_to_uniform_float(_bits(key, offs, ROUNDS))
 
 
-@triton.jit
-def _half_uniform(bits, HIGH: tl.constexpr, BITCAST: tl.constexpr = False):
-    """U[0,1) on a 2^-16 grid from the low (weight) or high (momentum) 16 bits of a draw. BITCAST: the
-    same value built as the mantissa of 1 + h * 2^-16, minus 1 (exact), with no int -> float conversion
-    (conversions run at a quarter of the fp32 rate; bench/NOTES.md weighs it)."""
-    h = (bits >> 16) if HIGH else (bits & 0xFFFF)
-    if BITCAST:
-        return ((h << 7) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
-    return h.to(tl.int32).to(tl.float32) * (1.0 / 65536.0)
+# Stochastic rounding in integers. x = w * (2^15 / s) + 1.5 * 2^23 (one FMA) lands on the integer grid
+# (ulp 1 for |w * 2^15 / s| < 2^22), so the float's bits are 0x4B400000 + Y, Y = round_nearest(y * 2^15)
+# with y = w / s. Adding 15 random bits h and shifting right 15 floors: q = (Y + h) >> 15 rounds up with
+# probability (Y mod 2^15) / 2^15, so E[q] = Y / 2^15 exactly, within 2^-16 of y either way (unbiased on
+# average; the former floor(y + h / 2^16) in floats was biased down by up to 2^-16). No conversion, no
+# float floor: the kernel is issue-bound. The SR scale is absmax / 127 times (1 + 2^-20): with the
+# division's and the products' rounding, |Y| stays below 127 * 2^15 - 1, so q needs no clamp.
+SR_PER_QMAX = tl.constexpr((1.0 + 2.0**-20) / 127.0)
+SR_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23, bits 0x4B400000
 
 
 @triton.jit
-def _codes_f32(q, BITCAST: tl.constexpr = False):
-    """int8 codes -> fp32. BITCAST: exactly, without a conversion instruction: b + 128 (0..255) as the
-    low mantissa bits of 2^23, minus 2^23 + 128."""
-    if BITCAST:
-        x = (q.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.int32)
-        return (x | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-    return q.to(tl.float32)
+def _sr_inv(s):
+    """2^15 / s; 0 for s = 0, and for s < 1e-30, where it would overflow (such a block rounds to 0)."""
+    return tl.where(s > 1e-30, 32768.0 / s, 0.0)
+
+
+@triton.jit
+def _sr_codes(x, inv, bits, HIGH: tl.constexpr):
+    """int8 codes of x * inv / 2^15 (inv from _sr_inv), stochastically rounded with 15 bits of each draw:
+    the low half (weight) or the high half (momentum)."""
+    t = tl.fma(x, inv, SR_MAGIC).to(tl.int32, bitcast=True)
+    h = ((bits >> 17) if HIGH else (bits & 0x7FFF)).to(tl.int32)
+    return ((t + h - 0x4B400000) >> 15).to(tl.int8)
 
 
 @triton.jit
@@ -59,7 +107,7 @@ def _bits_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.con
     r = tl.arange(0, ROWS)
     k = tl.arange(0, COLS // 4)
     counters = (base + r[:, None] * STRIDE) // 4 + k[None, :]
-    r0, r1, r2, r3 = tl.randint4x(key, counters, ROUNDS)
+    r0, r1, r2, r3 = _philox(key, counters, ROUNDS)
     # join(join(a, c), join(b, d)) laid out row-major is a, b, c, d: element 4k + j gets lane j
     quad = tl.join(tl.join(r0, r2), tl.join(r1, r3))
     return tl.reshape(quad, (ROWS, COLS))
@@ -84,6 +132,23 @@ def _round(y, u, ROUNDING: tl.constexpr):
     else:  # half away from zero differs from torch's half-to-even only on exact ties
         y = tl.where(y >= 0, tl.floor(y + 0.5), -tl.floor(-y + 0.5))
     return tl.minimum(tl.maximum(y, -127.0), 127.0)  # clamp before the cast: int8 casts wrap
+
+
+@triton.jit
+def _lion_dir(c, lr):
+    """-lr * sign(c) (0 for 0 and nan): lr with c's sign bit flipped in, one LOP3, and one select."""
+    neg = (c.to(tl.uint32, bitcast=True) & 0x80000000) ^ tlc.to_tensor(-lr).to(tl.uint32, bitcast=True)
+    return tl.where(tl.abs(c) > 0, neg.to(tl.float32, bitcast=True), 0.0)
+
+
+@triton.jit
+def _lion_w(wc, s, step, r_ptrs, mask, decay, ROUNDING: tl.constexpr):
+    """The decayed, stepped weight from its codes wc (fp32) and scale s: one FMA, the scale and the decay
+    multiplied per group; error feedback (ROUNDING 2) adds its carry first."""
+    if ROUNDING == 2:
+        w = wc * s + tl.load(r_ptrs, mask=mask, other=0).to(tl.float32) * (s / 254.0)
+        return tl.fma(w, decay, step)
+    return tl.fma(wc, s * decay, step)
 
 
 @triton.jit
@@ -135,7 +200,7 @@ def quant_kernel(x_ptr, codes_ptr, scales_ptr, n, key, offset, B: tl.constexpr, 
 
 @triton.jit
 def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
-                key, offset,
+                mix, g2, key, offset,
                 G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
                 B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr,
                 QUAD_RNG: tl.constexpr, ROUNDS: tl.constexpr = 10, OK_FLOAT: tl.constexpr = False):
@@ -146,8 +211,12 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     other program touches this chunk, so the order inside the program is the whole synchronisation.
     (A one-pass variant, the [RW, G] tile reshaped to [RM, B] rows, measured slower on the H100 and
     failed a compiled test: not kept.) `ok_ptr` (a device flag, 0 = the gradient is not finite, or a float
-    that is not finite: see _load_ok) masks
-    every load and store: a bad tensor is left unwritten without a host sync.
+    that is not finite: see _load_ok) masks every load and store: a bad tensor is left unwritten without
+    a host sync.
+
+    Per element, one FMA each (per-row and host scalars folded, triton_backend._lion_scalars):
+    c = m_code * (ms * mix) + g has the sign of b1*m + (1-b1)*gs*g; w = w_code * (s * decay) - lr*sign(c);
+    m = m_code * (ms * b2) + g * g2. Masked lanes load 0 and so stay 0: no select before the absmax.
     """
     start = tl.program_id(0).to(tl.int64) * (RW * G)
     n = n * _load_ok(ok_ptr, OK_FLOAT).to(tl.int64)  # not finite: n = 0 masks every load and store
@@ -156,29 +225,27 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     cg = tl.arange(0, GP2)
     offs = start + rw[:, None] * G + cg[None, :]
     mask = (rw[:, None] < RW) & (cg[None, :] < G) & (offs < n)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
-    m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32) * tl.load(ms_ptr + offs // B, mask=mask, other=0.0)
-    u = m * beta1 + g * (1.0 - beta1)
-    u = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    ms = tl.load(ms_ptr + offs // B, mask=mask, other=0.0)
+    c = tl.fma(tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32), ms * mix, g)
+    step = _lion_dir(c, lr)
     grow = start // G + rw
     rmask = (rw < RW) & (grow * G < n)
     s = tl.load(ws_ptr + grow, mask=rmask, other=0.0)
-    w = tl.load(w_ptr + offs, mask=mask, other=0).to(tl.float32) * s[:, None]
-    if ROUNDING == 2:
-        w += tl.load(r_ptr + offs, mask=mask, other=0).to(tl.float32) * (s[:, None] / 254.0)
-    w = w * decay - lr * u
-    w = tl.where(mask, w, 0.0)
-    s_new = tl.maximum(s, tl.max(tl.abs(w), axis=1) / 127.0)
-    inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
-    y = w * inv[:, None]
-    if ROUNDING == 0:  # the low 16 bits of each element's draw (the momentum half takes the high 16)
+    w = _lion_w(tl.load(w_ptr + offs, mask=mask, other=0).to(tl.float32), s[:, None], step, r_ptr + offs, mask,
+                decay, ROUNDING)
+    if ROUNDING == 0:  # the low bits of each element's draw (the momentum half takes the high ones)
+        s_new = tl.maximum(s, tl.max(tl.abs(w), axis=1) * SR_PER_QMAX)
         if QUAD_RNG:
-            u = _half_uniform(_bits_rows(key, start + offset, RWP2, G, GP2, ROUNDS), False)
+            bits = _bits_rows(key, start + offset, RWP2, G, GP2, ROUNDS)
         else:
-            u = _half_uniform(_bits(key, offs + offset, ROUNDS), False)
+            bits = _bits(key, offs + offset, ROUNDS)
+        q = _sr_codes(w, _sr_inv(s_new)[:, None], bits, False)
     else:
-        u = 0.0
-    q = _round(y, u, ROUNDING)
+        s_new = tl.maximum(s, tl.max(tl.abs(w), axis=1) / 127.0)
+        inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
+        y = w * inv[:, None]
+        q = _round(y, 0.0, ROUNDING)
     tl.store(w_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(ws_ptr + grow, s_new, mask=rmask)
     if ROUNDING == 2:
@@ -192,18 +259,16 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     mask = (rm[:, None] < RM) & (offs < n)
     brow = start // B + rm
     bmask = (rm < RM) & (brow * B < n)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     ms = tl.load(ms_ptr + brow, mask=bmask, other=0.0)
-    m = tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32) * ms[:, None]
-    m = m * beta2 + g * (1.0 - beta2)
-    ms_new = tl.max(tl.abs(m), axis=1) / 127.0
-    inv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
-    if QUAD_RNG:  # the same draws again (this layout's rows): their high 16 bits
-        u = _half_uniform(_bits_rows(key, start + offset, RMP2, B, B, ROUNDS), True)
+    m = tl.fma(tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32), (ms * beta2)[:, None], g * g2)
+    ms_new = tl.max(tl.abs(m), axis=1) * SR_PER_QMAX
+    if QUAD_RNG:  # the same draws again (this layout's rows): their high bits
+        bits = _bits_rows(key, start + offset, RMP2, B, B, ROUNDS)
     else:
-        u = _half_uniform(_bits(key, offs + offset, ROUNDS), True)
-    q = _round(m * inv[:, None], u, 0)  # momentum: always stochastic (unbiased EMA)
-    tl.store(m_ptr + offs, q.to(tl.int8), mask=mask)
+        bits = _bits(key, offs + offset, ROUNDS)
+    q = _sr_codes(m, _sr_inv(ms_new)[:, None], bits, True)  # momentum: always stochastic (unbiased EMA)
+    tl.store(m_ptr + offs, q, mask=mask)
     tl.store(ms_ptr + brow, ms_new, mask=bmask)
 
 
@@ -215,26 +280,23 @@ def _bits_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUND
     k = tl.arange(0, K)
     j = tl.arange(0, G // 4)
     counters = (base + (r[:, None, None] * K + k[None, :, None]) * G) // 4 + j[None, None, :]
-    r0, r1, r2, r3 = tl.randint4x(key, counters, ROUNDS)
+    r0, r1, r2, r3 = _philox(key, counters, ROUNDS)
     quad = tl.join(tl.join(r0, r2), tl.join(r1, r3))
     return tl.reshape(quad, (R, K, G))
 
 
 @triton.jit
 def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
-                   key, offset, oi_ptr, ov_ptr, optr_ptr,
+                   mix, g2, key, offset, oi_ptr, ov_ptr, optr_ptr,
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
                    ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64,
-                   OK_FLOAT: tl.constexpr = False, BIT_CONVERT: tl.constexpr = False):
+                   OK_FLOAT: tl.constexpr = False):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
     One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
     both absmax reductions run on the same registers (over G for a weight group, over K and G for a
     momentum block); no reshape of data. In-tile offsets are int32 (the int64 chunk start is added to the
     pointers once). The random numbers are those of lion_kernel (tests compare the outputs).
-
-    BIT_CONVERT: int8 codes and uniforms turned into floats by bit tricks instead of conversion
-    instructions; the same outputs (tested), a different instruction mix (bench/kernel_sass.py).
 
     OUTLIERS: the exact fp32 outliers of this chunk (sorted indices oi[optr[pid]:optr[pid+1]]) are updated
     here too, from the old momentum, and their dense codes zeroed after the tile is stored: the whole
@@ -247,22 +309,20 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     left = n - start
     rm = tl.arange(0, RM)
     k = tl.arange(0, K)
-    c = tl.arange(0, G)
-    local = (rm[:, None, None] * K + k[None, :, None]) * G + c[None, None, :]
+    col = tl.arange(0, G)
+    local = (rm[:, None, None] * K + k[None, :, None]) * G + col[None, None, :]
     mask = local < left
-    g = tl.load(g_ptr + start + local, mask=mask, other=0.0).to(tl.float32) * grad_scale
+    g = tl.load(g_ptr + start + local, mask=mask, other=0.0).to(tl.float32)
     bmask = rm * (K * G) < left
     ms = tl.load(ms_ptr + start // (K * G) + rm, mask=bmask, other=0.0)
-    m = _codes_f32(tl.load(m_ptr + start + local, mask=mask, other=0), BIT_CONVERT) * ms[:, None, None]
-    u = m * beta1 + g * (1.0 - beta1)
-    u = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
+    mc = tl.load(m_ptr + start + local, mask=mask, other=0).to(tl.float32)
+    c = tl.fma(mc, (ms * mix)[:, None, None], g)
+    step = _lion_dir(c, lr)
     glocal = rm[:, None] * K + k[None, :]
     gmask = glocal * G < left
     s = tl.load(ws_ptr + start // G + glocal, mask=gmask, other=0.0)
-    w = _codes_f32(tl.load(w_ptr + start + local, mask=mask, other=0), BIT_CONVERT) * s[:, :, None]
-    if ROUNDING == 2:
-        w += _codes_f32(tl.load(r_ptr + start + local, mask=mask, other=0), BIT_CONVERT) * (s[:, :, None] / 254.0)
-    w = tl.where(mask, w * decay - lr * u, 0.0)
+    w = _lion_w(tl.load(w_ptr + start + local, mask=mask, other=0).to(tl.float32), s[:, :, None], step,
+                r_ptr + start + local, mask, decay, ROUNDING)
     if OUTLIERS:  # before any store: they read the old momentum
         o_lo = tl.load(optr_ptr + pid)
         o_hi = o_lo + (tl.load(optr_ptr + pid + 1) - o_lo) * ok  # not finite: no outlier is written
@@ -270,22 +330,22 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
         for j in range(o_lo, o_hi, OB):
             om = j + ob < o_hi
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
-            mo = (_codes_f32(tl.load(m_ptr + oi, mask=om, other=0), BIT_CONVERT)
+            mo = (tl.load(m_ptr + oi, mask=om, other=0).to(tl.float32)
                   * tl.load(ms_ptr + oi // (K * G), mask=om, other=0.0))
             go = tl.load(g_ptr + oi, mask=om, other=0.0).to(tl.float32) * grad_scale
-            mix = mo + (1.0 - beta1) * (go - mo)  # torch.lerp's form, as the reference
-            uo = tl.where(mix > 0, 1.0, tl.where(mix < 0, -1.0, 0.0))
+            co = mo + (1.0 - beta1) * (go - mo)  # torch.lerp's form, as the reference
+            uo = tl.where(co > 0, 1.0, tl.where(co < 0, -1.0, 0.0))
             vo = tl.load(ov_ptr + j + ob, mask=om, other=0.0)
             tl.store(ov_ptr + j + ob, vo * decay - lr * uo, mask=om)
-    s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) / 127.0)
-    inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
-    y = w * inv[:, :, None]
     bits = _bits_3d(key, start + offset, RM, K, G, ROUNDS)  # one draw per element feeds both roundings
     if ROUNDING == 0:
-        uw = _half_uniform(bits, False, BIT_CONVERT)
+        s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) * SR_PER_QMAX)
+        q = _sr_codes(w, _sr_inv(s_new)[:, :, None], bits, False)
     else:
-        uw = 0.0
-    q = _round(y, uw, ROUNDING)
+        s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) / 127.0)
+        inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
+        y = w * inv[:, :, None]
+        q = _round(y, 0.0, ROUNDING)
     tl.store(w_ptr + start + local, q.to(tl.int8), mask=mask)
     tl.store(ws_ptr + start // G + glocal, s_new, mask=gmask)
     if ROUNDING == 2:
@@ -300,10 +360,8 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             tl.store(w_ptr + oi, tl.zeros([OB], dtype=tl.int8), mask=om)
             if ROUNDING == 2:
                 tl.store(r_ptr + oi, tl.zeros([OB], dtype=tl.int8), mask=om)
-    m = tl.where(mask, m * beta2 + g * (1.0 - beta2), 0.0)
-    ms_new = tl.max(tl.max(tl.abs(m), axis=2), axis=1) / 127.0
-    minv = tl.where(ms_new > 0, 1.0 / ms_new, 0.0)
-    um = _half_uniform(bits, True, BIT_CONVERT)
-    q = _round(m * minv[:, None, None], um, 0)  # momentum: always stochastic (unbiased EMA)
-    tl.store(m_ptr + start + local, q.to(tl.int8), mask=mask)
+    m = tl.fma(mc, (ms * beta2)[:, None, None], g * g2)
+    ms_new = tl.max(tl.max(tl.abs(m), axis=2), axis=1) * SR_PER_QMAX
+    q = _sr_codes(m, _sr_inv(ms_new)[:, None, None], bits, True)  # momentum: always stochastic (unbiased EMA)
+    tl.store(m_ptr + start + local, q, mask=mask)
     tl.store(ms_ptr + start // (K * G) + rm, ms_new, mask=bmask)
