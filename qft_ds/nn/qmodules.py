@@ -16,6 +16,7 @@ Two ways to the same numbers (tests compare them):
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 
@@ -72,15 +73,22 @@ class _DeliverGrad(torch.autograd.Function):
         return None, None, None, None
 
 
-def qlinear(x, weight: HybridWeight, cdt, keep_weight: bool, readers=None):
+NO_KEEP, KEEP, RECOMPUTE = 0, 1, 2
+
+
+def qlinear(x, weight: HybridWeight, cdt, keep_weight: int, readers=None):
     """x @ W^T over a HybridWeight in compute dtype `cdt` (see the module docstring for the two paths);
-    out in the compute dtype under autocast, else in x's dtype, like torch.nn.Linear."""
+    out in the compute dtype under autocast, else in x's dtype, like torch.nn.Linear. `keep_weight`: see
+    QLinear.keeps_weight."""
     grad = torch.is_grad_enabled()
     if grad and not keep_weight:
         return _QLinearFn.apply(x, weight.anchor, weight, cdt, readers)
     w = weight.dequantize(cdt)
     if grad:
-        w = _DeliverGrad.apply(w, weight.anchor, weight, readers)
+        if keep_weight == RECOMPUTE:  # saves what the first forward saved (checkpoint checks), delivers nothing
+            w.requires_grad_()
+        else:
+            w = _DeliverGrad.apply(w, weight.anchor, weight, readers)
     if torch.is_autocast_enabled(x.device.type):
         return F.linear(x, w)  # autocast casts x (to bf16: w is already)
     return F.linear(x.to(cdt), w).to(x.dtype)
@@ -128,12 +136,19 @@ class QLinear(nn.Module):
         w = self.qweight.dequantize(torch.float32)
         return w[self.rows[0]:self.rows[1]] if self.fused is not None else w
 
-    def keeps_weight(self) -> bool:
+    def keeps_weight(self) -> int:
+        """NO_KEEP, or (a checkpointed layer in training) KEEP, or RECOMPUTE: KEEP inside the recompute of
+        a non-reentrant checkpoint, which runs during backward and whose graph is never backpropagated
+        (only the tensors it saves are used): the weight then needs no delivery node."""
         ref = _CHECKPOINTED_LAYER.get(self)
         layer = ref() if ref is not None else None
         # read each call: gradient_checkpointing_disable() must stop the reuse, or every weight is kept
-        return (layer is not None and getattr(layer, "gradient_checkpointing", False) and layer.training
-                and torch.is_grad_enabled())
+        if not (layer is not None and getattr(layer, "gradient_checkpointing", False) and layer.training
+                and torch.is_grad_enabled()):
+            return NO_KEEP
+        fn = getattr(layer, "_gradient_checkpointing_func", None)  # HF: partial(checkpoint, use_reentrant=..)
+        non_reentrant = isinstance(fn, functools.partial) and fn.keywords.get("use_reentrant") is False
+        return RECOMPUTE if non_reentrant and torch._C._current_graph_task_id() != -1 else KEEP
 
     def forward(self, x):
         if self.fused is not None:

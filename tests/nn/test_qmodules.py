@@ -170,3 +170,35 @@ def test_reuse_recomputed_weight_key_decides_the_marking(tiny_llama, reuse):
     assert len(marked) == (7 * model.config.num_hidden_layers if reuse else 0)
     with pytest.raises(ValueError, match="reuse_recomputed_weight"):
         QFTConfig.from_dict({"reuse_recomputed_weight": "yes"})
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpointed_delivery_nodes_and_gradients(tiny_llama, monkeypatch, reentrant):
+    """Marked checkpointed layers deliver each weight's gradient exactly once per step, equal to the
+    unmarked model's. Non-reentrant: the recompute (whose graph is never backpropagated) builds no
+    delivery node, one per layer weight and step is left; reentrant: the recompute's graph is the one
+    backpropagated, so it carries them."""
+    from qft_ds.nn import qmodules
+    model = tiny_llama(tie=False)
+    convert_model(model, group_size=64, outlier_frac=0.01)
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    x = torch.randint(0, 128, (2, 16))
+
+    def grads():
+        model(input_ids=x, labels=x).loss.backward()
+        out = [w.grad.clone() for w in quantized_weights(model)]
+        for w in quantized_weights(model):
+            w.grad = None
+        return out
+
+    want = grads()  # not marked: the Python Function path
+    assert qmodules.mark_checkpointed(model) > 0
+    applied = []
+    real = qmodules._DeliverGrad.apply
+    monkeypatch.setattr(qmodules._DeliverGrad, "apply", lambda *a: applied.append(a[2]) or real(*a))
+    got = grads()
+    layer_weights = {id(m.qweight) for m in model.modules() if isinstance(m, QLinear) and m in qmodules._CHECKPOINTED_LAYER}
+    assert len(applied) == len(layer_weights) and {id(w) for w in applied} == layer_weights
+    for a, b in zip(want, got):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
