@@ -221,6 +221,7 @@ def interleaved(shape, methods, args, dev) -> dict:
     x = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), generator=g).to(dev)
     names = list(steps)
     tok_s = {m: [] for m in names}
+    step_s = {m: [] for m in names}  # every timed step, per round: does a method switch cost the next steps?
     for r in range(args.rounds + 1):  # round 0: warm-up, not recorded
         for m in names[r % len(names):] + names[: r % len(names)]:
             os.environ["QFT_DS_LION_LAYOUT"] = "2pass" if m == "qft_2pass" else "auto"
@@ -233,9 +234,10 @@ def interleaved(shape, methods, args, dev) -> dict:
                 times.append(time.perf_counter() - t0)
             if r:
                 tok_s[m].append(batch * seq / statistics.median(times))
+                step_s[m].append([round(t, 5) for t in times])
         os.environ.pop("QFT_DS_LION_LAYOUT", None)
     out = {"model": shape, "rounds": args.rounds, "steps_per_block": args.iters, "tok_s_per_round": tok_s,
-           "tok_s_median": {m: statistics.median(v) for m, v in tok_s.items()}}
+           "tok_s_median": {m: statistics.median(v) for m, v in tok_s.items()}, "step_s_per_round": step_s}
     if "fp32_adamw" in tok_s:
         base = tok_s["fp32_adamw"]
         out["ratio_to_fp32_adamw"] = {m: {"per_round": [a / b for a, b in zip(v, base)],
