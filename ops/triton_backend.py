@@ -32,9 +32,17 @@ def is_compatible(device="cpu") -> tuple[bool, str]:
     return True, f"CUDA {torch.cuda.get_device_name(dev)}"
 
 
+_KERNELS = None
+
+
 def _kernels():
-    from . import triton_kernels
-    return triton_kernels
+    """The kernels module, imported on first use (it decorates with the environment of then) and kept:
+    an import statement per launch is Python work in a host-bound step."""
+    global _KERNELS
+    if _KERNELS is None:
+        from . import triton_kernels
+        _KERNELS = triton_kernels
+    return _KERNELS
 
 
 def _rounding_id(rounding: str) -> int:
