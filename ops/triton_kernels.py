@@ -152,12 +152,18 @@ def _lion_w(wc, s, step, r_ptrs, mask, decay, ROUNDING: tl.constexpr):
 
 
 @triton.jit
-def dequant_kernel(codes_ptr, scales_ptr, out_ptr, n, G: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _dequant_tile(codes_ptr, scales_ptr, out_ptr, n, pid, G: tl.constexpr, BLOCK: tl.constexpr):
+    """out[tile] = codes * scale of their group, for program `pid`'s BLOCK elements."""
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     q = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.float32)
     s = tl.load(scales_ptr + offs // G, mask=mask, other=0.0)
     tl.store(out_ptr + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def dequant_kernel(codes_ptr, scales_ptr, out_ptr, n, G: tl.constexpr, BLOCK: tl.constexpr):
+    _dequant_tile(codes_ptr, scales_ptr, out_ptr, n, tl.program_id(0), G, BLOCK)
 
 
 @triton.jit
@@ -166,11 +172,7 @@ def dequant_hybrid_kernel(codes_ptr, scales_ptr, out_ptr, n, oi_ptr, ov_ptr, opt
     """dequant_kernel, then this chunk's outliers (sorted indices oi[optr[pid]:optr[pid+1]]) written over
     the dense zeros, after a CTA barrier: the hybrid weight in one launch instead of four torch ops."""
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    q = tl.load(codes_ptr + offs, mask=mask, other=0).to(tl.float32)
-    s = tl.load(scales_ptr + offs // G, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, (q * s).to(out_ptr.dtype.element_ty), mask=mask)
+    _dequant_tile(codes_ptr, scales_ptr, out_ptr, n, pid, G, BLOCK)
     o_lo = tl.load(optr_ptr + pid)
     o_hi = tl.load(optr_ptr + pid + 1)
     tl.debug_barrier()  # the dense store above wrote 0 at these slots: every thread's store lands first

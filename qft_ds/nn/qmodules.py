@@ -28,6 +28,12 @@ from qft_ds.flow import deliver
 from qft_ds.quant.hybrid import HybridWeight
 
 
+def _uses(readers) -> int:
+    """How many of the weight's uses one matmul's gradient covers: the fused projections that read its
+    outputs (`readers`, filled in as they read them), else 1."""
+    return len(readers) if readers is not None else 1
+
+
 class _QLinearFn(torch.autograd.Function):
     """The matmul with its backward in Python, for layers that are not checkpointed: only the input is
     saved, and backward dequantizes the weight again."""
@@ -54,7 +60,7 @@ class _QLinearFn(torch.autograd.Function):
             gx = (gy @ weight.dequantize(xc.dtype)).to(ctx.x_dtype)
         gw = gy.reshape(-1, gy.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
         # in the compute dtype: the Lion kernel upcasts in registers (6 B/param, not 8)
-        deliver(weight, gw, len(ctx.readers) if ctx.readers is not None else 1)
+        deliver(weight, gw, _uses(ctx.readers))
         return gx, None, None, None, None
 
 
@@ -69,7 +75,7 @@ class _DeliverGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gw):
-        deliver(ctx.weight, gw, len(ctx.readers) if ctx.readers is not None else 1)
+        deliver(ctx.weight, gw, _uses(ctx.readers))
         return None, None, None, None
 
 
