@@ -14,7 +14,9 @@ RMSNorm, the model as before those keys), qft_torch (the same
 with the PyTorch reference ops), fp32_adamw (fp32 master weights, fused torch AdamW), bf16_adamw and
 bf16_lion (pure bf16 weights), ds_fusedadam (DeepSpeed FusedAdam at ZeRO-0 with its bf16 mode); qft_2pass is
 qft with QFT_DS_LION_LAYOUT=2pass (the two-pass Lion kernel and torch outlier ops, the default before the
-one-tile kernel was measured; results before commit 6870043 call these qft and qft_3d instead).
+one-tile kernel was measured; results before commit 6870043 call these qft and qft_3d instead); qft_sync is
+qft with a host sync between forward and backward (a host read of the loss's finiteness, as the engine
+did before it checked on the device), to measure what that sync costs.
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, batch=2, seq=64),
 }
-METHODS = ["qft", "qft_unfused", "qft_2pass", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
+METHODS = ["qft", "qft_unfused", "qft_2pass", "qft_sync", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
 
 
 def build(shape, dtype, device):
@@ -75,8 +77,12 @@ def setup(method, shape, dev):
         engine, opt, _, _ = qft_ds.initialize(model=model, config=qft_config(
             "torch" if method == "qft_torch" else "auto", batch, fuse))
 
+        sync = method == "qft_sync"
+
         def step(x):
             loss = engine(input_ids=x, labels=x).loss
+            if sync:
+                bool(torch.isfinite(loss).all())
             engine.backward(loss)
             engine.step()
         st = opt.state_nbytes()

@@ -99,9 +99,10 @@ class GradientFlow:
             w = self._stack.pop()
             yield w, self._buffers.pop(w).dequantize()
 
-    def nonfinite(self) -> bool:
-        """Stack: did any gradient of this step hold a NaN or inf? (one host sync per step)"""
-        return bool(self._bad) if self._bad is not None else False
+    def bad_flag(self):
+        """Stack: a device bool, True if any gradient of this step held a NaN or inf (None if none came);
+        the optimizer reads it in its one host sync per step."""
+        return self._bad
 
     def discard(self) -> None:
         """Drop every held or stacked gradient of this step (a skipped step)."""

@@ -109,3 +109,59 @@ def test_fused_nonfinite_gradient_leaves_that_weight_unwritten(tiny_llama, nan_g
     assert opt.partial_steps == 1 and opt.nonfinite_tensors == 1 and opt.skipped_steps == 0
     assert opt.step_count == 2 and opt.prev_grad_norm is not None and torch.isfinite(torch.tensor(opt.prev_grad_norm))
     assert engine.skipped_steps == 0
+
+
+@pytest.fixture
+def host_reads(monkeypatch):
+    """Count the calls that read a tensor's value on the host (each one is a host sync on a GPU). The CPU
+    reference of the Lion kernel reads the finite flag on the host; the kernel it stands for reads it on
+    the device, so its reads are not counted."""
+    import traceback
+    calls = []
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name, **k):
+            if not any(f.filename.endswith("ops/reference.py") for f in traceback.extract_stack(limit=8)):
+                calls.append(_name)
+            return _real(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+def test_fused_step_reads_the_device_once_and_backward_never(tiny_llama, host_reads):
+    engine, opt = make_engine(tiny_llama)
+    for i in range(2):  # the second step also clips with the first one's norm
+        loss = engine(input_ids=batch(i), labels=batch(i)).loss
+        host_reads.clear()
+        engine.backward(loss)
+        assert host_reads == []  # no sync between forward and the end of backward: the GPU never idles
+        opt_reads = []
+        real_step = opt.step
+
+        def step(*a, **k):
+            n = len(host_reads)
+            out = real_step(*a, **k)
+            opt_reads.append(host_reads[n:])
+            return out
+        opt.step = step
+        engine.step()
+        opt.step = real_step
+        assert opt_reads == [["tolist"]]  # every check of the step in one read
+    assert opt.step_count == 2 and opt.skipped_steps == 0 and opt.prev_grad_norm > 0
+
+
+def test_gate_loss_leaves_a_finite_loss_exact(tiny_llama):
+    """The gate multiplies a finite loss by exactly 1: the same gradients as the loss itself."""
+    model = tiny_llama(tie=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    from qft_ds.optim.lion import QFTLion
+    gate = QFTLion.gate_loss.__get__(type("G", (), {"_loss_ok": []})())
+    grads = []
+    for use_gate in (False, True):
+        model.zero_grad()
+        loss = model(input_ids=batch(0), labels=batch(0)).loss
+        (gate(loss) if use_gate else loss).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    del opt

@@ -12,7 +12,8 @@ fused flow updates each layer before later ones exist, so it clips step t with t
 measured in step t-1 (one pass, no extra memory); step 0 is not clipped.
 
 Non-finite values never reach the int8 state:
-- a non-finite loss (`check_loss`, called by the engine's backward) skips the whole step before backward;
+- a non-finite loss skips the whole step: the engine's backward runs on `gate_loss(loss)`, which is NaN
+  then, so every gradient is NaN and no kernel writes; step() sees the flag and skips;
 - stack flow: a non-finite gradient anywhere (quantized or float) skips the whole step at the boundary;
 - fused flow: layers updated earlier in the same backward cannot be undone without a copy the fused
   mode must not spend, so a weight whose gradient is non-finite is not written and the step counts as
@@ -69,6 +70,7 @@ class QFTLion(torch.optim.Optimizer):
         self._bad_now = 0            # tensors left unwritten in this (fused) step
         self._finite_flags = []      # fused: device bools (ZeRO: one per weight), counted once per step
         self._norms = []             # fused: fp32 gradient norms, one per weight; summed once per step
+        self._loss_ok = []           # device bools, one per backward since the last step (gate_loss)
         if rounding == "ef":
             for w in self.weights:
                 if w.residual is None:
@@ -170,13 +172,14 @@ class QFTLion(torch.optim.Optimizer):
             return bool(t.item())
         return flag
 
-    def check_loss(self, loss) -> bool:
-        """False (and the step will be skipped) if the loss is non-finite on any rank: call before backward."""
-        finite = bool(torch.isfinite(loss.detach()).all())
-        if self._any_rank(not finite):
-            self._skip_reason = "non-finite loss"
-            return False
-        return True
+    def gate_loss(self, loss):
+        """The loss to backpropagate: `loss` when it is finite, else NaN, which makes every gradient NaN, so
+        no kernel writes (each reads its gradient's norm as a finite flag) and step() skips the step. Checked
+        on the device, read in step()'s one host sync: a sync here, between forward and backward, would
+        leave the GPU idle while the host starts the backward."""
+        ok = torch.isfinite(loss.detach()).all()
+        self._loss_ok.append(ok)
+        return loss * torch.where(ok, 1.0, float("nan")).to(loss.dtype)
 
     def _apply(self, w, grad, coef=None):
         """Update one quantized weight with its full fp32 gradient (called by the flow)."""
@@ -199,6 +202,30 @@ class QFTLion(torch.optim.Optimizer):
         self.flow.map_buffers(self._all_reduce_mean)
         return self.flow.stacked_sq_norm()
 
+    def _fused_sq(self):
+        """Fused flow: this step's squared gradient norm over the quantized weights, on the device, summed
+        over ranks where each holds a slice (qft_ds.zero); None if no weight was updated."""
+        return self._take_norms()
+
+    def _bad_flags(self):
+        """Fused flow: how many weights were left unwritten this step (device count), or None."""
+        if not self._finite_flags:
+            return None
+        bad = (~torch.cat([f.reshape(-1) for f in self._finite_flags])).sum()
+        self._finite_flags = []
+        return bad
+
+    @staticmethod
+    def _fetch(**scalars):
+        """Device scalars -> Python floats in one host sync (a None stays None)."""
+        names = [k for k, v in scalars.items() if v is not None]
+        out = dict.fromkeys(scalars)
+        if names:
+            dev = scalars[names[0]].device
+            vals = torch.stack([scalars[k].reshape(()).float().to(dev) for k in names]).tolist()
+            out.update(zip(names, vals))
+        return out
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -210,27 +237,43 @@ class QFTLion(torch.optim.Optimizer):
         # squared norms of every float gradient in two launches (foreach), not two per tensor
         sqs = torch.stack(torch._foreach_norm([p.grad.float() for _, p in float_params])).square() \
             if float_params else None
-        if sqs is not None and not torch.isfinite(sqs.sum()):  # one sync; find the culprits only then
+        fused = self.flow.mode == "fused"
+        if fused:  # finish the quantized updates: after a non-finite loss their gradients were NaN, none wrote
+            for w, grad in self.flow.held():  # a tied weight whose second use never came
+                self._apply(w, grad)
+            self._flush()
+        # every check of the step in one host sync (each sync drains the GPU queue)
+        losses_ok = torch.stack(self._loss_ok).all() if self._loss_ok else None
+        self._loss_ok = []
+        c = self._fetch(loss_bad=None if losses_ok is None else ~losses_ok,
+                        float_sq=None if sqs is None else sqs.sum(), stack_bad=self.flow.bad_flag(),
+                        fused_sq=self._fused_sq() if fused else None, fused_bad=self._bad_flags() if fused else None)
+        if self._any_rank(bool(c["loss_bad"])):
+            self._skip_reason = "non-finite loss"
+        float_sq = c["float_sq"]
+        if float_sq is not None and not math.isfinite(float_sq):  # find the culprits only now
             keep = torch.isfinite(sqs).tolist()
             self._bad_now += keep.count(False)
             float_params = [fp for fp, k in zip(float_params, keep) if k]
             sqs = sqs[torch.tensor(keep, device=sqs.device)]
-            if self.flow.mode == "stack" and self._skip_reason is None:
+            float_sq = float(sqs.sum()) if sqs.numel() else None
+            if not fused and self._skip_reason is None:
                 self._skip_reason = "non-finite gradient"
-        if self.flow.mode == "stack" and self._skip_reason is None and self._any_rank(self.flow.nonfinite()):
+        if not fused and self._skip_reason is None and self._any_rank(bool(c["stack_bad"])):
             self._skip_reason = "non-finite gradient"
         if self._skip_reason is not None:
             return self._skip(loss)
         self.overflow = False
-        if sqs is not None and sqs.numel():
-            self._add_sq(sqs.sum())
-        if self.flow.mode == "fused":
-            for w, grad in self.flow.held():  # a tied weight whose second use never came
-                self._apply(w, grad)
-            self._flush()
+        if fused:
             coef = self._clip_coef(self.prev_grad_norm)
             stacked = []
+            if c["fused_bad"]:
+                self._bad_now += int(c["fused_bad"])
+            sq = (c["fused_sq"] or 0.0) + (float_sq or 0.0)
+            self.prev_grad_norm = sq ** 0.5 if c["fused_sq"] is not None or float_sq is not None else None
         else:
+            if sqs is not None and sqs.numel():
+                self._add_sq(sqs.sum())
             stacked_sq = self._reduce_stacked()
             if stacked_sq is not None:
                 self._add_sq(stacked_sq)
@@ -248,11 +291,9 @@ class QFTLion(torch.optim.Optimizer):
             self.ops.lion_step_fp32_foreach(ps, [self.state[p]["momentum"] for p in ps], [p.grad for p in ps],
                                             lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1],
                                             weight_decay=g["weight_decay"], grad_scale=coef)
-        self.prev_grad_norm = self._norm_now()
+        if not fused:
+            self.prev_grad_norm = self._norm_now()
         self._sq_norm = None
-        if self._finite_flags:
-            self._bad_now += int((~torch.cat([f.reshape(-1) for f in self._finite_flags])).sum())  # one sync
-            self._finite_flags = []
         if self._bad_now:
             self.partial_steps += 1
             self.nonfinite_tensors += self._bad_now
@@ -269,7 +310,7 @@ class QFTLion(torch.optim.Optimizer):
         """Write nothing: drop this step's gradients; step_count (the SR key) does not advance."""
         reason, self._skip_reason = self._skip_reason, None
         self.flow.discard()
-        self._sq_norm, self._bad_now, self._finite_flags, self._norms = None, 0, [], []
+        self._sq_norm, self._bad_now, self._finite_flags, self._norms, self._loss_ok = None, 0, [], [], []
         self.overflow = True
         self.skipped_steps += 1
         self._log(f"step {self.step_count} skipped: {reason} (skipped steps so far: {self.skipped_steps})")

@@ -145,6 +145,10 @@ class ZeroLion(QFTLion):
             self._add_sq_shard(sq)
         return None
 
+    def _fused_sq(self):
+        sq = self._take_norms()  # this rank's slices; every rank reaches this with the same weights
+        return None if sq is None else comm.all_reduce_sum(sq.reshape(1).float()).reshape(())
+
     def _norm_now(self):
         fused = self._take_norms()  # this rank's slices: summed over ranks below
         if fused is not None:
