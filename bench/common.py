@@ -29,9 +29,24 @@ def git_commit(given: str | None = None) -> str:
         return "unknown"
 
 
+def host_cpu() -> dict:
+    """The host's CPU model, cores and load: host-bound steps vary with them between machines of one kind."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"model": model, "cores": os.cpu_count(), "usable_cores": usable, "load_1min": load and round(load[0], 2)}
+
+
 def header(commit: str | None) -> dict:
-    return {"device": device_name(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "commit": git_commit(commit),
-            "torch": torch.__version__}
+    return {"device": device_name(), "host_cpu": host_cpu(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "commit": git_commit(commit), "torch": torch.__version__}
 
 
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
