@@ -45,6 +45,18 @@ def _kernels():
     return _KERNELS
 
 
+_LAUNCHERS: dict = {}
+
+
+def _kernel(name: str):
+    """A triton_launch.Launcher for the kernel `name`: direct launches of the compiled kernel."""
+    launcher = _LAUNCHERS.get(name)
+    if launcher is None:
+        from .triton_launch import Launcher
+        launcher = _LAUNCHERS[name] = Launcher(getattr(_kernels(), name))
+    return launcher
+
+
 def _rounding_id(rounding: str) -> int:
     return {"sr": 0, "rtn": 1, "ef": 2}[rounding]
 
@@ -60,7 +72,7 @@ def dequantize_blockwise_kernel(codes, scales, block, dtype=torch.float32):
     n = codes.numel()
     out = torch.empty(n, dtype=dtype, device=codes.device)
     BLOCK = 4096
-    _kernels().dequant_kernel[(triton_cdiv(n, BLOCK),)](codes, scales, out, n, G=block, BLOCK=BLOCK)
+    _kernel("dequant_kernel")((triton_cdiv(n, BLOCK),), codes, scales, out, n, G=block, BLOCK=BLOCK)
     return out
 
 
@@ -75,8 +87,8 @@ def dequantize_hybrid(codes, scales, block, outlier_idx, outlier_val, dtype=torc
     n = codes.numel()
     out = torch.empty(n, dtype=dtype, device=codes.device)
     n_chunks = triton_cdiv(n, DEQUANT_CHUNK)
-    _kernels().dequant_hybrid_kernel[(n_chunks,)](
-        codes, scales, out, n, outlier_idx, outlier_val, outlier_chunk_ptrs(outlier_idx, DEQUANT_CHUNK, n_chunks),
+    _kernel("dequant_hybrid_kernel")(
+        (n_chunks,), codes, scales, out, n, outlier_idx, outlier_val, outlier_chunk_ptrs(outlier_idx, DEQUANT_CHUNK, n_chunks),
         G=block, BLOCK=DEQUANT_CHUNK)
     return out
 
@@ -91,7 +103,7 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
     nb = ref.num_blocks(n, block)
     codes = torch.empty(n, dtype=torch.int8, device=x.device)
     out_scales = torch.empty(nb, dtype=torch.float32, device=x.device)
-    _kernels().quant_kernel[(nb,)](x, codes, out_scales, n, key or 0, offset, B=block, BP2=_next_pow2(block),
+    _kernel("quant_kernel")((nb,), x, codes, out_scales, n, key or 0, offset, B=block, BP2=_next_pow2(block),
                                    ROUNDING=_rounding_id(rounding))
     return codes, out_scales
 
@@ -171,8 +183,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
             quad_rng = aligned
         elif quad_rng and not aligned:
             raise ValueError(f"quad_rng needs offset, w_block and m_block divisible by 4 ({offset}, {w_block}, {m_block})")
-        _kernels().lion_kernel[(triton_cdiv(n, chunk),)](
-            w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
+        _kernel("lion_kernel")(
+            (triton_cdiv(n, chunk),), w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
             float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
             *_lion_scalars(beta1, beta2, grad_scale),
             _step_key(seed, step), offset,
@@ -250,8 +262,8 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
     else:
         outlier_idx = outlier_val = optr = w_codes  # unused pointers
         extra = {}
-    _kernels().lion_kernel_3d[(n_chunks,)](
-        w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
+    _kernel("lion_kernel_3d")(
+        (n_chunks,), w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
         float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
         *_lion_scalars(beta1, beta2, grad_scale),
         _step_key(seed, step), offset,
