@@ -82,6 +82,13 @@ def main(argv=None):
                                                         256, grad, **kw))
     rows["qftlion_apply"] = host_us(lambda: opt._apply(w, grad))  # + norm, finite flag, clip coefficient
     rows["hybrid_dequantize_bf16"] = host_us(lambda: w.dequantize(torch.bfloat16))
+    from qft_ds.ops import triton_launch  # the same three through Triton's JIT launch path
+    triton_launch.MODE = "jit"
+    rows["lion_step_ops_jit_launch"] = host_us(lambda: t.lion_step(w.codes, w.scales, w.group, st["m_codes"],
+                                                                   st["m_scales"], 256, grad, **kw))
+    rows["qftlion_apply_jit_launch"] = host_us(lambda: opt._apply(w, grad))
+    rows["hybrid_dequantize_bf16_jit_launch"] = host_us(lambda: w.dequantize(torch.bfloat16))
+    triton_launch.MODE = "direct"
 
     x = torch.randn(4, 32, 1024, device=dev, requires_grad=True)
     q = QLinear(w, compute_dtype=torch.bfloat16)

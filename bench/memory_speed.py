@@ -16,7 +16,8 @@ bf16_lion (pure bf16 weights), ds_fusedadam (DeepSpeed FusedAdam at ZeRO-0 with 
 qft with QFT_DS_LION_LAYOUT=2pass (the two-pass Lion kernel and torch outlier ops, the default before the
 one-tile kernel was measured; results before commit 6870043 call these qft and qft_3d instead); qft_sync is
 qft with a host sync between forward and backward (a host read of the loss's finiteness, as the engine
-did before it checked on the device), to measure what that sync costs.
+did before it checked on the device), to measure what that sync costs; qft_jit is qft with every Triton
+kernel launched through Triton's JIT (QFT_DS_TRITON_LAUNCH=jit) instead of directly (ops/triton_launch.py).
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, batch=2, seq=64),
 }
-METHODS = ["qft", "qft_unfused", "qft_2pass", "qft_sync", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
+METHODS = ["qft", "qft_unfused", "qft_2pass", "qft_sync", "qft_jit", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
 
 
 def build(shape, dtype, device):
@@ -63,6 +64,19 @@ def qft_config(backend, batch, fuse=True):
             "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
             "qft": {"backend": backend, "gradient_checkpointing": True, "fuse_projections": fuse,
                     "fuse_norms": fuse}}
+
+
+def method_env(method: str) -> None:
+    """Set the kernel switches a method variant stands for (each block of steps sets its own)."""
+    from qft_ds.ops import triton_launch
+    os.environ["QFT_DS_LION_LAYOUT"] = "2pass" if method == "qft_2pass" else "auto"
+    triton_launch.MODE = "jit" if method == "qft_jit" else "direct"
+
+
+def clear_env() -> None:
+    from qft_ds.ops import triton_launch
+    os.environ.pop("QFT_DS_LION_LAYOUT", None)
+    triton_launch.MODE = "direct"
 
 
 def setup(method, shape, dev):
@@ -128,7 +142,7 @@ def measure(method, shape, args, dev):
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    os.environ["QFT_DS_LION_LAYOUT"] = "2pass" if method == "qft_2pass" else "auto"
+    method_env(method)
     try:
         step, bpp, n = setup(method, shape, dev)
         row.update(state_bytes_per_param=round(bpp, 4), params=n)
@@ -157,7 +171,7 @@ def measure(method, shape, args, dev):
     except Exception as e:  # record, keep going: one broken baseline must not hide the others
         row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     finally:
-        os.environ.pop("QFT_DS_LION_LAYOUT", None)
+        clear_env()
         step = None
         gc.collect()
         torch.cuda.empty_cache()
@@ -215,13 +229,13 @@ def interleaved(shape, methods, args, dev) -> dict:
     moments, so the ratio is taken per round and its median reported."""
     steps = {}
     for m in methods:
-        os.environ["QFT_DS_LION_LAYOUT"] = "2pass" if m == "qft_2pass" else "auto"
+        method_env(m)
         try:
             steps[m] = setup(m, shape, dev)[0]
         except torch.OutOfMemoryError:
             print(f"  interleaved: {m} does not fit next to the others; left out", flush=True)
         finally:
-            os.environ.pop("QFT_DS_LION_LAYOUT", None)
+            clear_env()
     g = torch.Generator().manual_seed(1)
     batch, seq = SHAPES[shape]["batch"], SHAPES[shape]["seq"]
     x = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), generator=g).to(dev)
@@ -230,7 +244,7 @@ def interleaved(shape, methods, args, dev) -> dict:
     step_s = {m: [] for m in names}  # every timed step, per round: does a method switch cost the next steps?
     for r in range(args.rounds + 1):  # round 0: warm-up, not recorded
         for m in names[r % len(names):] + names[: r % len(names)]:
-            os.environ["QFT_DS_LION_LAYOUT"] = "2pass" if m == "qft_2pass" else "auto"
+            method_env(m)
             times = []
             for _ in range(args.iters if r else args.warmup):
                 torch.cuda.synchronize()
@@ -241,7 +255,7 @@ def interleaved(shape, methods, args, dev) -> dict:
             if r:
                 tok_s[m].append(batch * seq / statistics.median(times))
                 step_s[m].append([round(t, 5) for t in times])
-        os.environ.pop("QFT_DS_LION_LAYOUT", None)
+        clear_env()
     out = {"model": shape, "rounds": args.rounds, "steps_per_block": args.iters, "tok_s_per_round": tok_s,
            "tok_s_median": {m: statistics.median(v) for m, v in tok_s.items()}, "step_s_per_round": step_s}
     if "fp32_adamw" in tok_s:

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from memory_speed import METHODS, SHAPES, setup  # noqa: E402
+from memory_speed import METHODS, SHAPES, clear_env, method_env, setup  # noqa: E402
 
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 WAITS = ("Synchronize", "cudaMemcpy", "cuMemcpyDtoH")  # host calls that block until the GPU catches up
@@ -92,6 +92,7 @@ def analyse(trace: dict, min_gap_us: float = 200.0, top: int = 8) -> list[dict]:
 
 def profile_method(method: str, shape: str, steps: int, warmup: int, dev: str):
     from torch.profiler import ProfilerActivity, profile, record_function
+    method_env(method)
     step = setup(method, shape, dev)[0]
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, SHAPES[shape]["vocab_size"], (SHAPES[shape]["batch"], SHAPES[shape]["seq"]),
@@ -104,6 +105,7 @@ def profile_method(method: str, shape: str, steps: int, warmup: int, dev: str):
             with record_function(f"{LABEL}{i}"):
                 step(x)
                 torch.cuda.synchronize()
+    clear_env()
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         prof.export_chrome_trace(f.name)
         trace = json.loads(Path(f.name).read_text())
