@@ -112,7 +112,7 @@ def main(argv=None):
     rows["qlinear_fwd"] = host_us(fwd(q), calls=100)
     rows["nn_linear_fwd"] = host_us(fwd(lin), calls=100)
     import qft_ds.nn.qmodules as qm
-    deliver, qm.deliver = qm.deliver, lambda weight, g: None
+    deliver, qm.deliver = qm.deliver, lambda weight, g, uses=1: None
     rows["qlinear_fwd_bwd_no_update"] = host_us(fwd_bwd(q), calls=100)
     qm.deliver = deliver
     norm = torch.linalg.vector_norm(grad, dtype=torch.float32)

@@ -17,7 +17,9 @@ qft with QFT_DS_LION_LAYOUT=2pass (the two-pass Lion kernel and torch outlier op
 one-tile kernel was measured; results before commit 6870043 call these qft and qft_3d instead); qft_sync is
 qft with a host sync between forward and backward (a host read of the loss's finiteness, as the engine
 did before it checked on the device), to measure what that sync costs; qft_jit is qft with every Triton
-kernel launched through Triton's JIT (QFT_DS_TRITON_LAUNCH=jit) instead of directly (ops/triton_launch.py).
+kernel launched through Triton's JIT (QFT_DS_TRITON_LAUNCH=jit) instead of directly (ops/triton_launch.py);
+qft_reentrant is qft with `qft.checkpoint_reentrant` (torch's reentrant checkpoint; the baselines use the
+non-reentrant one, as HF recommends).
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, batch=2, seq=64),
 }
-METHODS = ["qft", "qft_unfused", "qft_2pass", "qft_sync", "qft_jit", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
+METHODS = ["qft", "qft_unfused", "qft_2pass", "qft_sync", "qft_jit", "qft_reentrant", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
 
 
 def build(shape, dtype, device):
@@ -58,12 +60,12 @@ def build(shape, dtype, device):
     return model
 
 
-def qft_config(backend, batch, fuse=True):
+def qft_config(backend, batch, fuse=True, reentrant=False):
     return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
             "bf16": {"enabled": True}, "steps_per_print": 10**9,
             "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
             "qft": {"backend": backend, "gradient_checkpointing": True, "fuse_projections": fuse,
-                    "fuse_norms": fuse}}
+                    "fuse_norms": fuse, "checkpoint_reentrant": reentrant}}
 
 
 def method_env(method: str) -> None:
@@ -89,7 +91,7 @@ def setup(method, shape, dev):
         fuse = method != "qft_unfused"
         qft_ds.convert_model(model, compute_dtype=torch.bfloat16, device=dev, fuse_projections=fuse)
         engine, opt, _, _ = qft_ds.initialize(model=model, config=qft_config(
-            "torch" if method == "qft_torch" else "auto", batch, fuse))
+            "torch" if method == "qft_torch" else "auto", batch, fuse, reentrant=method == "qft_reentrant"))
 
         sync = method == "qft_sync"
 

@@ -146,7 +146,7 @@ def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False
     if cfg.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
             raise ValueError("qft.gradient_checkpointing needs a transformers model")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": cfg.checkpoint_reentrant})
     if cfg.reuse_recomputed_weight:
         mark_checkpointed(model)  # also when the caller enabled checkpointing before initialize
     return weights

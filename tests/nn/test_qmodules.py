@@ -202,3 +202,34 @@ def test_checkpointed_delivery_nodes_and_gradients(tiny_llama, monkeypatch, reen
     assert len(applied) == len(layer_weights) and {id(w) for w in applied} == layer_weights
     for a, b in zip(want, got):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_reentrant_checkpointing_trains_to_the_same_state(tiny_llama):
+    """`qft.checkpoint_reentrant` changes how the layers are recomputed, not the maths: after three
+    steps through the engine the int8 state is bit-equal to the non-reentrant run's."""
+    import json
+    from pathlib import Path
+
+    import qft_ds
+    from qft_ds.checkpoint import state_hash
+    cfg = json.loads((Path(__file__).resolve().parents[2] / "ds_configs" / "qft.json").read_text())
+    cfg["optimizer"]["params"]["lr"] = 2e-3
+    hashes = []
+    for reentrant in (False, True):
+        c = json.loads(json.dumps(cfg))
+        c["qft"].update(gradient_checkpointing=True, checkpoint_reentrant=reentrant)
+        torch.manual_seed(0)
+        engine, opt, _, _ = qft_ds.initialize(model=tiny_llama(tie=False), config=c)
+        for i in range(3):
+            x = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(i))
+            engine.backward(engine(input_ids=x, labels=x).loss)
+            engine.step()
+        assert opt.step_count == 3 and opt.skipped_steps == 0
+        hashes.append(state_hash(engine.module, opt))
+    assert hashes[0] == hashes[1]
+
+
+def test_checkpoint_reentrant_needs_checkpointing():
+    from qft_ds.config import QFTConfig
+    with pytest.raises(ValueError, match="checkpoint_reentrant"):
+        QFTConfig.from_dict({"checkpoint_reentrant": True})
