@@ -18,8 +18,8 @@ one-tile kernel was measured; results before commit 6870043 call these qft and q
 qft with a host sync between forward and backward (a host read of the loss's finiteness, as the engine
 did before it checked on the device), to measure what that sync costs; qft_jit is qft with every Triton
 kernel launched through Triton's JIT (QFT_DS_TRITON_LAUNCH=jit) instead of directly (ops/triton_launch.py);
-qft_reentrant is qft with `qft.checkpoint_reentrant` (torch's reentrant checkpoint; the baselines use the
-non-reentrant one, as HF recommends).
+qft_nonreentrant is qft with `qft.checkpoint_reentrant: false` (torch's non-reentrant checkpoint, HF's default,
+which the baselines use); fp32_adamw_reentrant is fp32_adamw with the reentrant checkpoint that qft uses.
 """
 from __future__ import annotations
 
@@ -46,21 +46,24 @@ SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, batch=2, seq=64),
 }
-METHODS = ["qft", "qft_unfused", "qft_2pass", "qft_sync", "qft_jit", "qft_reentrant", "qft_torch", "fp32_adamw", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
+METHODS = ["qft", "qft_unfused", "qft_2pass", "qft_sync", "qft_jit", "qft_nonreentrant", "qft_torch", "fp32_adamw", "fp32_adamw_reentrant", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
 
 
-def build(shape, dtype, device):
+def build(shape, dtype, device, reentrant=False):
+    """A random-init LLaMA of `shape`, checkpointed as HF does by default (non-reentrant) unless `reentrant`."""
     from transformers import LlamaConfig, LlamaForCausalLM
     dims = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "seq")}
     cfg = LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    if reentrant:
+        model.enable_input_require_grads()
     model.config.use_cache = False
     return model
 
 
-def qft_config(backend, batch, fuse=True, reentrant=False):
+def qft_config(backend, batch, fuse=True, reentrant=True):
     return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
             "bf16": {"enabled": True}, "steps_per_print": 10**9,
             "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
@@ -91,7 +94,7 @@ def setup(method, shape, dev):
         fuse = method != "qft_unfused"
         qft_ds.convert_model(model, compute_dtype=torch.bfloat16, device=dev, fuse_projections=fuse)
         engine, opt, _, _ = qft_ds.initialize(model=model, config=qft_config(
-            "torch" if method == "qft_torch" else "auto", batch, fuse, reentrant=method == "qft_reentrant"))
+            "torch" if method == "qft_torch" else "auto", batch, fuse, reentrant=method != "qft_nonreentrant"))
 
         sync = method == "qft_sync"
 
@@ -117,11 +120,11 @@ def setup(method, shape, dev):
             engine.backward(loss)
             engine.step()
         return step, 2 + 4 + 8, n  # bf16 weights + fp32 master + fp32 Adam m, v (grads not counted)
-    dtype = torch.float32 if method == "fp32_adamw" else torch.bfloat16
-    model = build(shape, dtype, dev)
+    dtype = torch.float32 if method.startswith("fp32_adamw") else torch.bfloat16
+    model = build(shape, dtype, dev, reentrant=method.endswith("_reentrant"))
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
-    if method.endswith("adamw"):
+    if "adamw" in method:
         opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.01, fused=True)
         bpp = 3 * dtype.itemsize
     else:

@@ -36,7 +36,7 @@ class QFTConfig:
     seed: int = 0                   # stochastic-rounding key
     outlier_refresh: int = 0        # re-select outliers every N steps (0: never)
     gradient_checkpointing: bool = False
-    checkpoint_reentrant: bool = False  # torch's reentrant checkpoint: first forward under no_grad
+    checkpoint_reentrant: bool = True  # checkpointing: torch's reentrant variant (first forward under no_grad)
     reuse_recomputed_weight: bool = True  # checkpointed layers: backward reuses the recompute's weight
     fuse_projections: bool = True   # q/k/v_proj and gate/up_proj: one stacked weight, one matmul each
     fuse_norms: bool = True         # LLaMA-style RMSNorms run as one torch op (qft_ds.nn.norms)
@@ -78,6 +78,9 @@ class QFTConfig:
         for f in fields(cls):
             if f.name in section:
                 setattr(cfg, f.name, _check(f"{where}.{f.name}", section[f.name], type(getattr(cfg, f.name))))
+        if "checkpoint_reentrant" in section and not cfg.gradient_checkpointing:
+            raise ValueError(f"'{where}.checkpoint_reentrant' is set but '{where}.gradient_checkpointing' is "
+                             "not true: it chooses how checkpointed layers are recomputed")
         cfg.validate(where)
         return cfg
 
@@ -97,9 +100,6 @@ class QFTConfig:
             raise ValueError(f"'{where}.bits' must be 3 or 4, got {self.bits}")
         if self.outlier_refresh < 0:
             raise ValueError(f"'{where}.outlier_refresh' must be >= 0, got {self.outlier_refresh}")
-        if self.checkpoint_reentrant and not self.gradient_checkpointing:
-            raise ValueError(f"'{where}.checkpoint_reentrant' is true but '{where}.gradient_checkpointing' is "
-                             "not: set both, or remove checkpoint_reentrant")
 
     def resolved_flow(self) -> str:
         if self.flow == "auto":
