@@ -136,7 +136,7 @@ def plot(result: dict, traces: dict, path: Path) -> None:
         ax.broken_barh([((a - t0) / 1e3, (b - a) / 1e3) for a, b in busy], (row - 0.35, 0.4), color="tab:green")
         ax.broken_barh([((a - t0) / 1e3, d / 1e3) for a, d in waits], (row + 0.1, 0.25), color="tab:red")
         s = result["methods"][m]["median"]
-        ax.text((t1 - t0) / 1e3 + 2, row, f"{s['step_ms']:.0f} ms, GPU busy {s['gpu_busy_ms']:.0f}", va="center")
+        ax.text((t1 - t0) / 1e3 + 2, row, f"median {s['step_ms']:.0f} ms, GPU busy {s['gpu_busy_ms']:.0f}", va="center")
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("ms from the start of the step (green: GPU busy; red: host waiting for the GPU)")
     ax.set_title(f"{result['model']} bsz {result['batch']}x{result['seq']}, {result['device']}, "
