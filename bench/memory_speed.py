@@ -15,8 +15,9 @@ with the PyTorch reference ops), fp32_adamw (fp32 master weights, fused torch Ad
 bf16_lion (pure bf16 weights), ds_fusedadam (DeepSpeed FusedAdam at ZeRO-0 with its bf16 mode); qft_2pass is
 qft with QFT_DS_LION_LAYOUT=2pass (the two-pass Lion kernel and torch outlier ops, the default before the
 one-tile kernel was measured; results before commit 6870043 call these qft and qft_3d instead); qft_sync is
-qft with a host sync between forward and backward (a host read of the loss's finiteness, as the engine
-did before it checked on the device), to measure what that sync costs; qft_jit is qft with every Triton
+qft with one more host read of the loss between forward and backward (it measured that sync's cost while
+the engine checked the loss on the device, commits a8c2087-e5feaf7; the engine's own check syncs again
+since, bench/NOTES.md); qft_jit is qft with every Triton
 kernel launched through Triton's JIT (QFT_DS_TRITON_LAUNCH=jit) instead of directly (ops/triton_launch.py);
 qft_nonreentrant is qft with `qft.checkpoint_reentrant: false` (torch's non-reentrant checkpoint, HF's default,
 which the baselines use); fp32_adamw_reentrant is fp32_adamw with the reentrant checkpoint that qft uses.

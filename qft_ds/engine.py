@@ -94,14 +94,14 @@ def _auto_keys(obj, prefix="") -> list[str]:
 
 
 def guard_backward(engine, opt: QFTLion) -> None:
-    """Backpropagate `opt.gate_loss(loss)`: after a non-finite loss every gradient is NaN, nothing reaches
-    the int8 state, and the step is skipped (checked on the device: no host sync between forward and
-    backward)."""
+    """Skip backward for a non-finite loss: nothing non-finite may reach the int8 state."""
     real = engine.backward
 
     @functools.wraps(real)
     def backward(loss, *args, **kwargs):
-        return real(opt.gate_loss(loss), *args, **kwargs)
+        if opt.check_loss(loss):
+            return real(loss, *args, **kwargs)
+        return loss.detach()  # engine.step() still runs: the optimizer then skips the step
 
     engine.backward = backward
 

@@ -12,8 +12,9 @@ fused flow updates each layer before later ones exist, so it clips step t with t
 measured in step t-1 (one pass, no extra memory); step 0 is not clipped.
 
 Non-finite values never reach the int8 state:
-- a non-finite loss skips the whole step: the engine's backward runs on `gate_loss(loss)`, which is NaN
-  then, so every gradient is NaN and no kernel writes; step() sees the flag and skips;
+- a non-finite loss (`check_loss`, called by the engine's backward) skips the whole step before backward
+  (a NaN loss can have finite gradients: a batch whose labels are all ignored has a 0/0 loss and zero
+  gradients, which the kernels would apply);
 - stack flow: a non-finite gradient anywhere (quantized or float) skips the whole step at the boundary;
 - fused flow: layers updated earlier in the same backward cannot be undone without a copy the fused
   mode must not spend, so a weight whose gradient is non-finite is not written and the step counts as
@@ -70,7 +71,6 @@ class QFTLion(torch.optim.Optimizer):
         self._bad_now = 0            # tensors left unwritten in this (fused) step
         self._finite_flags = []      # fused: device bools (ZeRO: one per weight), counted once per step
         self._norms = []             # fused: fp32 gradient norms, one per weight; summed once per step
-        self._loss_ok = []           # device bools, one per backward since the last step (gate_loss)
         if rounding == "ef":
             for w in self.weights:
                 if w.residual is None:
@@ -172,14 +172,14 @@ class QFTLion(torch.optim.Optimizer):
             return bool(t.item())
         return flag
 
-    def gate_loss(self, loss):
-        """The loss to backpropagate: `loss` when it is finite, else NaN, which makes every gradient NaN, so
-        no kernel writes (each reads its gradient's norm as a finite flag) and step() skips the step. Checked
-        on the device, read in step()'s one host sync: a sync here, between forward and backward, would
-        leave the GPU idle while the host starts the backward."""
-        ok = torch.isfinite(loss.detach()).all()
-        self._loss_ok.append(ok)
-        return loss * torch.where(ok, 1.0, float("nan")).to(loss.dtype)
+    def check_loss(self, loss) -> bool:
+        """False (and the step will be skipped) if the loss is non-finite on any rank: call before backward.
+        One host sync between forward and backward; measured free (bench/NOTES.md, `qft_sync`)."""
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if self._any_rank(not finite):
+            self._skip_reason = "non-finite loss"
+            return False
+        return True
 
     def _apply(self, w, grad, coef=None):
         """Update one quantized weight with its full fp32 gradient (called by the flow)."""
@@ -238,18 +238,13 @@ class QFTLion(torch.optim.Optimizer):
         sqs = torch.stack(torch._foreach_norm([p.grad.float() for _, p in float_params])).square() \
             if float_params else None
         fused = self.flow.mode == "fused"
-        if fused:  # finish the quantized updates: after a non-finite loss their gradients were NaN, none wrote
+        if fused and self._skip_reason is None:  # finish the quantized updates begun in backward
             for w, grad in self.flow.held():  # a tied weight whose second use never came
                 self._apply(w, grad)
             self._flush()
         # every check of the step in one host sync (each sync drains the GPU queue)
-        losses_ok = torch.stack(self._loss_ok).all() if self._loss_ok else None
-        self._loss_ok = []
-        c = self._fetch(loss_bad=None if losses_ok is None else ~losses_ok,
-                        float_sq=None if sqs is None else sqs.sum(), stack_bad=self.flow.bad_flag(),
+        c = self._fetch(float_sq=None if sqs is None else sqs.sum(), stack_bad=self.flow.bad_flag(),
                         fused_sq=self._fused_sq() if fused else None, fused_bad=self._bad_flags() if fused else None)
-        if self._any_rank(bool(c["loss_bad"])):
-            self._skip_reason = "non-finite loss"
         float_sq = c["float_sq"]
         if float_sq is not None and not math.isfinite(float_sq):  # find the culprits only now
             keep = torch.isfinite(sqs).tolist()
@@ -310,7 +305,7 @@ class QFTLion(torch.optim.Optimizer):
         """Write nothing: drop this step's gradients; step_count (the SR key) does not advance."""
         reason, self._skip_reason = self._skip_reason, None
         self.flow.discard()
-        self._sq_norm, self._bad_now, self._finite_flags, self._norms, self._loss_ok = None, 0, [], [], []
+        self._sq_norm, self._bad_now, self._finite_flags, self._norms = None, 0, [], []
         self.overflow = True
         self.skipped_steps += 1
         self._log(f"step {self.step_count} skipped: {reason} (skipped steps so far: {self.skipped_steps})")
