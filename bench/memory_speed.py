@@ -57,9 +57,8 @@ def build(shape, dtype, device, reentrant=False):
     cfg = LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False)
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    if reentrant:
-        model.enable_input_require_grads()
+    from qft_ds.nn.qmodules import enable_checkpointing
+    enable_checkpointing(model, reentrant)
     model.config.use_cache = False
     return model
 

@@ -88,9 +88,8 @@ def prepare_model(model: torch.nn.Module, cfg: QFTConfig) -> torch.nn.Module:
         from qft_ds.methods.peqa import convert_peqa
         convert_peqa(model, cfg.bits, cfg.group_size, cdt)
         if cfg.gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
-                raise ValueError("qft.gradient_checkpointing needs a transformers model")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            from qft_ds.nn.qmodules import enable_checkpointing
+            enable_checkpointing(model, reentrant=False)  # PEQA: not measured with the reentrant one
         return model
     if cfg.method == "qst":
         from qft_ds.methods.qst import build_qst

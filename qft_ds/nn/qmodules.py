@@ -239,6 +239,22 @@ class QEmbedding(nn.Module):
 _CHECKPOINTED_LAYER: "weakref.WeakKeyDictionary[QLinear, weakref.ref]" = weakref.WeakKeyDictionary()
 
 
+def enable_checkpointing(model: nn.Module, reentrant: bool) -> None:
+    """HF gradient checkpointing of the decoder layers, with torch's reentrant or non-reentrant checkpoint.
+    transformers >= 5.23 calls it `activation_checkpointing_enable` (the old name warns); older ones
+    `gradient_checkpointing_enable`. Reentrant needs an input that requires grad: the embedding's output
+    is made to."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    else:
+        raise ValueError("qft.gradient_checkpointing needs a transformers model")
+    if reentrant and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+
+
 def mark_checkpointed(model: nn.Module) -> int:
     """Flag the QLinears inside transformers layers that run under gradient checkpointing, so their
     backward reuses the recompute's dequantized weight (one dequantize fewer per weight and step). Call
