@@ -30,9 +30,13 @@ def _int_spec(v: int):
     return (v == 1, v % 16 == 0, width)
 
 
+def _tensor_spec(t: torch.Tensor):
+    return (t.dtype, t.data_ptr() % 16 == 0)
+
+
 _SPEC = {
-    torch.Tensor: lambda t: (t.dtype, t.data_ptr() % 16 == 0),
-    torch.nn.Parameter: lambda t: (t.dtype, t.data_ptr() % 16 == 0),
+    torch.Tensor: _tensor_spec,
+    torch.nn.Parameter: _tensor_spec,
     bool: lambda b: ("b", b),
     int: _int_spec,
     float: lambda f: "f",

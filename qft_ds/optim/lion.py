@@ -318,9 +318,7 @@ class QFTLion(torch.optim.Optimizer):
             logger.warning(msg)
 
     def _norm_now(self):
-        fused = self._take_norms()
-        if fused is not None:
-            self._add_sq(fused)
+        """Stack flow: the global gradient norm of this step (the fused flow reads it in step()'s one sync)."""
         return None if self._sq_norm is None else float(self._sq_norm) ** 0.5
 
     # -- checkpoints ---------------------------------------------------------------------------

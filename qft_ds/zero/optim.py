@@ -150,9 +150,6 @@ class ZeroLion(QFTLion):
         return None if sq is None else comm.all_reduce_sum(sq.reshape(1).float()).reshape(())
 
     def _norm_now(self):
-        fused = self._take_norms()  # this rank's slices: summed over ranks below
-        if fused is not None:
-            self._add_sq_shard(fused)
         if self._sq_shard is not None:  # every rank reaches this with the same weights: same collectives
             self._add_sq(comm.all_reduce_sum(self._sq_shard.reshape(1).float()).reshape(()))
             self._sq_shard = None
