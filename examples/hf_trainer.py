@@ -6,8 +6,10 @@
 ds_configs/qft_hf.json leaves batch size, accumulation, clipping, lr, weight decay and bf16 as "auto", so
 TrainingArguments decides them; it has no "scheduler" section, so Trainer's own lr_scheduler_type and
 warmup apply. QFTLion's betas stay (0.9, 0.99) (Trainer's adam_beta2 would be 0.999: not for Lion).
-Trainer's own checkpoints go through DeepSpeed's (pickle) format; this script saves a qft_ds checkpoint
-at the end instead (`qft_ds export OUTPUT_DIR OUT` turns it into a plain HF folder).
+`trainer.save_model(DIR)` (and `model.save_pretrained`) writes a plain HF folder: dense weights that
+`AutoModelForCausalLM.from_pretrained` loads without qft_ds. Trainer's resumable checkpoints go through
+DeepSpeed's (pickle) format; this script also saves a qft_ds checkpoint at the end (resume it with train.py's
+tools, or `qft_ds export OUTPUT_DIR OUT`).
 """
 from __future__ import annotations
 

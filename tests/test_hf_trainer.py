@@ -78,3 +78,52 @@ def test_accelerate_launch_cli(tiny_model_dir, corpus):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step 4: loss" in res.stdout
+
+
+def _load_plain(path):
+    """AutoModelForCausalLM.from_pretrained, asserting that every weight came from the folder."""
+    from transformers import AutoModelForCausalLM
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+@torch.no_grad()
+def _logits(model, vocab=12):
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(9))
+    return model(input_ids=ids).logits.float()
+
+
+def test_trainer_save_model_writes_a_checkpoint_that_loads(tiny_model_dir, corpus, tmp_path):
+    """Trainer.save_model() under DeepSpeed hands save_pretrained the engine's state dict (int8 internals):
+    the folder must still be dense HF weights, the trained ones."""
+    import hf_trainer
+    trainer = hf_trainer.main(["--model", str(tiny_model_dir), "--text", str(corpus), "--output_dir",
+                               str(tmp_path / "out"), "--max_steps", "4", "--lr", "3e-3", "--seq_len", "16"])
+    trainer.save_model(str(tmp_path / "final"))
+    hf = _load_plain(tmp_path / "final")
+    model = trainer.model.eval()
+    assert isinstance(model.model.layers[0].mlp.up_proj, qft_ds.QLinear)
+    assert torch.equal(hf.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    err = (_logits(hf) - _logits(model)).abs().max().item()
+    assert err < 1e-4, err
+
+
+def test_trl_sft_trainer_save_model_loads(tiny_model_dir, corpus, tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    words = corpus.read_text().split()
+    data = Dataset.from_dict({"text": [" ".join(words[i:i + 12]) for i in range(0, 480, 12)]})
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), deepspeed=str(HF_CONFIG), max_steps=3,
+                         per_device_train_batch_size=4, learning_rate=3e-3, bf16=False, logging_steps=1,
+                         save_strategy="no", report_to=[], max_length=16)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    trainer.train()
+    assert isinstance(trainer.model_wrapped.optimizer, qft_ds.QFTLion)
+    trainer.save_model(str(tmp_path / "final"))
+    hf = _load_plain(tmp_path / "final")
+    err = (_logits(hf) - _logits(trainer.model.eval())).abs().max().item()
+    assert err < 1e-4, err

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qft_ds import checkpoint
+from qft_ds import checkpoint, hf_save
 from qft_ds.checkpoint import CheckpointError
 from qft_ds.nn.lowbit import LowBitLinear, convert_lowbit
 from qft_ds.quant.lowbit import dequantize_asym, unpack_nibbles
@@ -28,9 +28,20 @@ _SUFFIXES = ("packed", "zeros", "scale", "layout")
 
 def convert_peqa(model: nn.Module, bits: int = 4, group_size: int = 128,
                  compute_dtype: torch.dtype = torch.float32) -> dict[str, LowBitLinear]:
-    """Quantize in place; afterwards the scales are the model's only trainable parameters."""
-    return convert_lowbit(model, bits=bits, group_size=group_size, trainable_scales=True,
-                          compute_dtype=compute_dtype)
+    """Quantize in place; afterwards the scales are the model's only trainable parameters. `save_pretrained`
+    then writes dense HF weights (qft_ds.hf_save)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    dense_dtype = next((m.weight.dtype for m in model.modules() if type(m) is nn.Linear and m is not head),
+                       torch.float32)
+    modules = convert_lowbit(model, bits=bits, group_size=group_size, trainable_scales=True,
+                             compute_dtype=compute_dtype)
+    hf_save.install(model, hf_dense, dense_dtype)
+    return modules
+
+
+def hf_dense(model: nn.Module, state_dict: dict, dtype: torch.dtype) -> dict:
+    """save_pretrained's tensors (qft_ds.hf_save): the low-bit weights dequantized."""
+    return dense_tensors(state_dict, dtype)
 
 
 def _lowbit_prefixes(tensors: dict) -> list[str]:
@@ -92,4 +103,5 @@ def load_peqa(path, device="cpu", compute_dtype: torch.dtype | None = None) -> n
             raise CheckpointError(f"{path}: '{name}' is {saved[name].tolist()}, rebuilt {t.tolist()}")
     for name, t in have.items():  # all checks passed: now write
         t.copy_(saved[name])
+    hf_save.install(model, hf_dense, torch.float32)
     return model.to(device).eval()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qft_ds import hf_save
 from qft_ds.nn.lowbit import convert_lowbit
 
 DOWNSAMPLES = ("adapter", "linear", "maxpool", "avgpool")
@@ -117,5 +118,15 @@ def build_qst(model: nn.Module, *, bits: int = 4, group_size: int = 128, r: int 
     if not hasattr(model, "base_model") or not hasattr(model, "get_output_embeddings"):
         raise ValueError("QST needs a transformers causal LM (base_model, get_output_embeddings)")
     convert_lowbit(model, bits=bits, group_size=group_size, trainable_scales=False, compute_dtype=compute_dtype)
+    hf_save.install(model, refuse_hf_save, torch.float32)  # Trainer.save_model: a clear error, not a bad folder
     device = next(model.parameters()).device
     return QSTModel(model, r, downsample, adapter_rank).to(device)
+
+
+def refuse_hf_save(model, state_dict, dtype):
+    """save_pretrained of a QST backbone (qft_ds.hf_save): the side network is the fine-tune, so the backbone
+    alone is not the trained model, and there is no HF form of both."""
+    raise hf_save.DenseSaveError(
+        "a QST model has no Hugging Face form (a frozen low-bit backbone plus a side network): save a qft_ds "
+        "checkpoint (qft_ds.checkpoint.save, or train.py) and resume or evaluate from it; use the qft or peqa "
+        "method for a model that saves with save_pretrained")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qft_ds import hf_save
 from qft_ds.nn.qmodules import FusedProjections, QEmbedding, QLinear
 from qft_ds.quant.hybrid import HybridWeight
 
@@ -75,6 +76,7 @@ def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: floa
     targets = [(name, m) for name, m in model.named_modules() if type(m) in (nn.Linear, nn.Embedding)]
     if not targets:
         raise ValueError(f"{type(model).__name__} has no nn.Linear or nn.Embedding layer to quantize")
+    dense_dtype = targets[0][1].weight.dtype  # what save_pretrained writes (qft_ds.hf_save)
     by_param: dict[int, HybridWeight] = {}
     offset = 0
     it = targets
@@ -121,6 +123,7 @@ def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: floa
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     model._qft_fuse_projections = fuse_projections  # initialize checks it against the config
+    hf_save.install(model, hf_save.qft_dense, dense_dtype)  # save_pretrained: dense HF weights, not int8 state
     for p in model.parameters():
         if not hasattr(p, "_qft_weight"):
             p.data = p.data.float()  # norms and biases: fp32, whatever the checkpoint's dtype
