@@ -84,13 +84,10 @@ class StopFlag:
         self.signum = signum
         print(f"\n{signal.Signals(signum).name}: finishing this step, then stopping", file=sys.stderr, flush=True)
 
-    def any_rank(self, world: int) -> int | None:
+    def any_rank(self) -> int | None:
         """Ranks must stop at the same step, or the next collective hangs."""
-        if world == 1:
-            return self.signum
-        t = torch.tensor([float(self.signum or 0)])
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return int(t.item()) or None
+        from qft_ds import comm
+        return int(comm.max_over_ranks(self.signum or 0)) or None
 
     def restore(self):
         for s, h in self._old.items():
@@ -246,7 +243,7 @@ def main(argv=None):
     from tqdm import tqdm
 
     import qft_ds
-    from qft_ds import hub, textdata
+    from qft_ds import comm, hub, textdata
 
     if not Path(args.deepspeed).is_file():
         sys.exit(f"--deepspeed: config file not found: {args.deepspeed}")
@@ -259,7 +256,7 @@ def main(argv=None):
             hub.prepare_default_model()
         if args.dataset == textdata.DEFAULT_DATASET:
             textdata.prepare_shakespeare()
-    deepspeed.comm.barrier()
+    comm.barrier()
 
     model, tokenizer = hub.load_model_and_tokenizer(args.model)
     data = load_data(args, tokenizer)
@@ -340,7 +337,7 @@ def main(argv=None):
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
                 monitor.write_events(engine, row)
-            signum = stop.any_rank(world)
+            signum = stop.any_rank()
             if signum is not None:
                 if args.save_on_interrupt:
                     save(step + 1)

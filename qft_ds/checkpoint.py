@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from qft_ds import comm
 from qft_ds.hub import sha256_file
 
 FORMAT = "qft_ds-checkpoint"
@@ -140,13 +141,10 @@ def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_
         from qft_ds.zero.checkpoint import save as zero_save
         return zero_save(out_dir, engine, optimizer, step=step, data=data, ds_config=ds_config, tokenizer=tokenizer)
     out_dir = Path(out_dir)
-    dist = torch.distributed
-    distributed = dist.is_available() and dist.is_initialized()
     final = out_dir / f"{PREFIX}{step}"
-    if not distributed or dist.get_rank() == 0:
+    if comm.rank() == 0:
         _write(out_dir, final, engine, optimizer, step, data or {}, ds_config, tokenizer)
-    if distributed:
-        dist.barrier()
+    comm.barrier()
     return final
 
 

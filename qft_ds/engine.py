@@ -183,7 +183,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
                          f"but qft_ds read {cfg.gradient_accumulation_steps}; set it explicitly in the config")
     # DeepSpeed broadcasts rank 0's Parameters; the int8 weights are buffers, so qft_ds does it (a model
     # initialised differently per rank would otherwise train N different models, or mismatch ZeRO shards)
-    from qft_ds.zero.comm import broadcast_from_rank0
+    from qft_ds.comm import broadcast_from_rank0
     broadcast_from_rank0([t for w in quantized_weights(model) for t in (w.codes, w.scales, w.outlier_idx,
                                                                         w.outlier_val)])
     if engine.dp_world_size == 1:

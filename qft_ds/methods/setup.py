@@ -19,6 +19,7 @@ import logging
 
 import torch
 
+from qft_ds import comm
 from qft_ds.config import QFTConfig, gradient_accumulation_steps
 
 logger = logging.getLogger("qft_ds")
@@ -112,7 +113,7 @@ def guard_step(engine, optimizer, max_grad_norm: float) -> None:
 
     @functools.wraps(real_backward)
     def backward(loss, *args, **kwargs):
-        if not _any_rank(not bool(torch.isfinite(loss.detach()).all())):  # ranks must skip together
+        if not comm.any_rank(not bool(torch.isfinite(loss.detach()).all())):  # ranks must skip together
             return real_backward(loss, *args, **kwargs)
         optimizer.qft_skip = True
         logger.warning(f"step {engine.global_steps} skipped: non-finite loss {loss.item()} "
@@ -136,15 +137,6 @@ def guard_step(engine, optimizer, max_grad_norm: float) -> None:
         return real_step(*args, **kwargs)
 
     engine.backward, optimizer.step = backward, step
-
-
-def _any_rank(flag: bool) -> bool:
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
 
 
 def initialize(args, model, cfg: QFTConfig, opt: dict, ds: dict, ds_init, **kwargs):

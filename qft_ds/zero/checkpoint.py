@@ -26,8 +26,8 @@ import torch
 from safetensors import safe_open
 
 from qft_ds import checkpoint as ckpt_mod
+from qft_ds import comm
 from qft_ds.checkpoint import CheckpointError
-from qft_ds.zero import comm
 
 QKEYS = ("codes", "scales", "outlier_idx", "outlier_val", "residual")
 SHARD_DIR = "zero"
@@ -35,11 +35,6 @@ SHARD_DIR = "zero"
 
 def shard_file(rank: int) -> str:
     return f"{SHARD_DIR}/rank-{rank:05d}.safetensors"
-
-
-def _barrier() -> None:
-    if comm.world_size() > 1:
-        torch.distributed.barrier()
 
 
 def anchor_indices(optimizer) -> dict[int, int]:
@@ -106,12 +101,12 @@ def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that died earlier
         (tmp / SHARD_DIR).mkdir(parents=True)
-    _barrier()
+    comm.barrier()
     mine, bounds = _rank_tensors(model, optimizer)
     ckpt_mod._save_tensors(mine, tmp / shard_file(rank))
     ckpt_mod._fsync_file(tmp / shard_file(rank))
     del mine
-    _barrier()
+    comm.barrier()
     error = None
     if rank == 0:
         try:
@@ -120,7 +115,7 @@ def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_
         except BaseException as e:  # the others must not hang in the barrier below
             error = e
             shutil.rmtree(tmp, ignore_errors=True)
-    _barrier()
+    comm.barrier()
     if error is not None:
         raise error
     if not (final / "meta.json").is_file():

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from qft_ds.zero import comm
+from qft_ds import comm
 from qft_ds.zero.partition import Partition, outlier_bounds
 
 

@@ -1,0 +1,199 @@
+"""Every collective of qft_ds, on the default process group, and the device its tensors must live on.
+
+Why one module: a backend serves tensors of some device types only. NCCL serves CUDA tensors, gloo
+serves CPU tensors (its CUDA support covers broadcast and all_reduce only, so qft_ds treats gloo as a
+CPU backend). A collective on a tensor of another device type fails on that backend alone: a CPU flag
+passes every gloo test and breaks the first multi-GPU run. So here:
+- before each collective, every tensor's device type is checked against the group's
+  (`served_device_types`); a mismatch raises a clear error on any backend, gloo included;
+- values that start on the host (flags, signal numbers) are put on `device()` by this module, never by
+  its callers: `any_rank`, `max_over_ranks`;
+- `all_reduce_mean_` moves a tensor the group does not serve to `device()` and back; the other
+  collectives take device tensors only (the ZeRO hot path: a silent copy there would hide a bug).
+
+The collectives go through `deepspeed.comm` once DeepSpeed has initialised it (users' comms logging and
+profiling then see them), else through torch.distributed (tests run 2 ranks without DeepSpeed). Both act
+on the same default group. Functions are looked up at call time, so wrappers installed later (test
+spies, bench/zero.py's byte counter) see every call.
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.distributed as dist
+
+# torch 2.13 renamed the single-tensor collectives (the old names warn); the GPU image's 2.11 has only those
+_TORCH_NAMES = {"reduce_scatter_tensor": ("reduce_scatter_single", "reduce_scatter_tensor"),
+                "all_gather_into_tensor": ("all_gather_single", "all_gather_into_tensor")}
+
+
+# -- the group -------------------------------------------------------------------------------------
+def _initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if _initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _initialized() else 0
+
+
+def is_distributed() -> bool:
+    """More than one rank: only then does a collective move anything."""
+    return world_size() > 1
+
+
+def served_device_types() -> tuple[str, ...]:
+    """The device types the default group's backend takes tensors of, preferred first ("cpu" without a
+    group). A backend string naming devices ("cuda:gloo", "cpu:gloo,cuda:nccl") is taken as written."""
+    if not _initialized():
+        return ("cpu",)
+    name = str(dist.get_backend())
+    if ":" in name:
+        return tuple(part.split(":")[0].strip() for part in name.split(","))
+    if name == "gloo":
+        return ("cpu",)  # gloo's CUDA support lacks reduce-scatter and all-gather
+    caps = getattr(dist.Backend, "backend_capability", {}).get(name)
+    if caps:
+        return tuple(caps)
+    acc = getattr(torch, "accelerator", None)  # an out-of-tree backend that did not declare its devices
+    current = acc.current_accelerator() if acc is not None and acc.is_available() else None
+    return (current.type,) if current is not None else ("cpu",)
+
+
+def device(*tensors: torch.Tensor) -> torch.device:
+    """The device collectives run on: that of the tensors at hand if the group serves it (a group serving
+    several device types), else the group's preferred type (the current CUDA device under NCCL)."""
+    types = served_device_types()
+    if tensors and all(t.device.type in types for t in tensors) and len({t.device for t in tensors}) == 1:
+        return tensors[0].device
+    kind = types[0]
+    if kind == "cpu":
+        return torch.device("cpu")
+    mod = getattr(torch, kind, None)
+    return torch.device(kind, mod.current_device()) if hasattr(mod, "current_device") else torch.device(kind)
+
+
+def _check(op: str, tensors) -> None:
+    types = served_device_types()
+    for t in tensors:
+        if t.device.type not in types:
+            raise RuntimeError(
+                f"qft_ds.comm.{op}: a {t.device.type} tensor (shape {tuple(t.shape)}, {t.dtype}) cannot take part "
+                f"in a collective of this process group: its backend {str(dist.get_backend())!r} serves "
+                f"{' and '.join(types)} tensors only. Create or move it with qft_ds.comm.device().")
+
+
+def _collective(name: str, *tensors: torch.Tensor, **kwargs):
+    """Run deepspeed.comm's or torch.distributed's collective `name` after the device check."""
+    _check(name, tensors)
+    ds = sys.modules.get("deepspeed.comm")  # not imported: not initialised (importing it costs seconds)
+    if ds is not None and ds.is_initialized():
+        return getattr(ds, name)(*tensors, **kwargs)
+    fn = next(getattr(dist, n) for n in _TORCH_NAMES.get(name, (name,)) if hasattr(dist, n))
+    return fn(*tensors, **kwargs)
+
+
+# -- host values -----------------------------------------------------------------------------------
+def max_over_ranks(value: float) -> float:
+    """The largest of every rank's `value` (a Python number), reduced on `device()`."""
+    if not is_distributed():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float32, device=device())
+    _collective("all_reduce", t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if it is True on any: ranks that must skip or stop together agree on it."""
+    return max_over_ranks(1.0 if flag else 0.0) > 0.0
+
+
+def barrier() -> None:
+    if is_distributed():
+        _collective("barrier")
+
+
+# -- tensors ---------------------------------------------------------------------------------------
+def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
+    """The mean of `t` over ranks, reduced in fp32 (every rank then applies the same gradient).
+
+    One rank: `t` itself, whatever its dtype (no copy). Otherwise an fp32 tensor on `t`'s device: `t`
+    itself, reduced in place, if it is fp32 on a device the group serves; else a reduced fp32 copy, made
+    on `device()` and brought back to `t`'s device (`t` is left as it was).
+    """
+    world = world_size()
+    if world == 1:
+        return t
+    buf = t.to(device(t), torch.float32)
+    _collective("all_reduce", buf)
+    buf /= world
+    return buf.to(t.device)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place; returns `t`."""
+    if is_distributed():
+        _collective("all_reduce", t)
+    return t
+
+
+def broadcast_from_rank0(tensors) -> None:
+    """Make every rank's tensors rank 0's, in place (same shapes on every rank)."""
+    if is_distributed():
+        for t in tensors:
+            _collective("broadcast", t, src=0)
+
+
+class PendingSlice:
+    """A reduce-scatter in flight: wait() gives (this rank's slice of the mean, the summed flag)."""
+
+    def __init__(self, work, out: torch.Tensor, n: int, world: int, flag=None):
+        self.work, self.out, self.n, self.world, self.flag = work, out, n, world, flag
+
+    def wait(self):
+        if self.work is not None:
+            self.work.wait()  # NCCL: the current stream waits for the collective's; no host block
+        if self.world == 1:
+            return self.out, self.flag
+        shard = self.out[:self.n].div_(self.world)  # SUM then divide: gloo has no AVG; (g + g) / 2 == g
+        return shard, self.out[-1]
+
+
+def reduce_scatter_mean_async(flat: torch.Tensor, bounds, flag: torch.Tensor) -> PendingSlice:
+    """Mean over ranks of a flat float tensor (reduced in fp32), as this rank's slice [lo, hi) of `bounds`,
+    started now and collected with .wait(): the fused flow overlaps it with the next layer's backward.
+
+    `flag` (a 0-d float) is summed over ranks and returned too: it rides in one extra element per rank,
+    so every rank learns that some rank's gradient was non-finite without a second collective.
+    """
+    world, me = world_size(), rank()
+    lo, hi = bounds[me]
+    if world == 1:
+        return PendingSlice(None, flat[lo:hi], hi - lo, 1, flag)
+    width = max(b - a for a, b in bounds) + 1
+    buf = torch.zeros(world, width, dtype=torch.float32, device=flat.device)
+    for r, (a, b) in enumerate(bounds):
+        buf[r, :b - a] = flat[a:b]
+        buf[r, -1] = flag
+    out = torch.empty(width, dtype=torch.float32, device=flat.device)
+    work = _collective("reduce_scatter_tensor", out, buf.view(-1), op=dist.ReduceOp.SUM, async_op=True)
+    return PendingSlice(work, out, hi - lo, world)
+
+
+def reduce_scatter_mean(flat: torch.Tensor, bounds, flag: torch.Tensor):
+    """reduce_scatter_mean_async, waited for: (this rank's slice, the summed flag)."""
+    return reduce_scatter_mean_async(flat, bounds, flag).wait()
+
+
+def all_gather_bytes(mine: torch.Tensor) -> torch.Tensor:
+    """uint8 [P] from every rank -> uint8 [world * P] in rank order."""
+    world = world_size()
+    if world == 1:
+        return mine
+    out = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
+    _collective("all_gather_into_tensor", out, mine)
+    return out
