@@ -94,22 +94,6 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def lone_process_env():
-    """`python train.py` without a launcher: be rank 0 of 1 (DeepSpeed would try MPI discovery)."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
-
-
-def skip_cpu_shm_build():
-    """One CPU process needs no shared-memory allreduce; DeepSpeed would JIT-build it (about 34 s)."""
-    try:
-        import deepspeed.comm.torch  # noqa: F401
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    except (ImportError, AttributeError):
-        pass
-
-
 def schedule_horizon(config_path: str) -> int | None:
     sched = json.loads(Path(config_path).read_text()).get("scheduler") or {}
     return (sched.get("params") or {}).get("total_num_steps")
@@ -238,7 +222,8 @@ def peak_memory_gib(device) -> float:
 
 def main(argv=None):
     args = parse_args(argv)
-    lone_process_env()
+    from qft_ds.launch_env import prepare_process
+    prepare_process()  # `python train.py`: rank 0 of 1 on a free port; one CPU process skips the shm op build
     import deepspeed
     from tqdm import tqdm
 
@@ -247,8 +232,6 @@ def main(argv=None):
 
     if not Path(args.deepspeed).is_file():
         sys.exit(f"--deepspeed: config file not found: {args.deepspeed}")
-    if os.environ["WORLD_SIZE"] == "1" and not torch.cuda.is_available():
-        skip_cpu_shm_build()
     deepspeed.init_distributed()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if rank == 0:  # fetch and convert the default model and data once, before the others read them

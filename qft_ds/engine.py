@@ -24,6 +24,7 @@ import os
 import torch
 
 from qft_ds.config import QFTConfig, gradient_accumulation_steps, load_ds_config
+from qft_ds.launch_env import prepare_process
 from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
 from qft_ds.nn.norms import fuse_rms_norms
 from qft_ds.nn.precision import autocast_forward
@@ -165,6 +166,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         config = getattr(args, "deepspeed_config", None)
     if config is None:
         raise ValueError("no DeepSpeed config: pass config= (dict or JSON path) or args.deepspeed_config")
+    prepare_process()  # `python script.py`: rank 0 of 1, before DeepSpeed would try MPI discovery
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cfg, opt_params, ds = split_config(load_ds_config(config), world)
     if cfg.method != "qft":
@@ -226,6 +228,7 @@ def install_deepspeed_hook() -> bool:
         config = kw.get("config") or kw.get("config_params") or getattr(kw.get("args"), "deepspeed_config", None)
         if config is not None and wants_qft(load_ds_config(config)):
             return globals()["initialize"](**kw)
+        prepare_process()
         return _ds_initialize(*args, **kwargs)
 
     initialize._qft_wrapped = True
