@@ -56,7 +56,8 @@ def parse_args(argv=None):
                    help="stop early; the LR schedule's horizon still comes from the config")
     p.add_argument("--seq_len", type=int, default=128,
                    help="text: block length; instruction data: the longest example (longer ones are cut)")
-    p.add_argument("--eval_blocks", type=int, default=16, help="held-out blocks of seq_len tokens to evaluate")
+    p.add_argument("--eval_blocks", type=int, default=16,
+                   help="text: held-out blocks of seq_len tokens to evaluate (instruction data: every held-out row)")
     p.add_argument("--resume_from_checkpoint", default=None, metavar="PATH",
                    help="a run's output_dir (its latest checkpoint) or a checkpoint-STEP folder")
     p.add_argument("--save_every", type=int, default=0, help="save a checkpoint every N steps (0: never)")
@@ -142,6 +143,7 @@ class Data:
 
 
 def load_data(args, tokenizer) -> Data:
+    """Text: blocks (held-out: textdata's split). Instruction data: examples (held-out: sftdata.sft_splits)."""
     from qft_ds import sftdata, textdata
     fmt = sftdata.dataset_format(args.dataset)
     if fmt == "text":

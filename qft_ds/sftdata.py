@@ -61,10 +61,9 @@ def _check_messages(msgs, field: str, need_assistant: bool = True) -> list[dict]
         if not isinstance(m, dict):
             raise _RowError(f'field "{f}" is a {_type(m)}, not an object with "role" and "content"')
         for key in ("role", "content"):
-            if key not in m:
-                raise _RowError(f'field "{f}.{key}" is missing')
-            if not isinstance(m[key], str):
-                raise _RowError(f'field "{f}.{key}" is a {_type(m[key])}, not a string')
+            if not isinstance(m.get(key), str):
+                what = "missing" if key not in m else f"a {_type(m[key])}, not a string"
+                raise _RowError(f'field "{f}.{key}" is {what}')
         if m["role"] not in ROLES:
             raise _RowError(f'field "{f}.role" is an unknown role {m["role"]!r} (known: {", ".join(ROLES)})')
         out.append({"role": m["role"], "content": m["content"]})
@@ -118,9 +117,8 @@ def read_sft_jsonl(path) -> list[dict]:
                 raise ValueError(f"{path}: row {n}: invalid JSON ({e.msg})") from None
             except _RowError as e:
                 raise ValueError(f"{path}: row {n}: {e}") from None
-            if first is None:
-                first = (n, _kind(row))
-            elif _kind(row) != first[1]:
+            first = first or (n, _kind(row))
+            if _kind(row) != first[1]:
                 raise ValueError(f"{path}: row {n}: a {_kind(row)} row, but row {first[0]} is {first[1]}: "
                                  "use one format per file")
             rows.append(row)
@@ -144,14 +142,17 @@ def dataset_format(spec: str) -> str:
     if path.suffix != ".jsonl" or not path.is_file():
         return "text"
     with open(path, encoding="utf-8") as f:
-        line = next((ln for ln in f if ln.strip()), "{}")
+        n, line = next(((n, ln) for n, ln in enumerate(f, 1) if ln.strip()), (1, "{}"))
     try:
         obj = json.loads(line)
     except json.JSONDecodeError:
         return "text"  # the text reader reports the bad row
-    if isinstance(obj, dict) and "text" in obj and not {"messages", "prompt", "completion"} & obj.keys():
+    if not isinstance(obj, dict) or not {"messages", "prompt", "completion"} & obj.keys():
         return "text"
-    return sft_format(read_sft_jsonl(path))
+    try:
+        return sft_format([_check_row(obj)])
+    except _RowError as e:
+        raise ValueError(f"{path}: row {n}: {e}") from None
 
 
 def sft_splits(path, eval_path=None) -> tuple[list[dict], list[dict]]:
@@ -182,10 +183,6 @@ def _render(tok, messages: list[dict], gen: bool = False) -> list[int]:
     return _plain(tok, text)
 
 
-def _special_ids(tok) -> set[int]:
-    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
-
-
 def _encode_text_pair(tok, prompt: str, completion: str) -> Example:
     """Prompt tokens, then completion tokens and EOS (the only ones with a loss).
 
@@ -212,11 +209,10 @@ def _encode_chat(tok, messages: list[dict], first: int) -> Example:
     if not getattr(tok, "chat_template", None):
         raise ValueError("the tokenizer has no chat template: set tokenizer.chat_template (a Jinja string) or use "
                          "a model whose tokenizer has one, or write prompt/completion string rows")
-    ids, specials = _render(tok, messages), _special_ids(tok)
+    ids = _render(tok, messages)
+    specials = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
     labels = [IGNORE] * len(ids)
-    for i in range(first, len(messages)):
-        if messages[i]["role"] != "assistant":
-            continue
+    for i in [i for i in range(first, len(messages)) if messages[i]["role"] == "assistant"]:
         head, turn = _render(tok, messages[:i], gen=True), _render(tok, messages[:i + 1])
         if turn[:len(head)] != head or ids[:len(turn)] != turn:
             raise ValueError(f"message {i}: the chat template does not render this assistant turn as an extension "

@@ -350,3 +350,34 @@ def test_train_on_prompt_completion_jsonl(tiny_model_dir, tmp_path, monkeypatch,
     assert summary["eval_end"] < summary["eval_start"]
     meta = json.loads(next(out.glob("checkpoint-*/meta.json")).read_text())
     assert meta["data"]["format"] == "prompt_completion"
+
+
+def test_train_on_messages_with_eval_dataset(tmp_path, monkeypatch, capsys, tiny_llama, smol):
+    import train
+    model_dir = tmp_path / "tiny-chat"
+    tiny_llama(vocab=len(smol)).save_pretrained(model_dir)
+    smol.save_pretrained(model_dir)
+    rows = [{"messages": [{"role": "user", "content": f"Echo {w}"}, {"role": "assistant", "content": w}]}
+            for w in "red green blue cyan pink gold gray teal".split()]
+    data, held = tmp_path / "chat.jsonl", tmp_path / "held.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held.write_text("".join(json.dumps(r) + "\n" for r in rows[:3]))
+    cfg_path = tmp_path / "qft.json"
+    cfg = json.loads((ROOT / "ds_configs" / "qft.json").read_text())
+    cfg["scheduler"]["params"].update(total_num_steps=2, warmup_num_steps=1)
+    cfg_path.write_text(json.dumps(cfg))
+    monkeypatch.setenv("QFT_DS_CACHE", str(tmp_path / "cache"))
+    train.main(["--deepspeed", str(cfg_path), "--model", str(model_dir), "--dataset", str(data),
+                "--eval_dataset", str(held), "--output_dir", str(tmp_path / "run"), "--seq_len", "64"])
+    assert "8 train examples (messages, up to 64 tokens), 3 held-out examples" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["eval_start"] > 0 and summary["steps"] == 2
+
+
+def test_eval_dataset_is_for_instruction_data(tmp_path, smol):
+    import train
+    text = tmp_path / "t.jsonl"
+    text.write_text('{"text": "a b"}\n{"text": "c d"}\n')
+    args = train.parse_args(["--dataset", str(text), "--eval_dataset", str(text)])
+    with pytest.raises(SystemExit, match="--eval_dataset: only for instruction data"):
+        train.load_data(args, smol)
