@@ -119,7 +119,7 @@ def main(argv=None):
     rows["vector_norm"] = host_us(lambda: torch.linalg.vector_norm(grad, dtype=torch.float32))
     rows["isfinite"] = host_us(lambda: torch.isfinite(norm))
     rows["python_sum_range_1000"] = host_us(lambda: sum(range(1000)))  # the host CPU's Python speed
-    opt._finite_flags, opt._norms = [], []
+    opt._norms = []
 
     # which launches and host work one QLinear forward + backward is made of
     from torch.profiler import ProfilerActivity, profile
@@ -129,7 +129,7 @@ def main(argv=None):
             run()
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30, max_name_column_width=50)
-    opt._finite_flags, opt._norms = [], []
+    opt._norms = []
 
     if args.cprofile:  # Python-level host time of one QLinear forward + backward, backward on this thread
         import cProfile
@@ -147,7 +147,7 @@ def main(argv=None):
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(35)
         print(buf.getvalue())
-        opt._finite_flags, opt._norms = [], []
+        opt._norms = []
 
     result = {**common.header(args.commit), "unit": "host microseconds per call", "rows": rows,
               "qlinear_fwd_bwd_profile_10_calls": table.splitlines()}

@@ -120,9 +120,18 @@ def finite_flag(finite: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(finite) if finite.is_floating_point() else finite
 
 
+CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+
+
+def clip_scale(grad_scale: float, clip: float, norm: float) -> float:
+    """The factor a gradient of norm `norm` gets under a clipping budget `clip` (and an outer
+    `grad_scale`): min(grad_scale, clip / (norm + eps)). The kernels compute the same in fp32."""
+    return min(grad_scale, clip / (norm + CLIP_EPS))
+
+
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
-              residual=None, grad_scale=1.0, finite=None):
+              residual=None, grad_scale=1.0, finite=None, clip=0.0):
     """One INT8 Lion step on a flat weight (or shard), in place.
 
     c = b1*m + (1-b1)*g ; w <- w*(1 - lr*wd) - lr*sign(c) ; m <- b2*m + (1-b2)*g
@@ -133,10 +142,15 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     error-feedback carry when rounding == 'ef'. `offset` is the global element offset of element 0.
     `finite` (a bool tensor, a float tensor that must be finite, e.g. the gradient's norm, or None): if
     not, nothing is written (the GPU kernel masks its stores; here one host sync is cheap next to the rest).
+    `clip` > 0 (a clipping budget): the gradient is scaled by clip_scale(grad_scale, clip, finite), where
+    `finite` must then be the gradient's fp32 norm; the kernels compute that scale on the device, so the
+    fused flow clips each tensor without a host sync.
     """
     if finite is not None and not bool(finite_flag(finite)):
         return
     g = grad.reshape(-1).float()
+    if clip > 0:
+        grad_scale = clip_scale(grad_scale, clip, float(finite))
     if grad_scale != 1.0:
         g = g * grad_scale
     m = dequantize_blockwise(m_codes, m_scales, m_block)

@@ -110,7 +110,7 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
-              residual=None, grad_scale=1.0, finite=None, quad_rng=None, chunk=None, num_warps=4,
+              residual=None, grad_scale=1.0, finite=None, clip=0.0, quad_rng=None, chunk=None, num_warps=4,
               philox_rounds=10, layout=None, fused_outliers=None):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
@@ -125,7 +125,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     kernel too: one launch per tensor. `layout=None` reads QFT_DS_LION_LAYOUT: "auto" (the default: 3d with
     fused outliers for every tensor whose shape allows it, two-pass for the others) or "2pass". On the
     H100, auto made the 1.1B LLaMA-shape step 1.43x faster (bench/NOTES.md). `grad_scale` must be >= 0
-    (the kernels fold it into the sign test, see _lion_scalars).
+    (the kernels fold it into the sign test, see _lion_scalars). `clip` > 0: a clipping budget, applied on
+    the device from the norm passed as `finite` (see reference.lion_step).
     """
     if layout is None:
         layout = os.environ.get("QFT_DS_LION_LAYOUT", "auto")
@@ -151,25 +152,30 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     n = w_codes.numel()
     if finite is None:
         finite = torch.ones((), dtype=torch.bool, device=w_codes.device)
+    if clip > 0 and not finite.is_floating_point():
+        raise ValueError("lion_step: a clipping budget needs the gradient's norm as `finite`")
     has_outliers = outlier_idx is not None and outlier_idx.numel() > 0
     if has_outliers and fused_outliers:
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
-                   beta2, weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
-                   outlier_idx, outlier_val)
+                   beta2, weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps,
+                   philox_rounds, outlier_idx, outlier_val)
         return
     if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
         # As few torch ops as the maths allows: the training step is host-bound (bench/NOTES.md).
         idx = outlier_idx  # int32 indexes directly: no int64 copy of 1% of the weight
         m_o = m_codes[idx] * m_scales[idx // m_block]  # int8 * fp32 -> fp32 in one kernel
         g_o = g[idx].float()
-        if grad_scale != 1.0:
+        if clip > 0:
+            g_o.mul_(torch.clamp(clip / (finite.float() + ref.CLIP_EPS), max=grad_scale))
+        elif grad_scale != 1.0:
             g_o.mul_(grad_scale)
         u_o = torch.lerp(m_o, g_o, 1 - beta1).sign_()
         torch.where(ref.finite_flag(finite), torch.add(outlier_val * (1 - lr * weight_decay), u_o, alpha=-lr), outlier_val,
                     out=outlier_val)
     if layout == "3d":
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
-                   beta2, weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds)
+                   beta2, weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps,
+                   philox_rounds)
     elif layout == "2pass":
         base = math.lcm(w_block, m_block)
         chunk = chunk or base
@@ -187,10 +193,10 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
             (triton_cdiv(n, chunk),), w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
             float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
             *_lion_scalars(beta1, beta2, grad_scale),
-            _step_key(seed, step), offset,
+            _step_key(seed, step), offset, float(clip),
             G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
             ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ROUNDS=philox_rounds,
-            OK_FLOAT=finite.is_floating_point(),
+            OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0,
             num_warps=num_warps)
     if has_outliers:  # the kernel rounded -lr*u at outlier slots; their dense code must stay 0
         w_codes[idx] = 0
@@ -251,7 +257,7 @@ def outlier_chunk_ptrs(outlier_idx: torch.Tensor, chunk: int, n_chunks: int) -> 
 
 
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
-               weight_decay, rounding, seed, step, offset, grad_scale, chunk, num_warps, philox_rounds,
+               weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps, philox_rounds,
                outlier_idx=None, outlier_val=None):
     rm = max(1, (chunk or 2048) // m_block)  # preconditions checked by lion_step before any write
     chunk = rm * m_block
@@ -266,10 +272,10 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
         (n_chunks,), w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
         float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
         *_lion_scalars(beta1, beta2, grad_scale),
-        _step_key(seed, step), offset,
+        _step_key(seed, step), offset, float(clip),
         outlier_idx, outlier_val, optr,
         G=w_block, K=m_block // w_block, RM=rm, ROUNDING=_rounding_id(rounding), ROUNDS=philox_rounds,
-        OK_FLOAT=finite.is_floating_point(),
+        OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0,
         num_warps=num_warps, **extra)
 
 

@@ -125,6 +125,15 @@ def _load_ok(ok_ptr, OK_FLOAT: tl.constexpr):
 
 
 @triton.jit
+def _clip_scalars(norm_ptr, clip, grad_scale, beta1, beta2):
+    """A clipping budget on the device: the gradient's scale min(grad_scale, clip / (norm + eps)) (as
+    reference.clip_scale) and the folded scalars of triton_backend._lion_scalars, from the norm the
+    fused flow measured: no host sync per tensor. A zero scale gives mix = inf (sign(m)), as on the host."""
+    gs = tl.minimum(grad_scale, clip / (tl.load(norm_ptr).to(tl.float32) + 1e-6))
+    return gs, beta1 / ((1.0 - beta1) * gs), (1.0 - beta2) * gs
+
+
+@triton.jit
 def _round(y, u, ROUNDING: tl.constexpr):
     """y in units of the scale -> codes as float; u: uniforms (used by SR only)."""
     if ROUNDING == 0:
@@ -202,10 +211,11 @@ def quant_kernel(x_ptr, codes_ptr, scales_ptr, n, key, offset, B: tl.constexpr, 
 
 @triton.jit
 def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
-                mix, g2, key, offset,
+                mix, g2, key, offset, clip,
                 G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
                 B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr,
-                QUAD_RNG: tl.constexpr, ROUNDS: tl.constexpr = 10, OK_FLOAT: tl.constexpr = False):
+                QUAD_RNG: tl.constexpr, ROUNDS: tl.constexpr = 10, OK_FLOAT: tl.constexpr = False,
+                CLIP: tl.constexpr = False):
     """One INT8 Lion step over a chunk of RW*G = RM*B elements (a common multiple of both groupings).
 
     The weight half runs first, in weight-group rows, reading the *old* momentum to get sign(c); the
@@ -222,6 +232,8 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     """
     start = tl.program_id(0).to(tl.int64) * (RW * G)
     n = n * _load_ok(ok_ptr, OK_FLOAT).to(tl.int64)  # not finite: n = 0 masks every load and store
+    if CLIP:
+        grad_scale, mix, g2 = _clip_scalars(ok_ptr, clip, grad_scale, beta1, beta2)
     # ---- weights: rows are groups of G (padded to GP2 lanes)
     rw = tl.arange(0, RWP2)
     cg = tl.arange(0, GP2)
@@ -289,10 +301,10 @@ def _bits_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUND
 
 @triton.jit
 def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
-                   mix, g2, key, offset, oi_ptr, ov_ptr, optr_ptr,
+                   mix, g2, key, offset, clip, oi_ptr, ov_ptr, optr_ptr,
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
                    ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64,
-                   OK_FLOAT: tl.constexpr = False):
+                   OK_FLOAT: tl.constexpr = False, CLIP: tl.constexpr = False):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
     One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
@@ -308,6 +320,8 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     start = pid.to(tl.int64) * (RM * K * G)
     ok = _load_ok(ok_ptr, OK_FLOAT)
     n = n * ok.to(tl.int64)  # not finite: n = 0 masks every load and store
+    if CLIP:
+        grad_scale, mix, g2 = _clip_scalars(ok_ptr, clip, grad_scale, beta1, beta2)
     left = n - start
     rm = tl.arange(0, RM)
     k = tl.arange(0, K)

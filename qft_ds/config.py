@@ -10,6 +10,7 @@ _CHOICES = {
     "method": ("qft", "peqa", "qst"),
     "rounding": ("sr", "ef", "rtn"),
     "flow": ("auto", "fused", "stack"),
+    "clip_mode": ("budget", "two_pass"),
     "backend": ("auto", "torch", "triton"),
     "downsample": ("adapter", "linear", "maxpool", "avgpool"),
 }
@@ -19,7 +20,7 @@ _METHOD_KEYS = {
     "rounding": ("qft",), "flow": ("qft",), "outlier_frac": ("qft",), "block_size": ("qft",),
     "backend": ("qft",), "outlier_refresh": ("qft",), "gradient_checkpointing": ("qft", "peqa"),
     "reuse_recomputed_weight": ("qft",), "fuse_projections": ("qft",), "fuse_norms": ("qft",),
-    "checkpoint_reentrant": ("qft",),
+    "checkpoint_reentrant": ("qft",), "clip_mode": ("qft",),
     "bits": ("peqa", "qst"), "r": ("qst",), "downsample": ("qst",), "adapter_rank": ("qst",),
 }
 
@@ -29,6 +30,7 @@ class QFTConfig:
     method: str = "qft"             # qft | peqa | qst
     rounding: str = "sr"            # weight rounding: stochastic, error feedback, round-to-nearest
     flow: str = "auto"              # fused if gradient_accumulation_steps == 1, else stack
+    clip_mode: str = "budget"       # fused flow's clipping: per-tensor budgets (+ a norm pass at step 0) | two_pass
     outlier_frac: float = 0.01      # fraction of each weight kept exact in fp32
     group_size: int = 128           # int8 weight group (input columns), adjusted to divide the row
     block_size: int = 256           # int8 block of momentum and gradient buffers

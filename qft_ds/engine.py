@@ -95,12 +95,13 @@ def _auto_keys(obj, prefix="") -> list[str]:
 
 
 def guard_backward(engine, opt: QFTLion) -> None:
-    """Skip backward for a non-finite loss: nothing non-finite may reach the int8 state."""
+    """Skip backward for a non-finite loss (nothing non-finite may reach the int8 state), and run the
+    fused flow's norm-only backward first where clipping needs it (QFTLion.before_backward)."""
     real = engine.backward
 
     @functools.wraps(real)
     def backward(loss, *args, **kwargs):
-        if opt.check_loss(loss):
+        if opt.before_backward(loss, lambda l: real(l, retain_graph=True)):
             return real(loss, *args, **kwargs)
         return loss.detach()  # engine.step() still runs: the optimizer then skips the step
 
@@ -120,7 +121,7 @@ def build_optimizer(model: torch.nn.Module, cfg: QFTConfig, params: dict) -> QFT
     kwargs = dict(lr=float(params.get("lr", 1e-4)), betas=tuple(params.get("betas", (0.9, 0.99))),
                   weight_decay=wd, rounding=cfg.rounding, flow=cfg.resolved_flow(), block_size=cfg.block_size,
                   seed=cfg.seed, max_grad_norm=cfg.max_grad_norm, backend=cfg.backend,
-                  outlier_refresh=cfg.outlier_refresh, outlier_frac=cfg.outlier_frac)
+                  outlier_refresh=cfg.outlier_refresh, outlier_frac=cfg.outlier_frac, clip_mode=cfg.clip_mode)
     if cfg.zero_stage:  # sharded once torch.distributed is up (initialize calls opt.shard())
         from qft_ds.zero import ZeroLion
         return ZeroLion(groups, zero_stage=cfg.zero_stage, **kwargs)

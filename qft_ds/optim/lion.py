@@ -8,8 +8,10 @@ Params are of two kinds:
 
 Clipping (DeepSpeed's "gradient_clipping"): Lion's update is sign(b1*m + (1-b1)*g), so clipping only
 rescales g against m. The stack flow knows the whole gradient at the boundary and clips exactly. The
-fused flow updates each layer before later ones exist, so it clips step t with the global norm
-measured in step t-1 (one pass, no extra memory); step 0 is not clipped.
+fused flow updates each layer before later ones exist, so it clips each tensor within a budget taken
+from the previous step's norms (clipping.py: the clipped global norm never exceeds the limit, and equals
+exact clipping when the gradient's shape over tensors holds); step 0 (no previous step) is measured by a
+norm-only backward first (`backward`, `before_backward`), so it is clipped exactly.
 
 Non-finite values never reach the int8 state:
 - a non-finite loss (`check_loss`, called by the engine's backward) skips the whole step before backward
@@ -29,8 +31,11 @@ import math
 
 import torch
 
+from qft_ds import comm
 from qft_ds.flow import GradientFlow
 from qft_ds.ops import configure as configure_ops, get_ops
+from qft_ds.ops.reference import clip_scale
+from qft_ds.optim.clipping import ClipBudgets
 
 logger = logging.getLogger("qft_ds")
 
@@ -43,7 +48,7 @@ class QFTLion(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
                  rounding: str = "sr", flow: str = "fused", block_size: int = 256, seed: int = 0,
                  max_grad_norm: float = 0.0, backend: str = "auto", outlier_refresh: int = 0,
-                 outlier_frac: float = 0.01):
+                 outlier_frac: float = 0.01, clip_mode: str = "budget"):
         if lr < 0:
             raise ValueError(f"QFTLion: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -58,19 +63,25 @@ class QFTLion(torch.optim.Optimizer):
         self.outlier_refresh, self.outlier_frac = outlier_refresh, outlier_frac
         self.weights = [_qweight(p) for g in self.param_groups for p in g["params"] if _qweight(p)]
         self._group_of = {id(_qweight(p)): g for g in self.param_groups for p in g["params"] if _qweight(p)}
+        self._index = {id(w): i for i, w in enumerate(self.weights)}
+        n_float = sum(p.numel() for g in self.param_groups for p in g["params"] if _qweight(p) is None)
+        # one budget per quantized weight, and one for all float parameters together (the last)
+        self.clip = ClipBudgets(max_grad_norm, [w.numel for w in self.weights] + [max(n_float, 1)], clip_mode)
+        self._budgets = None         # this step's clipping budgets (fused flow), fixed at the first update
+        self._measuring = False      # inside the norm-only backward
         self.flow = GradientFlow(flow, self._apply, block_size)
         self.flow.attach(self.weights)
         self._ops = None
         configure_ops(backend)  # the quantized modules' forward/backward use the same backend
         self.step_count = 0          # optimizer steps taken; keys the stochastic rounding
-        self.prev_grad_norm = None   # fused clipping uses the previous step's global norm
+        self.prev_grad_norm = None   # the last step's global gradient norm (before clipping)
+        self.prev_clipped_norm = None  # ... and as the update applied it
         self._sq_norm = None         # this step's squared gradient norm, summed as it arrives
         self.overflow = False        # the last step was skipped (DeepSpeed reads this attribute)
         self.skipped_steps = self.partial_steps = self.nonfinite_tensors = 0
         self._skip_reason = None     # set before step() when the step must be skipped
         self._bad_now = 0            # tensors left unwritten in this (fused) step
-        self._finite_flags = []      # fused: device bools (ZeRO: one per weight), counted once per step
-        self._norms = []             # fused: fp32 gradient norms, one per weight; summed once per step
+        self._norms = []             # fused: (weight index, fp32 gradient norm on the device), read once per step
         if rounding == "ef":
             for w in self.weights:
                 if w.residual is None:
@@ -127,74 +138,116 @@ class QFTLion(torch.optim.Optimizer):
     def _flush(self) -> None:
         """Finish fused updates still in flight (ZeRO overlaps each with the next layer's backward)."""
 
-    def _note_norm(self, grad, finite=None):
-        """Fused flow, per weight: one launch, the norm, which is also the finite flag the kernel reads (a
-        gradient is finite iff its fp32 norm is; ZeRO passes the flag its reduce-scatter carried). A
-        non-finite gradient: the kernel writes nothing (the step becomes partial). Checked on the device:
-        a host sync per layer would serialise the CPU and GPU for the whole backward. The norms are summed
-        and the flags counted once per step (_take_norms, step)."""
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-        self._norms.append(norm)
-        if finite is None:
-            return norm
-        self._finite_flags.append(finite)
-        return finite
+    def _note_norm(self, w, grad):
+        """Fused flow, per weight: the gradient's fp32 norm (one launch), which is also the finite flag the
+        kernel reads (a gradient is finite iff its fp32 norm is) and the norm its clipping budget is
+        applied to. Checked on the device: a host sync per layer would serialise the CPU and GPU for
+        the whole backward. The norms are read once per step (step)."""
+        norm = self._tensor_norm(grad)
+        self._norms.append((self._index[id(w)], norm))
+        return norm
 
-    def _take_norms(self):
-        """Squared sum of this step's fused norms (a skipped tensor adds nothing), or None. Without explicit
-        flags (one device) the non-finite norms are the skipped tensors: counted here, synced in step()."""
-        if not self._norms:
-            return None
-        norms = torch.stack(self._norms)
-        if not self._finite_flags:
-            self._finite_flags = [torch.isfinite(norms)]
-        sq = torch.nan_to_num(norms, 0.0, 0.0, 0.0).square().sum()
-        self._norms = []
-        return sq
+    def _tensor_norm(self, grad):
+        """The norm of one weight's whole (rank-mean) gradient; qft_ds.zero sums its slices over ranks."""
+        return torch.linalg.vector_norm(grad, dtype=torch.float32)
 
     @staticmethod
     def _all_reduce_mean(grad):
         """Data parallel: every rank applies the mean gradient, so int8 states stay identical (the
         stochastic-rounding draws are keyed by global offset and match on every rank)."""
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            grad = grad.float()  # sum in fp32 whatever the compute dtype
-            dist.all_reduce(grad)
-            grad /= dist.get_world_size()
+        if comm.is_distributed():
+            grad = comm.all_reduce_mean_(grad.float())  # summed in fp32 whatever the compute dtype
         return grad
 
-    @staticmethod
-    def _any_rank(flag: bool) -> bool:
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            t = torch.tensor([float(flag)])
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            return bool(t.item())
-        return flag
+    def backward(self, loss) -> None:
+        """`loss.backward()` for loops without the DeepSpeed engine: the loss check and, when clipping
+        needs it, the norm-only backward first (see before_backward)."""
+        if self.before_backward(loss):
+            loss.backward()
+
+    def before_backward(self, loss, retained_backward=None) -> bool:
+        """Call before the backward of `loss` (the engine's backward does): False if the loss is
+        non-finite (the step will be skipped). Fused flow with clipping on step 0 (or every step in
+        clip_mode "two_pass"): a norm-only backward through the same graph measures every tensor's norm
+        first, so that this step is clipped exactly. It keeps the graph and writes nothing; the float
+        parameters' gradients it leaves (averaged over ranks by the engine's backward) are measured and
+        dropped. `retained_backward(loss)` runs that pass (default: loss.backward(retain_graph=True))."""
+        if not self.check_loss(loss):
+            return False
+        if self.flow.mode == "fused" and self.clip.needs_norm_pass():
+            self._norm_pass(loss, retained_backward or (lambda l: l.backward(retain_graph=True)))
+        return True
+
+    @torch.no_grad()
+    def _norm_pass(self, loss, retained_backward) -> None:
+        floats = [p for g in self.param_groups for p in g["params"] if _qweight(p) is None]
+        kept = [p.grad for p in floats]
+        for p in floats:
+            p.grad = None
+        self._measuring = True
+        try:
+            with torch.enable_grad():
+                retained_backward(loss)
+            for w, grad in self.flow.held():
+                self._apply(w, grad)
+            self._flush()
+        finally:
+            self._measuring = False
+        grads = [p.grad for p in floats if p.grad is not None]
+        float_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))) if grads else None
+        for p, g in zip(floats, kept):
+            p.grad = g
+        measured = self._fetch_norms(float_norm)
+        self.clip.observe(measured)
+        if not self.clip.ready():  # a tensor without a gradient in this pass: size budgets for it
+            logger.debug("clipping: %d tensor(s) had no gradient in the norm pass", self.clip.refs.count(None))
+
+    def _fetch_norms(self, float_norm=None) -> dict[int, float]:
+        """This step's fused norms (and the float parameters' at index len(weights)) in one host sync."""
+        idx = [i for i, _ in self._norms]
+        vals = [n.reshape(1).float() for _, n in self._norms]
+        if float_norm is not None:
+            idx.append(len(self.weights))
+            vals.append(float_norm.reshape(1).float())
+        self._norms = []
+        if not vals:
+            return {}
+        return dict(zip(idx, torch.cat([v.to(vals[0].device) for v in vals]).tolist()))
 
     def check_loss(self, loss) -> bool:
         """False (and the step will be skipped) if the loss is non-finite on any rank: call before backward.
         One host sync between forward and backward; measured free (bench/NOTES.md, `qft_sync`)."""
         finite = bool(torch.isfinite(loss.detach()).all())
-        if self._any_rank(not finite):
+        if comm.any_rank(not finite):
             self._skip_reason = "non-finite loss"
             return False
         return True
 
+    def _budget(self, w) -> float:
+        """Fused flow: this weight's clipping budget for this step (0: no clipping)."""
+        if not self.clip.active:
+            return 0.0
+        if self._budgets is None:  # fixed for the whole step, from the references of the step before
+            self._budgets = self.clip.budgets()
+        return self._budgets[self._index[id(w)]]
+
     def _apply(self, w, grad, coef=None):
         """Update one quantized weight with its full fp32 gradient (called by the flow)."""
-        finite = None
+        finite, budget = None, 0.0
         if coef is None:  # fused: inside backward
             grad = self._all_reduce_mean(grad)  # NaN on any rank is NaN on all: every rank skips alike
-            finite = self._note_norm(grad)
-            coef = self._clip_coef(self.prev_grad_norm)
+            finite = self._note_norm(w, grad)
+            if self._measuring:  # the norm-only backward: nothing is written
+                return
+            coef, budget = 1.0, self._budget(w)
         group = self._group_of[id(w)]
         st = self._qstate(w)
         self.ops.lion_step(w.codes, w.scales, w.group, st["m_codes"], st["m_scales"], self.block_size, grad,
                            lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                            weight_decay=group["weight_decay"], rounding=self.rounding, seed=self.seed,
                            step=self.step_count, offset=w.global_offset, outlier_idx=w.outlier_idx,
-                           outlier_val=w.outlier_val, residual=w.residual, grad_scale=coef, finite=finite)
+                           outlier_val=w.outlier_val, residual=w.residual, grad_scale=coef, finite=finite,
+                           clip=budget)
 
     def _reduce_stacked(self):
         """Stack flow, at the boundary: average the int8 buffers over ranks; returns their squared norm
@@ -202,28 +255,19 @@ class QFTLion(torch.optim.Optimizer):
         self.flow.map_buffers(self._all_reduce_mean)
         return self.flow.stacked_sq_norm()
 
-    def _fused_sq(self):
-        """Fused flow: this step's squared gradient norm over the quantized weights, on the device, summed
-        over ranks where each holds a slice (qft_ds.zero); None if no weight was updated."""
-        return self._take_norms()
-
-    def _bad_flags(self):
-        """Fused flow: how many weights were left unwritten this step (device count), or None."""
-        if not self._finite_flags:
-            return None
-        bad = (~torch.cat([f.reshape(-1) for f in self._finite_flags])).sum()
-        self._finite_flags = []
-        return bad
-
     @staticmethod
-    def _fetch(**scalars):
-        """Device scalars -> Python floats in one host sync (a None stays None)."""
-        names = [k for k, v in scalars.items() if v is not None]
-        out = dict.fromkeys(scalars)
+    def _fetch(**tensors):
+        """Device scalars (-> floats) and 1-D tensors (-> lists) in one host sync (a None stays None)."""
+        names = [k for k, v in tensors.items() if v is not None]
+        out = dict.fromkeys(tensors)
         if names:
-            dev = scalars[names[0]].device
-            vals = torch.stack([scalars[k].reshape(()).float().to(dev) for k in names]).tolist()
-            out.update(zip(names, vals))
+            dev = tensors[names[0]].device
+            flat = torch.cat([tensors[k].reshape(-1).float().to(dev) for k in names]).tolist()
+            pos = 0
+            for k in names:
+                n = tensors[k].numel()
+                out[k] = flat[pos] if tensors[k].dim() == 0 else flat[pos:pos + n]
+                pos += n
         return out
 
     @torch.no_grad()
@@ -243,8 +287,10 @@ class QFTLion(torch.optim.Optimizer):
                 self._apply(w, grad)
             self._flush()
         # every check of the step in one host sync (each sync drains the GPU queue)
+        fused_idx = [i for i, _ in self._norms]
         c = self._fetch(float_sq=None if sqs is None else sqs.sum(), stack_bad=self.flow.bad_flag(),
-                        fused_sq=self._fused_sq() if fused else None, fused_bad=self._bad_flags() if fused else None)
+                        fused_norms=torch.stack([n.float() for _, n in self._norms]) if self._norms else None)
+        self._norms = []
         float_sq = c["float_sq"]
         if float_sq is not None and not math.isfinite(float_sq):  # find the culprits only now
             keep = torch.isfinite(sqs).tolist()
@@ -254,18 +300,14 @@ class QFTLion(torch.optim.Optimizer):
             float_sq = float(sqs.sum()) if sqs.numel() else None
             if not fused and self._skip_reason is None:
                 self._skip_reason = "non-finite gradient"
-        if not fused and self._skip_reason is None and self._any_rank(bool(c["stack_bad"])):
+        if not fused and self._skip_reason is None and comm.any_rank(bool(c["stack_bad"])):
             self._skip_reason = "non-finite gradient"
         if self._skip_reason is not None:
             return self._skip(loss)
         self.overflow = False
         if fused:
-            coef = self._clip_coef(self.prev_grad_norm)
+            coef = self._finish_fused_norms(dict(zip(fused_idx, c["fused_norms"] or [])), float_sq)
             stacked = []
-            if c["fused_bad"]:
-                self._bad_now += int(c["fused_bad"])
-            sq = (c["fused_sq"] or 0.0) + (float_sq or 0.0)
-            self.prev_grad_norm = sq ** 0.5 if c["fused_sq"] is not None or float_sq is not None else None
         else:
             if sqs is not None and sqs.numel():
                 self._add_sq(sqs.sum())
@@ -287,7 +329,8 @@ class QFTLion(torch.optim.Optimizer):
                                             lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1],
                                             weight_decay=g["weight_decay"], grad_scale=coef)
         if not fused:
-            self.prev_grad_norm = self._norm_now()
+            self.prev_grad_norm = n = self._norm_now()
+            self.prev_clipped_norm = None if n is None else n * coef
         self._sq_norm = None
         if self._bad_now:
             self.partial_steps += 1
@@ -301,11 +344,32 @@ class QFTLion(torch.optim.Optimizer):
                 w.refresh_outliers(self.outlier_frac)
         return loss
 
+    def _finish_fused_norms(self, norms: dict, float_sq) -> float:
+        """Fused flow, after the one sync: count the unwritten (non-finite) weights, record the step's
+        global norm before and after clipping, make this step's norms the next budgets' references, and
+        return the float parameters' clipping factor (their budget is the last)."""
+        self._bad_now += sum(1 for n in norms.values() if not math.isfinite(n))
+        if float_sq is not None:
+            norms[len(self.weights)] = float_sq ** 0.5
+        finite = [n for n in norms.values() if math.isfinite(n)]
+        self.prev_grad_norm = math.sqrt(sum(n * n for n in finite)) if finite else None
+        coef = 1.0
+        if self.clip.active and norms:
+            budgets = self._budgets or self.clip.budgets()
+            if float_sq is not None:
+                coef = clip_scale(1.0, budgets[-1], float_sq ** 0.5)
+            self.prev_clipped_norm = self.clip.clipped_norm(norms, budgets)
+            self.clip.observe(norms)
+        else:
+            self.prev_clipped_norm = self.prev_grad_norm
+        self._budgets = None
+        return coef
+
     def _skip(self, loss):
         """Write nothing: drop this step's gradients; step_count (the SR key) does not advance."""
         reason, self._skip_reason = self._skip_reason, None
         self.flow.discard()
-        self._sq_norm, self._bad_now, self._finite_flags, self._norms = None, 0, [], []
+        self._sq_norm, self._bad_now, self._norms, self._budgets = None, 0, [], None
         self.overflow = True
         self.skipped_steps += 1
         self._log(f"step {self.step_count} skipped: {reason} (skipped steps so far: {self.skipped_steps})")
@@ -313,8 +377,7 @@ class QFTLion(torch.optim.Optimizer):
 
     @staticmethod
     def _log(msg: str) -> None:
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        if comm.rank() == 0:
             logger.warning(msg)
 
     def _norm_now(self):
@@ -325,6 +388,7 @@ class QFTLion(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["qft"] = {"step_count": self.step_count, "prev_grad_norm": self.prev_grad_norm,
+                     "clip": self.clip.state_dict(),
                      "rounding": self.rounding, "block_size": self.block_size, "seed": self.seed,
                      "skipped_steps": self.skipped_steps, "partial_steps": self.partial_steps,
                      "nonfinite_tensors": self.nonfinite_tensors}
@@ -337,6 +401,7 @@ class QFTLion(torch.optim.Optimizer):
             if extra["block_size"] != self.block_size:
                 raise ValueError(f"checkpoint momentum block_size {extra['block_size']} != {self.block_size}")
             self.step_count, self.prev_grad_norm = extra["step_count"], extra["prev_grad_norm"]
+            self.clip.load_state_dict(extra.get("clip") or {})
             for key in ("skipped_steps", "partial_steps", "nonfinite_tensors"):
                 setattr(self, key, extra.get(key, 0))
         super().load_state_dict(state_dict)

@@ -3,7 +3,6 @@
 DeepSpeed's own ZeRO flattens trainable parameters into fp32 slices and cannot hold int8 weights, so
 DeepSpeed runs at stage 0 and ZeroLion shards the int8 weights, momentum and gradient buffers.
 """
-from qft_ds import comm  # noqa: F401  (zero/optim.py still imports it from here; it moved to qft_ds.comm)
 from qft_ds.zero.optim import ShardedFlow, ZeroLion
 from qft_ds.zero.partition import Partition, shard_bounds
 

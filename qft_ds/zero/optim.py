@@ -13,17 +13,21 @@ the gradient is reduced and which slice a rank updates change:
 - stage 3 also keeps the weight itself sharded; HybridWeight gathers it for each use (zero/shards.py).
 Float parameters (norms, biases) stay replicated: DeepSpeed all-reduces their gradients as at stage 0.
 
-The global gradient norm (clipping) is the replicated float part plus the all-reduced sum of every
-rank's slice: one scalar all-reduce per step. Its float summation order differs from one device's.
+The global gradient norm (clipping) is the replicated float part plus the sum over ranks of every
+slice's squared norm: fused, one scalar all-reduce per weight (its clipping budget needs the whole
+weight's norm, as on one device); stack, one per step. Their float summation order differs from one
+device's.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from qft_ds.flow import GradientFlow
 from qft_ds.optim.lion import QFTLion
 from qft_ds.quant.qtensor import QTensor
-from qft_ds.zero import comm
+from qft_ds import comm
 from qft_ds.zero.partition import Partition
 from qft_ds.zero.shards import WeightShard
 
@@ -118,11 +122,19 @@ class ZeroLion(QFTLion):
         self._pending = None
         grad, finite = result()
         # `finite` is the same on every rank (the flag was summed in the reduce-scatter): a weight with a
-        # non-finite gradient anywhere is written by nobody, as on one device.
-        self._note_norm(grad, finite)  # the norm of this rank's slice
-        self._update(w, grad, self._clip_coef(self.prev_grad_norm), finite)
+        # non-finite gradient anywhere is written by nobody, as on one device. The norm carries it.
+        norm = self._note_norm(w, grad)
+        norm = torch.where(finite, norm, torch.full_like(norm, math.nan))
+        self._norms[-1] = (self._norms[-1][0], norm)
+        if not self._measuring:
+            self._update(w, grad, 1.0, norm, self._budget(w))
 
-    def _update(self, w, grad, coef, finite):
+    def _tensor_norm(self, grad):
+        """The whole weight's gradient norm from this rank's slice: the squares summed over ranks."""
+        sq = torch.linalg.vector_norm(grad, dtype=torch.float32).square().reshape(1)
+        return comm.all_reduce_sum(sq).sqrt().reshape(())
+
+    def _update(self, w, grad, coef, finite, budget=0.0):
         sh = self.shard_of(w)
         group = self._group_of[id(w)]
         st = self._qstate(w)
@@ -132,7 +144,7 @@ class ZeroLion(QFTLion):
                                grad, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
                                weight_decay=group["weight_decay"], rounding=self.rounding, seed=self.seed,
                                step=self.step_count, offset=w.global_offset + sh.lo, outlier_idx=idx,
-                               outlier_val=val, residual=w.residual, grad_scale=coef, finite=finite)
+                               outlier_val=val, residual=w.residual, grad_scale=coef, finite=finite, clip=budget)
         if self.zero_stage < 3:
             sh.gather_update()
 
@@ -144,10 +156,6 @@ class ZeroLion(QFTLion):
         if sq is not None:
             self._add_sq_shard(sq)
         return None
-
-    def _fused_sq(self):
-        sq = self._take_norms()  # this rank's slices; every rank reaches this with the same weights
-        return None if sq is None else comm.all_reduce_sum(sq.reshape(1).float()).reshape(())
 
     def _norm_now(self):
         if self._sq_shard is not None:  # every rank reaches this with the same weights: same collectives

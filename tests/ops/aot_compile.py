@@ -15,7 +15,7 @@ from qft_ds.ops.triton_backend import _next_pow2  # noqa: E402
 
 LION_ARGS = {"w_ptr": "*i8", "ws_ptr": "*fp32", "m_ptr": "*i8", "ms_ptr": "*fp32", "g_ptr": "*bf16", "r_ptr": "*i8",
              "ok_ptr": "*i1", "n": "i64", "lr": "fp32", "beta1": "fp32", "beta2": "fp32", "decay": "fp32",
-             "grad_scale": "fp32", "mix": "fp32", "g2": "fp32", "key": "i64", "offset": "i64"}
+             "grad_scale": "fp32", "mix": "fp32", "g2": "fp32", "key": "i64", "offset": "i64", "clip": "fp32"}
 OUTLIER_ARGS = {"oi_ptr": "*i32", "ov_ptr": "*fp32", "optr_ptr": "*i32"}
 
 
@@ -43,6 +43,13 @@ def configs():
     # the benchmark's shorter Philox (bench/lion_bandwidth.py sweeps philox_rounds)
     yield "lion 3d r0 outliers ok=norm rounds=7", tk.lion_kernel_3d, {**LION_ARGS, **OUTLIER_ARGS, "ok_ptr": "*fp32"}, \
         {"G": 128, "K": 2, "RM": 8, "ROUNDING": 0, "ROUNDS": 7, "OUTLIERS": True, "OB": 64, "OK_FLOAT": True}
+    # the fused flow's clipping budget, applied on the device from the norm
+    yield "lion 3d r0 outliers ok=norm clip", tk.lion_kernel_3d, {**LION_ARGS, **OUTLIER_ARGS, "ok_ptr": "*fp32"}, \
+        {"G": 128, "K": 2, "RM": 8, "ROUNDING": 0, "ROUNDS": 10, "OUTLIERS": True, "OB": 64, "OK_FLOAT": True,
+         "CLIP": True}
+    yield "lion 2pass G96 r0 ok=norm clip", tk.lion_kernel, {**LION_ARGS, "ok_ptr": "*fp32"}, \
+        {"G": 96, "GP2": 128, "RW": 32, "RWP2": 32, "B": 256, "RM": 12, "RMP2": 16, "ROUNDING": 0, "QUAD_RNG": True,
+         "ROUNDS": 10, "OK_FLOAT": True, "CLIP": True}
     yield "lion 2pass G96 r0 ok=norm", tk.lion_kernel, {**LION_ARGS, "ok_ptr": "*fp32"}, \
         {"G": 96, "GP2": 128, "RW": 32, "RWP2": 32, "B": 256, "RM": 12, "RMP2": 16, "ROUNDING": 0, "QUAD_RNG": True,
          "ROUNDS": 10, "OK_FLOAT": True}

@@ -379,3 +379,46 @@ def test_lion_layout_default_is_the_one_tile_kernel_where_it_fits(tb, monkeypatc
     for wblock in (128, 96):
         _run(be.lion_step, dev, _lion_inputs(4096 * 3 // 2 if wblock == 96 else 4096, wblock, seed=9), wblock, "sr")
     assert launched == [128]
+
+
+@pytest.mark.parametrize("layout,fused", [("2pass", False), ("3d", False), ("3d", True)])
+def test_lion_kernel_clip_budget_on_device_equals_the_host_scale(tb, layout, fused):
+    """A clipping budget with the gradient's norm on the device (the fused flow's per-tensor clip) writes
+    what the host-side grad_scale min(1, budget / norm) writes, outliers included; and what the reference
+    writes from the same budget."""
+    be, dev = tb
+    n = 4096 + 256
+    inputs = _lion_inputs(n, 128, seed=8)
+    idx = torch.tensor([0, 700, 2048, n - 1], dtype=torch.int32)
+    inputs[0][idx.long()] = 0
+    grad = inputs[4]
+    norm = grad.norm().reshape(())
+    budget = 0.3 * norm.item()  # clipping active: scale ~0.3
+    outs = []
+    for how in ("device", "host", "reference"):
+        val = torch.linspace(-0.5, 0.5, len(idx)).to(dev)
+        if how == "reference":
+            fn, d = (lambda *a, **k: ref.lion_step(*a, **k)), "cpu"
+            val = val.cpu()
+        else:
+            fn, d = (lambda *a, **k: be.lion_step(*a, layout=layout, fused_outliers=fused, **k)), dev
+        scale = {"grad_scale": 1.0}
+        if how == "host":
+            scale = {"grad_scale": ref.clip_scale(1.0, budget, norm.item())}
+        else:
+            scale.update(clip=budget, finite=norm.to(d))
+        wc, ws, mc, ms, g = (t.clone().to(d) for t in inputs)
+        fn(wc, ws, 128, mc, ms, 256, g, lr=3e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, rounding="sr",
+           seed=0, step=3, offset=1000, outlier_idx=idx.to(d), outlier_val=val, **scale)
+        outs.append([t.cpu() for t in (wc, ws, mc, ms, val)])
+    dev_out, host_out, ref_out = outs
+    for a, b in zip(dev_out, host_out):  # fp32 on the device vs fp64 on the host: a rounding flip at most
+        assert (a != b).float().mean() < 2e-3
+    m_exact = 0.99 * ref.dequantize_blockwise(inputs[2], inputs[3], 256) + 0.01 * 0.3 * grad
+    assert rel(ref.dequantize_blockwise(dev_out[2], dev_out[3], 256), m_exact) < 0.02
+    assert rel(ref.dequantize_blockwise(ref_out[2], ref_out[3], 256), m_exact) < 0.02
+    assert torch.allclose(dev_out[4], ref_out[4], atol=1e-7)  # outliers: exact fp32 in both
+    with pytest.raises(ValueError, match="norm"):
+        be.lion_step(*[t.clone().to(dev) for t in inputs[:2]], 128, *[t.clone().to(dev) for t in inputs[2:4]], 256,
+                     grad.to(dev), lr=3e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, rounding="sr", seed=0, step=3,
+                     offset=0, clip=1.0, finite=torch.tensor(True, device=dev))

@@ -21,4 +21,4 @@ def test_update_lands_one_hook_later_and_step_flushes_the_last():
     opt.step()
     assert opt._pending is None and not torch.equal(weights[1].codes, before[1])
     expected = sum(gr.double().square().sum() for gr in grads).sqrt().item()
-    assert len(opt._finite_flags) == 0 and abs(opt.prev_grad_norm - expected) < 1e-5 * expected
+    assert len(opt._norms) == 0 and abs(opt.prev_grad_norm - expected) < 1e-5 * expected
