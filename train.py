@@ -53,7 +53,12 @@ def parse_args(argv=None):
                    help="instruction data: held-out rows (default: the last 5%% of --dataset's rows)")
     p.add_argument("--output_dir", default=None, help="default: runs/<timestamp>")
     p.add_argument("--max_steps", type=int, default=None,
-                   help="stop early; the LR schedule's horizon still comes from the config")
+                   help="optimizer steps of the run, and the LR schedule's horizon (the config's "
+                        "scheduler.params.total_num_steps is replaced; its warm-up is kept). Default: the config's "
+                        "total_num_steps; resuming: the checkpoint's run's")
+    p.add_argument("--stop_at", type=int, default=None, metavar="STEP",
+                   help="end this session after step STEP (and save), the schedule still spanning --max_steps: "
+                        "resume later to finish")
     p.add_argument("--seq_len", type=int, default=128,
                    help="text: block length; instruction data: the longest example (longer ones are cut)")
     p.add_argument("--eval_blocks", type=int, default=16,
@@ -69,6 +74,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.save_every < 0:
         p.error(f"--save_every must be >= 0, got {args.save_every}")
+    for name in ("max_steps", "stop_at"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     return args
 
 
@@ -95,9 +103,33 @@ class StopFlag:
             signal.signal(s, h)
 
 
-def schedule_horizon(config_path: str) -> int | None:
-    sched = json.loads(Path(config_path).read_text()).get("scheduler") or {}
-    return (sched.get("params") or {}).get("total_num_steps")
+def schedule_steps(ds: dict, max_steps: int | None, saved: int | None = None) -> tuple[int, str | None]:
+    """The run's optimizer steps, written into the config `ds` as its LR schedule's horizon; and a note.
+
+    --max_steps sets both. Without it, a resumed run keeps its checkpoint's horizon (`saved`) and a new run
+    takes the config's scheduler.params.total_num_steps. The warm-up stays as the config gives it."""
+    params = (ds.get("scheduler") or {}).get("params") or {}
+    steps = max_steps or saved or params.get("total_num_steps")
+    if not steps:
+        sys.exit("no step count: pass --max_steps, or set scheduler.params.total_num_steps in the config")
+    note = None
+    if "total_num_steps" in params:  # WarmupCosineLR, WarmupDecayLR: the schedule's horizon
+        params["total_num_steps"] = steps
+        warmup = params.get("warmup_num_steps", 1000)  # DeepSpeed's default
+        if warmup >= steps:
+            note = (f"the run's {steps} steps end within the config's {warmup}-step warm-up, so the lr never "
+                    "reaches its peak (lower scheduler.params.warmup_num_steps for short runs)")
+    return steps, note
+
+
+def saved_horizon(path) -> int | None:
+    """The LR schedule's horizon of a checkpoint's run (its saved config), if it can be read."""
+    from qft_ds import checkpoint
+    try:
+        meta = checkpoint.read_meta(checkpoint.resolve(path), verify=False)
+    except checkpoint.CheckpointError:
+        return None  # resume() says what is wrong with it
+    return (((meta.get("ds_config") or {}).get("scheduler") or {}).get("params") or {}).get("total_num_steps")
 
 
 def resume(args, engine, optimizer, data_key: dict) -> tuple[int, dict]:
@@ -246,22 +278,25 @@ def main(argv=None):
     model, tokenizer = hub.load_model_and_tokenizer(args.model)
     data = load_data(args, tokenizer)
 
-    engine, optimizer, _, scheduler = qft_ds.initialize(model=model, config=args.deepspeed, progress=True)
+    ds_config = qft_ds.config.load_ds_config(args.deepspeed)
+    saved = saved_horizon(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
+    steps, schedule_note = schedule_steps(ds_config, args.max_steps, saved)  # rewrites the schedule's horizon
+    end = steps if args.stop_at is None else args.stop_at
+    if end > steps:
+        sys.exit(f"--stop_at {end} is beyond the run's {steps} steps")
+    engine, optimizer, _, scheduler = qft_ds.initialize(model=model, config=ds_config, progress=True)
     cfg = engine.qft_config
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
-    horizon = schedule_horizon(args.deepspeed)
-    steps = min(x for x in (horizon, args.max_steps) if x is not None) if (horizon or args.max_steps) else None
-    if steps is None:
-        sys.exit("no step count: set scheduler.params.total_num_steps in the config, or --max_steps")
 
     data_key = {"dataset": args.dataset, "format": data.format, "seq_len": args.seq_len, "micro_batch": micro,
                 "world_size": world, "seed": cfg.seed}
     start_step, resumed = 0, {}
     if args.resume_from_checkpoint:
         start_step, resumed = resume(args, engine, optimizer, data_key)
-        if start_step >= steps:
-            sys.exit(f"--resume_from_checkpoint: the checkpoint is at step {start_step}, the run ends at {steps}; "
-                     "raise --max_steps (or the config's total_num_steps) to train further")
+        if start_step >= end:
+            sys.exit(f"--resume_from_checkpoint: the checkpoint is at step {start_step} and the run ends at {end}; "
+                     f"to train further, pass --max_steps above {start_step} (it also sets the LR schedule's "
+                     "horizon)" + (", or a later --stop_at" if end < steps else ""))
     out_dir = Path(args.output_dir or _resume_dir(args.resume_from_checkpoint)
                    or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0:
@@ -275,12 +310,16 @@ def main(argv=None):
         print(f"data: {data.summary}")
         if start_step:
             print(f"resumed at step {start_step} from {args.resume_from_checkpoint}")
+        print(f"steps: {steps} (the LR schedule's horizon)" + (f", stopping at {end}" if end < steps else "") +
+              (f"; the checkpoint's run had {saved}: the lr from step {start_step + 1} follows the new horizon"
+               if start_step and saved and saved != steps else ""))
+        if schedule_note:
+            print(f"note: {schedule_note}")
     eval_start = evaluate(engine, data, micro)
     if rank == 0:
         print(f"held-out loss before: {eval_start:.4f}")
 
     from qft_ds import checkpoint, monitor
-    ds_config = qft_ds.config.load_ds_config(args.deepspeed)
     tokens, prior_s = resumed.get("tokens", 0), resumed.get("seconds", 0.0)
 
     def save(step):
@@ -295,8 +334,8 @@ def main(argv=None):
     session_tokens, t0, step, skipped_before = 0, time.time(), start_step, 0
     stop = StopFlag()
     try:
-        bar = tqdm(range(start_step, steps), desc="qft", unit="step", disable=rank != 0, initial=start_step,
-                   total=steps)
+        bar = tqdm(range(start_step, end), desc="qft", unit="step", disable=rank != 0, initial=start_step,
+                   total=end)
         for step in bar:
             loss_sum, lr = 0.0, optimizer.param_groups[0]["lr"]  # the lr this step uses
             step_tokens = 0
@@ -329,23 +368,23 @@ def main(argv=None):
                 if metrics:
                     metrics.close()
                 sys.exit(128 + signum)  # non-zero: the run did not finish
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < end:
                 save(step + 1)
     finally:
         stop.restore()
     if args.save_final:
-        save(steps)
+        save(end)
     eval_end = evaluate(engine, data, micro)
     if rank == 0:
         metrics.close()
-        summary = {"model": args.model, "dataset": args.dataset, "steps": steps, "eval_start": eval_start,
+        summary = {"model": args.model, "dataset": args.dataset, "steps": end, "eval_start": eval_start,
                    "eval_end": eval_end, "tokens": tokens, "seconds": prior_s + time.time() - t0,
                    "peak_gib": peak_memory_gib(engine.device), "state": model_state(engine, optimizer),
                    **{k: v for k, v in step_stats(engine, optimizer, skipped_before).items()
                       if k in ("skipped_steps", "partial_steps")},
                    "state_sha256": checkpoint.state_hash(engine.module, optimizer), "config": args.deepspeed}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"held-out loss: {eval_start:.4f} -> {eval_end:.4f}   ({steps} steps, {tokens:,} tokens, "
+        print(f"held-out loss: {eval_start:.4f} -> {eval_end:.4f}   ({end} steps, {tokens:,} tokens, "
               f"{summary['seconds']:.0f} s)   metrics: {out_dir / 'metrics.jsonl'}")
 
 

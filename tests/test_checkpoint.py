@@ -42,7 +42,7 @@ def test_resume_is_bit_exact(tiny_model_dir, tiny_text_file, tmp_path, monkeypat
     cfg = write_config(tmp_path, gradient_accumulation_steps=gas)
     straight, split = tmp_path / "straight", tmp_path / "split"
     run_train(cfg, tiny_model_dir, tiny_text_file, straight, "--max_steps", "6")
-    run_train(cfg, tiny_model_dir, tiny_text_file, split, "--max_steps", "4")
+    run_train(cfg, tiny_model_dir, tiny_text_file, split, "--max_steps", "6", "--stop_at", "4")
     assert (split / "latest").read_text().strip() == "checkpoint-4"
     run_train(cfg, tiny_model_dir, tiny_text_file, tmp_path / "ignored", "--max_steps", "6",
               "--resume_from_checkpoint", str(split), "--output_dir", str(split))

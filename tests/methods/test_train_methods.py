@@ -41,7 +41,7 @@ def test_peqa_resume_is_exact(tiny_model_dir, tiny_text_file, tmp_path, monkeypa
     monkeypatch.setenv("QFT_DS_CACHE", str(tmp_path / "cache"))
     cfg = write_config(tmp_path, "peqa", 3e-2)
     straight = run(cfg, tiny_model_dir, tiny_text_file, tmp_path / "a", "--max_steps", "6")
-    run(cfg, tiny_model_dir, tiny_text_file, tmp_path / "b", "--max_steps", "4")
+    run(cfg, tiny_model_dir, tiny_text_file, tmp_path / "b", "--max_steps", "6", "--stop_at", "4")
     resumed = run(cfg, tiny_model_dir, tiny_text_file, tmp_path / "b", "--max_steps", "6",
                   "--resume_from_checkpoint", str(tmp_path / "b"))
     assert resumed["state_sha256"] == straight["state_sha256"]
