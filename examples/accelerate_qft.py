@@ -1,9 +1,10 @@
 """Fine-tune with QFT in a plain accelerate loop, DeepSpeed plugin pointing at ds_configs/qft_hf.json:
 
-    accelerate launch --use_deepspeed --deepspeed_config_file ds_configs/qft_hf.json \\
+    accelerate launch --num_processes 1 --use_deepspeed --deepspeed_config_file ds_configs/qft_hf.json \\
         examples/accelerate_qft.py --model PATH_OR_ID --text my.txt
 
-(or pass --deepspeed_config here to build the plugin in-process, as the CPU test does). `import qft_ds`
+(`--num_processes`: one per GPU; without it accelerate fails on a CPU machine with a bare AssertionError.
+Or pass --deepspeed_config here to build the plugin in-process, as the CPU test does.) `import qft_ds`
 routes accelerate's `deepspeed.initialize` to qft_ds. The config's "optimizer" section makes accelerate
 want a DummyOptim, whose lr and weight decay fill the "auto" values; accelerate fills the micro-batch
 size from the dataloader and clipping from the plugin.

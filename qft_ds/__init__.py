@@ -15,6 +15,7 @@ if _ilu.find_spec("qft_ds.ops") is None:  # a source checkout on PYTHONPATH: map
     ops = _mod
 
 from qft_ds.config import QFTConfig  # noqa: E402
+from qft_ds import launch_env as _launch_env  # noqa: E402
 from qft_ds.engine import initialize, install_deepspeed_hook  # noqa: E402
 from qft_ds.nn import QEmbedding, QLinear, convert_model, quantized_weights  # noqa: E402
 from qft_ds.optim import QFTLion  # noqa: E402
@@ -25,3 +26,4 @@ __all__ = ["initialize", "QFTConfig", "QFTLion", "QTensor", "HybridWeight", "QLi
            "convert_model", "quantized_weights"]
 
 install_deepspeed_hook()
+_launch_env.skip_cpu_shm_build()  # decides when DeepSpeed would build it: see launch_env

@@ -7,9 +7,9 @@ user's script, HF Trainer, TRL, an in-process accelerate loop. `qft_ds.initializ
 
 - `lone_process_env()`: when neither RANK nor WORLD_SIZE is set, set the five variables (a free
   MASTER_PORT, never a fixed one: two jobs on one machine would collide); values already set are kept;
-- `skip_cpu_shm_build()`: on the CPU, DeepSpeed JIT-builds its shared-memory allreduce op
-  (`deepspeed_shm_comm`) in every process that starts its distributed layer: minutes on a first launch.
-  One process needs no allreduce, so the build is skipped; with several, one line says it is building.
+- `skip_cpu_shm_build()` (also run at `import qft_ds`): on the CPU, DeepSpeed JIT-builds its shared-memory
+  allreduce op (`deepspeed_shm_comm`) in every process that starts its distributed layer: minutes on a first
+  launch. One process needs no allreduce, so the build is skipped; with several, one line says it is building.
 """
 from __future__ import annotations
 
@@ -67,22 +67,24 @@ def _shm_op_cached() -> bool:
 
 
 def skip_cpu_shm_build() -> None:
-    """On the CPU: skip DeepSpeed's shm op build for one process; say so when several will build it."""
-    if not _on_cpu():
-        return
+    """Wrap DeepSpeed's shm op build, deciding when it runs: on the CPU one process skips it, several print one
+    line first (when it is not cached yet). Installed at `import qft_ds`, so it also covers launchers
+    (`accelerate launch`) whose processes start DeepSpeed's distributed layer before `deepspeed.initialize`."""
     mod = _shm_module()
     real = getattr(mod, "build_shm_op", None)
     if real is None or getattr(real, "_qft_wrapped", False):
         return
-    if os.environ.get("WORLD_SIZE", "1") == "1":
-        def build_shm_op():
-            return None  # one process: nothing to all-reduce across
-    else:
-        def build_shm_op():
-            if os.environ.get("LOCAL_RANK", "0") == "0" and not _shm_op_cached():
-                print("qft_ds: DeepSpeed is building its deepspeed_shm_comm op for CPU allreduce (a JIT build: "
-                      "minutes on a first launch, cached after in TORCH_EXTENSIONS_DIR)", file=sys.stderr, flush=True)
+
+    def build_shm_op():
+        if not _on_cpu():
             return real()
+        if os.environ.get("WORLD_SIZE", "1") == "1":
+            return None  # one process: nothing to all-reduce across
+        if os.environ.get("LOCAL_RANK", "0") == "0" and not _shm_op_cached():
+            print("qft_ds: DeepSpeed is building its deepspeed_shm_comm op for CPU allreduce (a JIT build: "
+                  "minutes on a first launch, cached after in TORCH_EXTENSIONS_DIR)", file=sys.stderr, flush=True)
+        return real()
+
     build_shm_op._qft_wrapped = True
     mod.build_shm_op = build_shm_op
 
