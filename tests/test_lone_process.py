@@ -112,3 +112,20 @@ def test_train_py_runs_under_plain_python(tiny_model_dir, tiny_text_file, tmp_pa
                "--max_steps", "2", "--seq_len", "16", "--eval_blocks", "2", "--no-save_final"], tmp_path,
               clean_env(QFT_DS_CACHE=str(tmp_path / "cache")))
     assert "held-out loss:" in out
+
+
+def test_shm_op_build_is_skipped_for_one_cpu_process_and_announced_for_several(monkeypatch, capsys):
+    import qft_ds  # noqa: F401  (installs the wrapper)
+    mod = sys.modules["deepspeed.comm.torch"]
+    assert getattr(mod.build_shm_op, "_qft_wrapped", False)
+    calls = []
+    monkeypatch.setattr(mod, "build_shm_op", lambda: calls.append(1) or "op")
+    launch_env.skip_cpu_shm_build()  # wraps this stand-in for DeepSpeed's builder
+    monkeypatch.setattr(launch_env, "_on_cpu", lambda: True)
+    monkeypatch.setattr(launch_env, "_shm_op_cached", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert mod.build_shm_op() is None and not calls and capsys.readouterr().err == ""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert mod.build_shm_op() == "op" and calls == [1]
+    assert "building its deepspeed_shm_comm op" in capsys.readouterr().err
