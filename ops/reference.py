@@ -173,8 +173,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     y = (_blocks(w, w_block) * inv[:, None]).reshape(-1)[: w.numel()]
     key = rng_key(seed, step, STREAM_WEIGHT)
     q = round_codes(y, rounding, key, offset)
-    if residual is not None:
-        residual.copy_(torch.round((y - q.float()) * 254.0).clamp_(-QMAX, QMAX).to(torch.int8))
+    if residual is not None:  # the carry, stochastically rounded: unbiased at any lr (see triton_kernels._ef_carry)
+        residual.copy_(round_codes((y - q.float()) * 254.0, "sr", key, offset))
     w_codes.copy_(q)
     w_scales.copy_(new_scales)
 

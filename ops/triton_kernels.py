@@ -134,6 +134,14 @@ def _clip_scalars(norm_ptr, clip, grad_scale, beta1, beta2):
 
 
 @triton.jit
+def _ef_carry(y, q, bits):
+    """Error feedback's int8 carry, (y - q) in units of s/254, stochastically rounded (low 15 bits of the
+    draw): unbiased at any lr. Rounded to nearest, an update below s/508 (lr 1e-5 on a group of absmax
+    0.65, or any warm-up's first steps) was lost every step. |y - q| <= 1/2, so no clamp is needed."""
+    return _sr_codes((y - q) * 254.0, 32768.0, bits, False)
+
+
+@triton.jit
 def _round(y, u, ROUNDING: tl.constexpr):
     """y in units of the scale -> codes as float; u: uniforms (used by SR only)."""
     if ROUNDING == 0:
@@ -262,10 +270,12 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
         q = _round(y, 0.0, ROUNDING)
     tl.store(w_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(ws_ptr + grow, s_new, mask=rmask)
-    if ROUNDING == 2:
-        r = (y - q) * 254.0
-        r = tl.where(r >= 0, tl.floor(r + 0.5), -tl.floor(-r + 0.5))
-        tl.store(r_ptr + offs, tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8), mask=mask)
+    if ROUNDING == 2:  # the weight was rounded to nearest: its draws' low bits round the carry
+        if QUAD_RNG:
+            bits = _bits_rows(key, start + offset, RWP2, G, GP2, ROUNDS)
+        else:
+            bits = _bits(key, offs + offset, ROUNDS)
+        tl.store(r_ptr + offs, _ef_carry(y, q, bits), mask=mask)
     # ---- momentum: rows are blocks of B
     rm = tl.arange(0, RMP2)
     cb = tl.arange(0, B)
@@ -365,9 +375,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     tl.store(w_ptr + start + local, q.to(tl.int8), mask=mask)
     tl.store(ws_ptr + start // G + glocal, s_new, mask=gmask)
     if ROUNDING == 2:
-        r = (y - q) * 254.0
-        r = tl.where(r >= 0, tl.floor(r + 0.5), -tl.floor(-r + 0.5))
-        tl.store(r_ptr + start + local, tl.minimum(tl.maximum(r, -127.0), 127.0).to(tl.int8), mask=mask)
+        tl.store(r_ptr + start + local, _ef_carry(y, q, bits), mask=mask)
     if OUTLIERS:  # an outlier's dense code stays 0 (and its EF carry): after the tile's store, same CTA
         tl.debug_barrier()
         for j in range(o_lo, o_hi, OB):

@@ -422,3 +422,29 @@ def test_lion_kernel_clip_budget_on_device_equals_the_host_scale(tb, layout, fus
         be.lion_step(*[t.clone().to(dev) for t in inputs[:2]], 128, *[t.clone().to(dev) for t in inputs[2:4]], 256,
                      grad.to(dev), lr=3e-4, beta1=0.9, beta2=0.99, weight_decay=0.1, rounding="sr", seed=0, step=3,
                      offset=0, clip=1.0, finite=torch.tensor(True, device=dev))
+
+
+@pytest.mark.parametrize("layout", ["2pass", "3d"])
+def test_error_feedback_moves_by_lr_on_average_where_an_update_is_a_fraction_of_its_carry_step(tb, layout):
+    """lr = 0.2 of the carry's step s/254: a carry rounded to nearest never moved (the update was lost
+    every step); stochastically rounded, weight + carry moves by -lr on average, in kernel and reference."""
+    be, dev = tb
+    n, wblock = 8192, 128
+    g = torch.Generator().manual_seed(11)
+    wc, ws = ref.quantize_blockwise(torch.randn(n, generator=g) * 0.02, wblock)
+    lr = 0.2 * ws.min().item() / 254
+    moves = {}
+    for name, fn, d in (("kernel", lambda *a, **k: be.lion_step(*a, layout=layout, **k), dev),
+                        ("reference", ref.lion_step, "cpu")):
+        w_codes, w_scales = wc.clone().to(d), ws.clone().to(d)
+        m_codes, m_scales = torch.zeros(n, dtype=torch.int8, device=d), torch.zeros(n // 256, device=d)
+        res = torch.zeros(n, dtype=torch.int8, device=d)
+        before = ref.dequantize_blockwise(wc, ws, wblock)
+        for step in range(5):  # a positive gradient: every element steps by -lr
+            fn(w_codes, w_scales, wblock, m_codes, m_scales, 256, torch.ones(n, device=d), lr=lr, beta1=0.9,
+               beta2=0.99, weight_decay=0.0, rounding="ef", seed=0, step=step, offset=0, residual=res)
+        s = w_scales.cpu()
+        after = ref.dequantize_blockwise(w_codes.cpu(), s, wblock) + ref.dequantize_blockwise(res.cpu(), s / 254, wblock)
+        moves[name] = (after - before).mean().item() / (5 * lr)
+    assert moves["kernel"] == pytest.approx(-1.0, abs=0.05)
+    assert moves["reference"] == pytest.approx(-1.0, abs=0.05)
