@@ -20,7 +20,9 @@ the engine checked the loss on the device, commits a8c2087-e5feaf7; the engine's
 since, bench/NOTES.md); qft_jit is qft with every Triton
 kernel launched through Triton's JIT (QFT_DS_TRITON_LAUNCH=jit) instead of directly (ops/triton_launch.py);
 qft_nonreentrant is qft with `qft.checkpoint_reentrant: false` (torch's non-reentrant checkpoint, HF's default,
-which the baselines use); fp32_adamw_reentrant is fp32_adamw with the reentrant checkpoint that qft uses.
+which the baselines use); fp32_adamw_reentrant is fp32_adamw with the reentrant checkpoint that qft uses;
+qft_noclip is qft without gradient clipping and qft_two_pass qft with `qft.clip_mode: two_pass` (a norm-only
+backward every step): with qft (per-tensor clipping budgets, a norm pass at step 0 only) they price clipping.
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ SHAPES = {
     "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, batch=2, seq=64),
 }
-METHODS = ["qft", "qft_unfused", "qft_2pass", "qft_sync", "qft_jit", "qft_nonreentrant", "qft_torch", "fp32_adamw", "fp32_adamw_reentrant", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
+METHODS = ["qft", "qft_noclip", "qft_two_pass", "qft_unfused", "qft_2pass", "qft_sync", "qft_jit", "qft_nonreentrant", "qft_torch", "fp32_adamw", "fp32_adamw_reentrant", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
 
 
 def build(shape, dtype, device, reentrant=False):
@@ -63,12 +65,12 @@ def build(shape, dtype, device, reentrant=False):
     return model
 
 
-def qft_config(backend, batch, fuse=True, reentrant=True):
-    return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+def qft_config(backend, batch, fuse=True, reentrant=True, clip=1.0, clip_mode="budget"):
+    return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
             "bf16": {"enabled": True}, "steps_per_print": 10**9,
             "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
             "qft": {"backend": backend, "gradient_checkpointing": True, "fuse_projections": fuse,
-                    "fuse_norms": fuse, "checkpoint_reentrant": reentrant}}
+                    "fuse_norms": fuse, "checkpoint_reentrant": reentrant, "clip_mode": clip_mode}}
 
 
 def method_env(method: str) -> None:
@@ -94,7 +96,8 @@ def setup(method, shape, dev):
         fuse = method != "qft_unfused"
         qft_ds.convert_model(model, compute_dtype=torch.bfloat16, device=dev, fuse_projections=fuse)
         engine, opt, _, _ = qft_ds.initialize(model=model, config=qft_config(
-            "torch" if method == "qft_torch" else "auto", batch, fuse, reentrant=method != "qft_nonreentrant"))
+            "torch" if method == "qft_torch" else "auto", batch, fuse, reentrant=method != "qft_nonreentrant",
+            clip=0.0 if method == "qft_noclip" else 1.0, clip_mode="two_pass" if method == "qft_two_pass" else "budget"))
 
         sync = method == "qft_sync"
 
