@@ -29,16 +29,17 @@ _TORCH_NAMES = {"reduce_scatter_tensor": ("reduce_scatter_single", "reduce_scatt
 
 
 # -- the group -------------------------------------------------------------------------------------
-def _initialized() -> bool:
+def is_initialized() -> bool:
+    """A process group exists (of any size)."""
     return dist.is_available() and dist.is_initialized()
 
 
 def world_size() -> int:
-    return dist.get_world_size() if _initialized() else 1
+    return dist.get_world_size() if is_initialized() else 1
 
 
 def rank() -> int:
-    return dist.get_rank() if _initialized() else 0
+    return dist.get_rank() if is_initialized() else 0
 
 
 def is_distributed() -> bool:
@@ -49,7 +50,7 @@ def is_distributed() -> bool:
 def served_device_types() -> tuple[str, ...]:
     """The device types the default group's backend takes tensors of, preferred first ("cpu" without a
     group). A backend string naming devices ("cuda:gloo", "cpu:gloo,cuda:nccl") is taken as written."""
-    if not _initialized():
+    if not is_initialized():
         return ("cpu",)
     name = str(dist.get_backend())
     if ":" in name:

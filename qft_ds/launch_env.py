@@ -91,8 +91,8 @@ def skip_cpu_shm_build() -> None:
 
 def prepare_process() -> None:
     """Call before DeepSpeed's distributed init: lone-process variables, then the CPU shm op choice."""
-    import torch
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    from qft_ds import comm
+    if comm.is_initialized():
         return  # the caller (a launcher, Trainer, accelerate) has set up the processes already
     lone_process_env()
     skip_cpu_shm_build()

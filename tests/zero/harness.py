@@ -81,7 +81,7 @@ def data_steps(model, opt, rank, world, steps, batch=8, seq=16):
         for _ in range(micro):
             x = torch.randint(0, 128, (batch, seq), generator=g)
             per = batch // world
-            xb = x[rank * per:(rank + 1) * per]
+            xb = x[rank * per:(rank + 1) * per].to(model.device)
             loss = model(input_ids=xb, labels=xb).loss
             (loss / micro).backward()
             losses.append(loss.item())
