@@ -28,7 +28,9 @@ import copy
 import gc
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -44,6 +46,9 @@ WEIGHT_DECAY = {"fp32_adamw": 0.01, "peqa": 0.0, "qst": 0.0, "lora": 0.0}  # Lio
 DEFAULT_GRID = {"fp32_adamw": [1e-4, 3e-4, 1e-3], "fp32_lion": [2e-5, 5e-5, 1e-4], "qft": [5e-5, 1e-4, 2e-4],
                 "peqa": [2e-4, 5e-4, 1e-3], "qst": [3e-3, 1e-2, 3e-2], "lora": [1e-3, 3e-3, 1e-2]}
 METHODS = ("fp32_adamw", "fp32_lion", "qft", "qft_rtn", "qft_ef", "peqa", "qst", "lora")
+# qft's "qft" config section per variant (qft: the defaults; qft_stack is bench/qa_fidelity.py's)
+QFT_VARIANTS = {"qft": {"rounding": "sr"}, "qft_rtn": {"rounding": "rtn"}, "qft_ef": {"rounding": "ef"},
+                "qft_stack": {"rounding": "sr", "flow": "stack"}}
 VALIDATION_PLAY = "as_you_like_it"
 
 
@@ -88,7 +93,7 @@ def ds_config(method, lr, seed, args):
         if method == "qst":
             cfg["qft"].update(r=16, downsample="adapter", adapter_rank=16)
     else:
-        cfg["qft"] = {"rounding": {"qft": "sr", "qft_rtn": "rtn", "qft_ef": "ef"}[method], "seed": seed}
+        cfg["qft"] = {**QFT_VARIANTS[method], "seed": seed}
     return cfg
 
 
@@ -113,78 +118,122 @@ def evaluate(model, blocks, bsz, autocast):
     return total / len(blocks)
 
 
-def run_one(spec, base_model, train_blocks, eval_blocks, val_blocks, args):
+@dataclass
+class Trainer:
+    """One method's model and optimizer, ready to train. ``fwd`` is what computes losses: the DeepSpeed engine
+    (qft_ds computes in bf16 itself) or the plain model (``autocast``: the caller runs it under bf16 autocast).
+    ``step(batch)`` takes one optimizer step on a batch of model keyword arguments (labels included) and
+    returns the loss."""
+    method: str
+    fwd: torch.nn.Module
+    opt: object
+    autocast: bool
+    step: Callable[[dict], torch.Tensor]
+
+    def trainable_params(self) -> int:
+        return sum(p.numel() for p in self.fwd.parameters() if p.requires_grad)
+
+    def state_bytes_per_param(self) -> float | None:
+        if self.method.startswith("qft"):
+            return self.opt.state_nbytes()["bytes_per_quantized_param"]
+        if self.method in ("peqa", "qst"):
+            from qft_ds.methods.setup import state_nbytes
+            return state_nbytes(self.fwd.module, self.opt)["bytes_per_quantized_param"]
+        return None
+
+
+def build_trainer(method, lr, seed, base_model, args) -> Trainer:
+    """A copy of ``base_model`` set up for ``method`` (``args``: bsz, steps, warmup). Peak memory is reset at
+    the end, so that it counts training with the model state resident, not a conversion's transient copy."""
     import qft_ds
-    from qft_ds.textdata import batches
-    method, lr, seed = spec.split(":")
-    lr, seed = float(lr), int(seed)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(seed)
     model = copy.deepcopy(base_model).to(dev)
     if method == "lora":
         model = lora_model(model)
     if method.startswith("qft") or method in ("peqa", "qst"):
-        engine, opt, _, sched = qft_ds.initialize(model=model, config=ds_config(method, lr, seed, args))
-        fwd, autocast = engine, False  # qft_ds computes in bf16 itself
+        engine, opt, _, _ = qft_ds.initialize(model=model, config=ds_config(method, lr, seed, args))
 
-        def train_step(x):
-            loss = engine(input_ids=x, labels=x).loss
+        def step(batch):
+            loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
             return loss
+        trainer = Trainer(method, engine, opt, False, step)
     else:
         wd = WEIGHT_DECAY.get(method, 0.1)
+        trainable = [p for p in model.parameters() if p.requires_grad]
         if method in ("fp32_adamw", "lora"):
-            trainable = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.AdamW(trainable, lr=lr, weight_decay=wd, fused=dev == "cuda")
         else:
             opt = FP32Lion(model.parameters(), lr=lr, weight_decay=wd)
-        sched, fwd, autocast = schedule(opt, args.steps, args.warmup), model, True
+        sched = schedule(opt, args.steps, args.warmup)
 
-        def train_step(x):
+        def step(batch):
             with torch.autocast(dev, torch.bfloat16):
-                loss = model(input_ids=x, labels=x).loss
+                loss = model(**batch).loss
             loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             return loss
+        trainer = Trainer(method, model, opt, True, step)
     gc.collect()  # the full-precision weights a conversion replaced
     if dev == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()  # from here: training's peak, with the model state resident
-    curve = [(0, evaluate(fwd, eval_blocks, args.bsz, autocast))]
-    val_curve = [(0, evaluate(fwd, val_blocks, args.bsz, autocast))]
-    data = batches(train_blocks, args.bsz, seed=seed)
-    train_time, losses = 0.0, []
-    untimed = min(5, args.steps // 10)  # the first steps compile kernels and warm the allocator
-    for step in range(1, args.steps + 1):
-        x = next(data).to(dev)
+    return trainer
+
+
+def train_loop(trainer: Trainer, data: Iterator[dict], steps: int, eval_every: int,
+               on_eval: Callable[[int, list[float]], None], tokens: Callable[[dict], int]) -> dict:
+    """``steps`` optimizer steps on ``data`` (dicts of CPU tensors), calling ``on_eval(step, losses)`` every
+    ``eval_every`` steps and at the end. The first steps compile kernels and warm the allocator, so they are
+    not timed; ``tokens(batch)`` counts a batch's tokens for the speed. Returns the losses and the speed."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    train_time, timed_tokens, losses = 0.0, 0, []
+    untimed = min(5, steps // 10)
+    for step in range(1, steps + 1):
+        batch = {k: v.to(dev) for k, v in next(data).items()}
         if dev == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        loss = train_step(x)
+        loss = trainer.step(batch)
         losses.append(loss.item())  # syncs
         if step > untimed:
             train_time += time.perf_counter() - t0
-        if step % args.eval_every == 0 or step == args.steps:
-            curve.append((step, evaluate(fwd, eval_blocks, args.bsz, autocast)))
-            val_curve.append((step, evaluate(fwd, val_blocks, args.bsz, autocast)))
-            print(f"  {spec:>18} step {step:4d}  train {sum(losses[-25:]) / len(losses[-25:]):.4f}  "
-                  f"val {val_curve[-1][1]:.4f}  held-out {curve[-1][1]:.4f}", flush=True)
-    last = losses[-25:]
+            timed_tokens += tokens(batch)
+        if step % eval_every == 0 or step == steps:
+            on_eval(step, losses)
+    return {"losses": losses, "tok_s": timed_tokens / train_time if train_time else float("nan")}
+
+
+def run_one(spec, base_model, train_blocks, eval_blocks, val_blocks, args):
+    from qft_ds.textdata import batches
+    method, lr, seed = spec.split(":")
+    lr, seed = float(lr), int(seed)
+    trainer = build_trainer(method, lr, seed, base_model, args)
+    fwd, autocast = trainer.fwd, trainer.autocast
+    curve = [(0, evaluate(fwd, eval_blocks, args.bsz, autocast))]
+    val_curve = [(0, evaluate(fwd, val_blocks, args.bsz, autocast))]
+
+    def on_eval(step, losses):
+        curve.append((step, evaluate(fwd, eval_blocks, args.bsz, autocast)))
+        val_curve.append((step, evaluate(fwd, val_blocks, args.bsz, autocast)))
+        print(f"  {spec:>18} step {step:4d}  train {sum(losses[-25:]) / len(losses[-25:]):.4f}  "
+              f"val {val_curve[-1][1]:.4f}  held-out {curve[-1][1]:.4f}", flush=True)
+    data = ({"input_ids": x, "labels": x} for x in batches(train_blocks, args.bsz, seed=seed))
+    out = train_loop(trainer, data, args.steps, args.eval_every, on_eval, lambda b: b["input_ids"].numel())
+    last = out["losses"][-25:]
     row = {"method": method, "lr": lr, "seed": seed, "eval_start": curve[0][1], "eval_end": curve[-1][1],
            "eval_curve": curve, "val_start": val_curve[0][1], "val_end": val_curve[-1][1], "val_curve": val_curve,
            "train_loss_last25": sum(last) / len(last), "peak_gib": common.peak_gib(),
-           "tok_s": (args.steps - untimed) * args.bsz * args.seq / train_time, "gpu_shared_by": args.gpu_shared_by,
-           "trainable_params": sum(p.numel() for p in fwd.parameters() if p.requires_grad)}
-    if method.startswith("qft"):
-        row["state_bytes_per_param"] = opt.state_nbytes()["bytes_per_quantized_param"]
-    elif method in ("peqa", "qst"):
-        from qft_ds.methods.setup import state_nbytes
-        row["state_bytes_per_param"] = state_nbytes(fwd.module, opt)["bytes_per_quantized_param"]
-    del model, opt, fwd
+           "tok_s": out["tok_s"], "gpu_shared_by": args.gpu_shared_by,
+           "trainable_params": trainer.trainable_params()}
+    if trainer.state_bytes_per_param() is not None:
+        row["state_bytes_per_param"] = trainer.state_bytes_per_param()
+    del trainer, fwd
     return row
 
 
@@ -198,19 +247,33 @@ def load_data(args):
     return model, train, held, val, splits
 
 
-def grid_runs(specs, seeds) -> list[str]:
-    """`METHOD=LR,LR,...` or `METHOD` (its DEFAULT_GRID) -> METHOD:LR:SEED run specs."""
+def grid_runs(specs, seeds, methods=METHODS, default_grid=None) -> list[str]:
+    """`METHOD=LR,LR,...` or `METHOD` (its default grid) -> METHOD:LR:SEED run specs."""
+    default_grid = DEFAULT_GRID if default_grid is None else default_grid
     runs = []
     for spec in specs:
         method, _, lrs = spec.partition("=")
-        if method not in METHODS:
-            raise SystemExit(f"--lrs: unknown method {method!r}; choose from {', '.join(METHODS)}")
+        if method not in methods:
+            raise SystemExit(f"--lrs: unknown method {method!r}; choose from {', '.join(methods)}")
         try:
-            grid = [float(x) for x in lrs.split(",")] if lrs else DEFAULT_GRID[method]
+            grid = [float(x) for x in lrs.split(",")] if lrs else default_grid[method]
         except (ValueError, KeyError):
             raise SystemExit(f"--lrs {spec!r}: give METHOD=LR,LR,... (METHOD alone needs a default grid)") from None
         runs += [f"{method}:{lr:g}:{seed}" for lr in grid for seed in seeds]
     return runs
+
+
+def check_runs(runs, methods=METHODS) -> list[str]:
+    """METHOD:LR:SEED specs, checked."""
+    for spec in runs:
+        parts = spec.split(":")
+        try:
+            ok = len(parts) == 3 and parts[0] in methods and float(parts[1]) > 0 and int(parts[2]) >= 0
+        except ValueError:
+            ok = False
+        if not ok:
+            raise SystemExit(f"run {spec!r}: expected METHOD:LR:SEED with METHOD in {', '.join(methods)}")
+    return list(runs)
 
 
 def finish(result, out_dir, solo=None) -> None:
@@ -251,10 +314,7 @@ def main(argv=None):
         raise SystemExit("--solo goes with --merge")
     if args.merge:
         return finish(report.merge(args.merge), args.out, args.solo)
-    runs = grid_runs(args.lrs, args.seeds) if args.lrs else args.runs
-    for spec in runs:
-        if spec.split(":")[0] not in METHODS or spec.count(":") != 2:
-            raise SystemExit(f"run {spec!r}: expected METHOD:LR:SEED with METHOD in {', '.join(METHODS)}")
+    runs = check_runs(grid_runs(args.lrs, args.seeds) if args.lrs else args.runs)
     common.single_process_env()
     model, train, held, val, splits = load_data(args)
     result = common.header(args.commit)

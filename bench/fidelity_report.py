@@ -13,34 +13,40 @@ from pathlib import Path
 _SAME = ("model", "steps", "warmup", "bsz", "seq", "heldout", "validation", "eval_blocks", "train_texts")
 
 
-def select(rows: list[dict]) -> list[dict]:
-    """One summary per method: lr_grid, chosen lr, held-out loss there (mean over seeds), memory, speed."""
+def select(rows: list[dict], extra: tuple[str, ...] = (), select_seed: int | None = None) -> list[dict]:
+    """One summary per method: lr_grid, chosen lr, held-out loss there (mean over seeds), memory, speed, and
+    the mean over seeds of each key in ``extra`` (e.g. exact match). With ``select_seed``, the lr is chosen on
+    that seed's runs alone (``val_by_lr`` too), so that seeds run later at the chosen lr cannot move it."""
     by = defaultdict(lambda: defaultdict(list))
     for r in rows:
         by[r["method"]][r["lr"]].append(r)
     out = []
     for method, lrs in by.items():
         mean = lambda runs, k: sum(r[k] for r in runs) / len(runs)  # noqa: E731
-        lr = min(lrs, key=lambda x: mean(lrs[x], "val_end"))
+        basis = {x: [r for r in v if r["seed"] == select_seed] or v for x, v in lrs.items()} \
+            if select_seed is not None else lrs
+        lr = min(basis, key=lambda x: mean(basis[x], "val_end"))
         runs = lrs[lr]
         out.append({"method": method, "lr_grid": sorted(lrs), "chosen_lr": lr, "seeds": [r["seed"] for r in runs],
                     "val_end": mean(runs, "val_end"), "eval_start": runs[0]["eval_start"],
                     "eval_end": mean(runs, "eval_end"), "eval_curve": runs[0]["eval_curve"],
                     "peak_gib": max(r["peak_gib"] for r in runs), "tok_s": mean(runs, "tok_s"),
-                    "val_by_lr": {str(x): mean(v, "val_end") for x, v in sorted(lrs.items())},
+                    "val_by_lr": {str(x): mean(v, "val_end") for x, v in sorted(basis.items())},
                     # the best lr at an end of a grid of 3+: the true optimum may lie outside it
-                    "at_grid_edge": len(lrs) >= 3 and lr in (min(lrs), max(lrs))})
+                    "at_grid_edge": len(lrs) >= 3 and lr in (min(lrs), max(lrs)),
+                    **{k: mean(runs, k) for k in extra}})
     for r in rows:
         r["lr_grid"] = sorted(by[r["method"]])
         r["chosen"] = any(s["method"] == r["method"] and s["chosen_lr"] == r["lr"] for s in out)
     return out
 
 
-def merge(paths) -> dict:
+def merge(paths, same: tuple[str, ...] = _SAME) -> dict:
+    """One result from the parts of one experiment: their ``setup`` must agree on the keys ``same``."""
     parts = [json.loads(Path(p).read_text()) for p in paths]
     base = parts[0].get("setup", {})
     for path, part in zip(paths[1:], parts[1:]):
-        diff = [k for k in _SAME if part.get("setup", {}).get(k) != base.get(k)]
+        diff = [k for k in same if part.get("setup", {}).get(k) != base.get(k)]
         if diff:
             raise SystemExit(f"--merge: {path} has another setup than {paths[0]} ({', '.join(diff)}); "
                              "only parts of one experiment can be merged")
