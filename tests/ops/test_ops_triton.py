@@ -412,8 +412,12 @@ def test_lion_kernel_clip_budget_on_device_equals_the_host_scale(tb, layout, fus
            seed=0, step=3, offset=1000, outlier_idx=idx.to(d), outlier_val=val, **scale)
         outs.append([t.cpu() for t in (wc, ws, mc, ms, val)])
     dev_out, host_out, ref_out = outs
-    for a, b in zip(dev_out, host_out):  # fp32 on the device vs fp64 on the host: a rounding flip at most
-        assert (a != b).float().mean() < 2e-3
+    # fp32 on the device vs fp64 on the host: scales within an ulp or two, codes differ by a rare rounding flip
+    for a, b in zip(dev_out, host_out):
+        if a.is_floating_point():
+            assert torch.allclose(a, b, rtol=1e-5, atol=0)
+        else:
+            assert (a != b).float().mean() < 2e-3
     m_exact = 0.99 * ref.dequantize_blockwise(inputs[2], inputs[3], 256) + 0.01 * 0.3 * grad
     assert rel(ref.dequantize_blockwise(dev_out[2], dev_out[3], 256), m_exact) < 0.02
     assert rel(ref.dequantize_blockwise(ref_out[2], ref_out[3], 256), m_exact) < 0.02
