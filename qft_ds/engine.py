@@ -30,6 +30,8 @@ from qft_ds.nn.norms import fuse_rms_norms
 from qft_ds.nn.precision import autocast_forward
 from qft_ds.nn.qmodules import enable_checkpointing, mark_checkpointed
 from qft_ds.optim.lion import QFTLion
+from qft_ds.optim.sharding import NoSharding
+from qft_ds.zero.sharding import ZeroSharding
 
 _OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
 _ds_initialize = None  # the real deepspeed.initialize, saved before qft_ds wraps it
@@ -122,10 +124,9 @@ def build_optimizer(model: torch.nn.Module, cfg: QFTConfig, params: dict) -> QFT
                   weight_decay=wd, rounding=cfg.rounding, flow=cfg.resolved_flow(), block_size=cfg.block_size,
                   seed=cfg.seed, max_grad_norm=cfg.max_grad_norm, backend=cfg.backend,
                   outlier_refresh=cfg.outlier_refresh, outlier_frac=cfg.outlier_frac, clip_mode=cfg.clip_mode)
-    if cfg.zero_stage:  # sharded once torch.distributed is up (initialize calls opt.shard())
-        from qft_ds.zero import ZeroLion
-        return ZeroLion(groups, zero_stage=cfg.zero_stage, **kwargs)
-    return QFTLion(groups, **kwargs)
+    # the ZeRO stage picks where the int8 state lives; placed once torch.distributed is up (opt.shard())
+    sharding = ZeroSharding(cfg.zero_stage) if cfg.zero_stage else NoSharding()
+    return QFTLion(groups, sharding=sharding, **kwargs)
 
 
 def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False):
@@ -193,8 +194,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         # DeepSpeed would flatten, "all-reduce" over one rank and copy back the float params' gradients
         # every step: pure host time in a host-bound step (bench/NOTES.md)
         engine.enable_backward_allreduce = False
-    if cfg.zero_stage:
-        opt.shard()
+    opt.shard()
     opt.init_state()
     guard_backward(engine, opt)
     engine.qft_config = cfg

@@ -32,12 +32,15 @@ def deliver(weight, grad: torch.Tensor, uses: int = 1) -> None:
 
 
 class GradientFlow:
-    def __init__(self, mode: str, apply_fn, block_size: int = 256):
+    def __init__(self, mode: str, apply_fn, block_size: int = 256, reduce_on_push=None):
         if mode not in ("fused", "stack"):
             raise ValueError(f"qft.flow must be 'fused' or 'stack', got {mode!r}")
         self.mode = mode
         self.apply_fn = apply_fn  # apply_fn(weight, grad_fp32): the optimizer's update
         self.block_size = block_size
+        # stack: reduce_on_push(weight, grad) -> this rank's slice of the mean over ranks, kept instead of
+        # the whole gradient (ZeRO 2/3); None keeps whole buffers, reduced at the boundary (map_buffers)
+        self.reduce_on_push = reduce_on_push
         self._held = {}     # fused: weight -> [summed grad, uses seen]
         self._stack = []    # stack: weights in arrival order
         self._buffers = {}  # stack: weight -> int8 QTensor
@@ -63,7 +66,9 @@ class GradientFlow:
             return
         bad = ~torch.isfinite(grad.sum())  # a sum is NaN/inf iff an element is (or it overflows: also bad)
         self._bad = bad if self._bad is None else self._bad | bad
-        grad.nan_to_num_(0.0, 0.0, 0.0)  # in place: keeps the int8 buffer finite; the step is skipped anyway
+        grad.nan_to_num_(0.0, 0.0, 0.0)  # in place: keeps the int8 buffer (and other ranks' slices) finite
+        if self.reduce_on_push is not None:
+            grad = self.reduce_on_push(weight, grad)
         buf = self._buffers.get(weight)
         if buf is None:
             self._buffers[weight] = QTensor.quantize(grad.reshape(-1), self.block_size, "rtn")
@@ -80,10 +85,11 @@ class GradientFlow:
         return out
 
     def map_buffers(self, fn) -> None:
-        """Stack: replace each int8 buffer by quantize(fn(dequantize(buffer))), one at a time."""
+        """Stack: replace each int8 buffer by quantize(fn(weight, flat fp32 buffer)), one at a time. fn may
+        return a slice (ZeRO): a slice starts on a block boundary, so its blocks are the buffer's blocks."""
         for w in self._stack:
-            q = QTensor.quantize(fn(self._buffers[w].dequantize()), self.block_size, "rtn")
-            self._buffers[w].codes, self._buffers[w].scales = q.codes, q.scales
+            flat = self._buffers[w].dequantize().reshape(-1)
+            self._buffers[w] = QTensor.quantize(fn(w, flat), self.block_size, "rtn")
 
     def stacked_sq_norm(self) -> torch.Tensor | None:
         sq = None

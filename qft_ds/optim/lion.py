@@ -6,12 +6,10 @@ Params are of two kinds:
   mode) by ops.lion_step;
 - ordinary float Parameters (norms, biases): fp32 Lion with fp32 momentum, updated in step().
 
-Clipping (DeepSpeed's "gradient_clipping"): Lion's update is sign(b1*m + (1-b1)*g), so clipping only
-rescales g against m. The stack flow knows the whole gradient at the boundary and clips exactly. The
-fused flow updates each layer before later ones exist, so it clips each tensor within a budget taken
-from the previous step's norms (clipping.py: the clipped global norm never exceeds the limit, and equals
-exact clipping when the gradient's shape over tensors holds); step 0 (no previous step) is measured by a
-norm-only backward first (`backward`, `before_backward`), so it is clipped exactly.
+Clipping (DeepSpeed's "gradient_clipping"): the stack flow knows the whole gradient at the boundary and
+clips exactly. The fused flow updates each layer before later ones exist, so it clips each tensor within
+a budget from the previous step's norms (clipping.py); step 0 is measured by a norm-only backward first
+(`backward`, `before_backward`), so it is clipped exactly.
 
 Non-finite values never reach the int8 state:
 - a non-finite loss (`check_loss`, called by the engine's backward) skips the whole step before backward
@@ -23,6 +21,10 @@ Non-finite values never reach the int8 state:
   *partial* (the other weights, the step counter and the LR schedule advance).
 A skipped step sets `overflow`, which DeepSpeed reads: it then counts `skipped_steps` and does not step
 the LR scheduler. Every skip and partial step is counted here and logged.
+
+Where the state lives is a strategy the optimizer is given (`sharding`, optim/sharding.py): NoSharding
+(one device, plain data parallel) by default, or ZeRO stages 1-3 (qft_ds.zero.ZeroSharding). This file
+never asks which: it updates the slice the strategy says this rank owns.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from qft_ds.flow import GradientFlow
 from qft_ds.ops import configure as configure_ops, get_ops
 from qft_ds.ops.reference import clip_scale
 from qft_ds.optim.clipping import ClipBudgets
+from qft_ds.optim.host import fetch
+from qft_ds.optim.sharding import NoSharding
 
 logger = logging.getLogger("qft_ds")
 
@@ -44,11 +48,12 @@ def _qweight(p):
     return getattr(p, "_qft_weight", None)
 
 
+
 class QFTLion(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
                  rounding: str = "sr", flow: str = "fused", block_size: int = 256, seed: int = 0,
                  max_grad_norm: float = 0.0, backend: str = "auto", outlier_refresh: int = 0,
-                 outlier_frac: float = 0.01, clip_mode: str = "budget"):
+                 outlier_frac: float = 0.01, clip_mode: str = "budget", sharding=None):
         if lr < 0:
             raise ValueError(f"QFTLion: lr must be >= 0, got {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -69,19 +74,20 @@ class QFTLion(torch.optim.Optimizer):
         self.clip = ClipBudgets(max_grad_norm, [w.numel for w in self.weights] + [max(n_float, 1)], clip_mode)
         self._budgets = None         # this step's clipping budgets (fused flow), fixed at the first update
         self._measuring = False      # inside the norm-only backward
-        self.flow = GradientFlow(flow, self._apply, block_size)
+        self.sharding = sharding if sharding is not None else NoSharding()
+        self.flow = GradientFlow(flow, self._apply, block_size, self.sharding.reduce_on_push)
         self.flow.attach(self.weights)
         self._ops = None
         configure_ops(backend)  # the quantized modules' forward/backward use the same backend
         self.step_count = 0          # optimizer steps taken; keys the stochastic rounding
         self.prev_grad_norm = None   # the last step's global gradient norm (before clipping)
         self.prev_clipped_norm = None  # ... and as the update applied it
-        self._sq_norm = None         # this step's squared gradient norm, summed as it arrives
         self.overflow = False        # the last step was skipped (DeepSpeed reads this attribute)
         self.skipped_steps = self.partial_steps = self.nonfinite_tensors = 0
         self._skip_reason = None     # set before step() when the step must be skipped
         self._bad_now = 0            # tensors left unwritten in this (fused) step
         self._norms = []             # fused: (weight index, fp32 gradient norm on the device), read once per step
+        self._pending = None         # fused: (weight, its gradient's reduction in flight) when it overlaps
         if rounding == "ef":
             for w in self.weights:
                 if w.residual is None:
@@ -95,10 +101,22 @@ class QFTLion(torch.optim.Optimizer):
             self._ops = get_ops(self.backend, dev)
         return self._ops
 
+    @property
+    def zero_stage(self) -> int:
+        return self.sharding.stage
+
+    def shard(self) -> None:
+        """Place the int8 state over the initialised process group (ZeRO: split it; call once, after
+        torch.distributed is up and before the first step). A no-op without sharding."""
+        if any(self.state.get(w.anchor) for w in self.weights):
+            raise RuntimeError("shard() must run before momentum exists (before init_state/step)")
+        self.sharding.shard(self.weights, self.block_size)
+
     def _qstate(self, w):
         st = self.state[w.anchor]
         if "m_codes" not in st:
-            n = w.codes.numel()
+            lo, hi = self.sharding.owned_range(w)
+            n = hi - lo
             st["m_codes"] = torch.zeros(n, dtype=torch.int8, device=w.codes.device)
             st["m_scales"] = torch.zeros(-(-n // self.block_size), dtype=torch.float32, device=w.codes.device)
         return st
@@ -124,40 +142,13 @@ class QFTLion(torch.optim.Optimizer):
                                    if torch.is_tensor(t))
         return {"quantized_params": q_params, "quantized_bytes": q_bytes,
                 "float_params": f_params, "float_bytes": f_bytes,
-                "bytes_per_quantized_param": q_bytes / max(q_params, 1)}
+                "bytes_per_quantized_param": q_bytes / max(q_params, 1), **self.sharding.describe()}
 
     # -- updates -----------------------------------------------------------------------------
     def _clip_coef(self, norm) -> float:
         if self.max_grad_norm <= 0 or norm is None or not math.isfinite(norm):
             return 1.0
         return min(1.0, self.max_grad_norm / (norm + 1e-6))
-
-    def _add_sq(self, sq):
-        self._sq_norm = sq if self._sq_norm is None else self._sq_norm + sq
-
-    def _flush(self) -> None:
-        """Finish fused updates still in flight (ZeRO overlaps each with the next layer's backward)."""
-
-    def _note_norm(self, w, grad):
-        """Fused flow, per weight: the gradient's fp32 norm (one launch), which is also the finite flag the
-        kernel reads (a gradient is finite iff its fp32 norm is) and the norm its clipping budget is
-        applied to. Checked on the device: a host sync per layer would serialise the CPU and GPU for
-        the whole backward. The norms are read once per step (step)."""
-        norm = self._tensor_norm(grad)
-        self._norms.append((self._index[id(w)], norm))
-        return norm
-
-    def _tensor_norm(self, grad):
-        """The norm of one weight's whole (rank-mean) gradient; qft_ds.zero sums its slices over ranks."""
-        return torch.linalg.vector_norm(grad, dtype=torch.float32)
-
-    @staticmethod
-    def _all_reduce_mean(grad):
-        """Data parallel: every rank applies the mean gradient, so int8 states stay identical (the
-        stochastic-rounding draws are keyed by global offset and match on every rank)."""
-        if comm.is_distributed():
-            grad = comm.all_reduce_mean_(grad.float())  # summed in fp32 whatever the compute dtype
-        return grad
 
     def backward(self, loss) -> None:
         """`loss.backward()` for loops without the DeepSpeed engine: the loss check and, when clipping
@@ -204,15 +195,10 @@ class QFTLion(torch.optim.Optimizer):
 
     def _fetch_norms(self, float_norm=None) -> dict[int, float]:
         """This step's fused norms (and the float parameters' at index len(weights)) in one host sync."""
-        idx = [i for i, _ in self._norms]
-        vals = [n.reshape(1).float() for _, n in self._norms]
-        if float_norm is not None:
-            idx.append(len(self.weights))
-            vals.append(float_norm.reshape(1).float())
+        norms = self._norms + ([] if float_norm is None else [(len(self.weights), float_norm)])
         self._norms = []
-        if not vals:
-            return {}
-        return dict(zip(idx, torch.cat([v.to(vals[0].device) for v in vals]).tolist()))
+        vals = fetch(norms=torch.stack([n.float().to(norms[0][1].device) for _, n in norms]) if norms else None)
+        return dict(zip([i for i, _ in norms], vals["norms"] or []))
 
     def check_loss(self, loss) -> bool:
         """False (and the step will be skipped) if the loss is non-finite on any rank: call before backward.
@@ -231,44 +217,46 @@ class QFTLion(torch.optim.Optimizer):
             self._budgets = self.clip.budgets()
         return self._budgets[self._index[id(w)]]
 
-    def _apply(self, w, grad, coef=None):
-        """Update one quantized weight with its full fp32 gradient (called by the flow)."""
-        finite, budget = None, 0.0
-        if coef is None:  # fused: inside backward
-            grad = self._all_reduce_mean(grad)  # NaN on any rank is NaN on all: every rank skips alike
-            finite = self._note_norm(w, grad)
-            if self._measuring:  # the norm-only backward: nothing is written
-                return
-            coef, budget = 1.0, self._budget(w)
+    def _apply(self, w, grad):
+        """Fused flow, inside backward: a quantized weight's whole gradient on this rank (called by the
+        flow). Its reduction over ranks starts now; where the strategy overlaps it with the next layer's
+        backward, the previous weight's (started one hook earlier) is finished and applied instead, and
+        _flush finishes the last."""
+        started = (w, self.sharding.reduce(w, grad))
+        self._flush()
+        if self.sharding.overlaps:
+            self._pending = started
+        else:
+            self._finish(*started)
+
+    def _flush(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._finish(*pending)
+
+    def _finish(self, w, reduced) -> None:
+        """The owned slice of the mean gradient and its whole weight's norm, kept on the device (a host sync
+        per layer would serialise the CPU and GPU for the whole backward; step() reads them all at once),
+        then the update, which reads that norm as its finite flag and as its clipping budget's measure."""
+        grad, finite = reduced()
+        norm = self.sharding.grad_norm(grad, finite)
+        self._norms.append((self._index[id(w)], norm))
+        if not self._measuring:  # the norm-only backward writes nothing
+            self._update(w, grad, 1.0, norm, self._budget(w))
+
+    def _update(self, w, grad, coef, finite=None, budget=0.0) -> None:
+        """Lion on the slice of `w` this rank owns (the whole weight unsharded), with its owned gradient."""
         group = self._group_of[id(w)]
         st = self._qstate(w)
-        self.ops.lion_step(w.codes, w.scales, w.group, st["m_codes"], st["m_scales"], self.block_size, grad,
-                           lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
-                           weight_decay=group["weight_decay"], rounding=self.rounding, seed=self.seed,
-                           step=self.step_count, offset=w.global_offset, outlier_idx=w.outlier_idx,
-                           outlier_val=w.outlier_val, residual=w.residual, grad_scale=coef, finite=finite,
-                           clip=budget)
-
-    def _reduce_stacked(self):
-        """Stack flow, at the boundary: average the int8 buffers over ranks; returns their squared norm
-        (None if empty). qft_ds.zero reduce-scatters them instead."""
-        self.flow.map_buffers(self._all_reduce_mean)
-        return self.flow.stacked_sq_norm()
-
-    @staticmethod
-    def _fetch(**tensors):
-        """Device scalars (-> floats) and 1-D tensors (-> lists) in one host sync (a None stays None)."""
-        names = [k for k, v in tensors.items() if v is not None]
-        out = dict.fromkeys(tensors)
-        if names:
-            dev = tensors[names[0]].device
-            flat = torch.cat([tensors[k].reshape(-1).float().to(dev) for k in names]).tolist()
-            pos = 0
-            for k in names:
-                n = tensors[k].numel()
-                out[k] = flat[pos] if tensors[k].dim() == 0 else flat[pos:pos + n]
-                pos += n
-        return out
+        own = self.sharding.owned(w)
+        if own.hi > own.lo:  # ZeRO: a rank may own nothing of a small weight
+            self.ops.lion_step(own.codes, own.scales, w.group, st["m_codes"], st["m_scales"], self.block_size, grad,
+                               lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1],
+                               weight_decay=group["weight_decay"], rounding=self.rounding, seed=self.seed,
+                               step=self.step_count, offset=own.offset, outlier_idx=own.outlier_idx,
+                               outlier_val=own.outlier_val, residual=own.residual, grad_scale=coef, finite=finite,
+                               clip=budget)
+        self.sharding.after_update(w)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -288,8 +276,8 @@ class QFTLion(torch.optim.Optimizer):
             self._flush()
         # every check of the step in one host sync (each sync drains the GPU queue)
         fused_idx = [i for i, _ in self._norms]
-        c = self._fetch(float_sq=None if sqs is None else sqs.sum(), stack_bad=self.flow.bad_flag(),
-                        fused_norms=torch.stack([n.float() for _, n in self._norms]) if self._norms else None)
+        c = fetch(float_sq=None if sqs is None else sqs.sum(), stack_bad=self.flow.bad_flag(),
+                  fused_norms=torch.stack([n.float() for _, n in self._norms]) if self._norms else None)
         self._norms = []
         float_sq = c["float_sq"]
         if float_sq is not None and not math.isfinite(float_sq):  # find the culprits only now
@@ -309,15 +297,15 @@ class QFTLion(torch.optim.Optimizer):
             coef = self._finish_fused_norms(dict(zip(fused_idx, c["fused_norms"] or [])), float_sq)
             stacked = []
         else:
-            if sqs is not None and sqs.numel():
-                self._add_sq(sqs.sum())
-            stacked_sq = self._reduce_stacked()
+            sq = sqs.sum() if sqs is not None and sqs.numel() else None
+            stacked_sq = self.sharding.reduce_stacked(self.flow)  # the owned slices, reduced over ranks
             if stacked_sq is not None:
-                self._add_sq(stacked_sq)
-            coef = self._clip_coef(self._norm_now())
+                sq = stacked_sq if sq is None else sq + stacked_sq
+            stack_norm = None if sq is None else float(sq) ** 0.5
+            coef = self._clip_coef(stack_norm)
             stacked = self.flow.pop_all()
         for w, grad in stacked:
-            self._apply(w, grad, coef)
+            self._update(w, grad, coef)
         by_group = {}
         for g, p in float_params:
             st = self.state[p]
@@ -329,9 +317,8 @@ class QFTLion(torch.optim.Optimizer):
                                             lr=g["lr"], beta1=g["betas"][0], beta2=g["betas"][1],
                                             weight_decay=g["weight_decay"], grad_scale=coef)
         if not fused:
-            self.prev_grad_norm = n = self._norm_now()
-            self.prev_clipped_norm = None if n is None else n * coef
-        self._sq_norm = None
+            self.prev_grad_norm = stack_norm
+            self.prev_clipped_norm = None if stack_norm is None else stack_norm * coef
         if self._bad_now:
             self.partial_steps += 1
             self.nonfinite_tensors += self._bad_now
@@ -340,8 +327,9 @@ class QFTLion(torch.optim.Optimizer):
             self._bad_now = 0
         self.step_count += 1
         if self.outlier_refresh and self.step_count % self.outlier_refresh == 0:
-            for w in self.weights:
+            for w in self.weights:  # from the whole weight (ZeRO-3 gathers it), then placed again
                 w.refresh_outliers(self.outlier_frac)
+                self.sharding.reshard(w)
         return loss
 
     def _finish_fused_norms(self, norms: dict, float_sq) -> float:
@@ -367,9 +355,10 @@ class QFTLion(torch.optim.Optimizer):
 
     def _skip(self, loss):
         """Write nothing: drop this step's gradients; step_count (the SR key) does not advance."""
+        self._flush()  # an update in flight: one device applied it inside backward already
         reason, self._skip_reason = self._skip_reason, None
         self.flow.discard()
-        self._sq_norm, self._bad_now, self._norms, self._budgets = None, 0, [], None
+        self._bad_now, self._norms, self._budgets = 0, [], None
         self.overflow = True
         self.skipped_steps += 1
         self._log(f"step {self.step_count} skipped: {reason} (skipped steps so far: {self.skipped_steps})")
@@ -379,10 +368,6 @@ class QFTLion(torch.optim.Optimizer):
     def _log(msg: str) -> None:
         if comm.rank() == 0:
             logger.warning(msg)
-
-    def _norm_now(self):
-        """Stack flow: the global gradient norm of this step (the fused flow reads it in step()'s one sync)."""
-        return None if self._sq_norm is None else float(self._sq_norm) ** 0.5
 
     # -- checkpoints ---------------------------------------------------------------------------
     def state_dict(self):

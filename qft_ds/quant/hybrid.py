@@ -72,6 +72,7 @@ class HybridWeight(nn.Module):
         # int8 error-feedback carry (units of scale/254), set when rounding == 'ef'
         self.register_buffer("residual", None)
         self.grad = None      # dense fp32 gradient, only when no optimizer consumes it (inspection)
+        self._gather = None   # ZeRO-3: gives the whole state when this rank holds a slice (hold)
 
     @property
     def numel(self) -> int:
@@ -84,8 +85,15 @@ class HybridWeight(nn.Module):
     def full_state(self):
         """(codes, scales, outlier_idx, outlier_val) of the whole weight. Under ZeRO-3 this rank holds a
         shard: they are gathered from every rank for this one use and freed after it (qft_ds.zero)."""
-        gather = getattr(self, "zero_gather", None)
-        return gather() if gather is not None else (self.codes, self.scales, self.outlier_idx, self.outlier_val)
+        if self._gather is not None:
+            return self._gather()
+        return self.codes, self.scales, self.outlier_idx, self.outlier_val
+
+    def hold(self, codes, scales, outlier_idx, outlier_val, gather=None) -> None:
+        """Replace the state: the whole weight, or (ZeRO-3, `gather` given) this rank's slice, outlier
+        indices still those of the whole weight, with gather() giving the whole state for each use."""
+        self.codes, self.scales, self.outlier_idx, self.outlier_val = codes, scales, outlier_idx, outlier_val
+        self._gather = gather
 
     def dequantize(self, dtype=torch.float32) -> torch.Tensor:
         codes, scales, outlier_idx, outlier_val = self.full_state()
@@ -112,8 +120,7 @@ class HybridWeight(nn.Module):
     def refresh_outliers(self, outlier_frac: float) -> None:
         """Re-select outliers from the current weights (costs one RTN re-rounding of the tensor)."""
         fresh = HybridWeight(self.dequantize(), self.group, outlier_frac, self.global_offset, self.segments)
-        for name in ("codes", "scales", "outlier_idx", "outlier_val"):
-            setattr(self, name, getattr(fresh, name))
+        self.hold(fresh.codes, fresh.scales, fresh.outlier_idx, fresh.outlier_val)  # whole (ZeRO reshards it)
         if self.residual is not None:
             self.residual.zero_()
 

@@ -61,30 +61,21 @@ def weights_by_prefix(model) -> dict:
     return out
 
 
-def _slice_range(optimizer, w) -> tuple[int, int]:
-    shards = getattr(optimizer, "shards", None)
-    if shards:
-        sh = shards[id(w)]
-        return sh.lo, sh.hi
-    return 0, w.numel
-
-
 # -- save ------------------------------------------------------------------------------------------
 def _rank_tensors(model, optimizer) -> tuple[dict, dict]:
     """This rank's slice of every quantized weight and its momentum, and the bounds of every rank."""
     out, bounds = {}, {}
     for prefix, w in weights_by_prefix(model).items():
-        sh = optimizer.shards[id(w)]
-        idx, val = sh.outliers()
-        out[f"{prefix}.codes"] = sh.codes()
-        out[f"{prefix}.scales"] = sh.scales()
-        out[f"{prefix}.outlier_idx"] = idx + sh.lo
-        out[f"{prefix}.outlier_val"] = val
-        if w.residual is not None:
-            out[f"{prefix}.residual"] = w.residual
+        own = optimizer.sharding.owned(w)
+        out[f"{prefix}.codes"] = own.codes
+        out[f"{prefix}.scales"] = own.scales
+        out[f"{prefix}.outlier_idx"] = own.outlier_idx + own.lo
+        out[f"{prefix}.outlier_val"] = own.outlier_val
+        if own.residual is not None:
+            out[f"{prefix}.residual"] = own.residual
         st = optimizer._qstate(w)
         out[f"{prefix}.m_codes"], out[f"{prefix}.m_scales"] = st["m_codes"], st["m_scales"]
-        bounds[prefix] = sh.bounds
+        bounds[prefix] = optimizer.sharding.shard_of(w).bounds
     return out, bounds
 
 
@@ -224,9 +215,9 @@ class Pieces:
 # -- load ------------------------------------------------------------------------------------------
 @torch.no_grad()
 def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool = True) -> dict:
-    """Restore a ZeRO or plain checkpoint into a run of any world size, at stage 0 (QFTLion) or 1-3
-    (ZeroLion, already sharded). Each rank reads only what it holds, one weight at a time. Hashes, config
-    and every shape are checked before anything is written; an I/O error midway leaves a partial state."""
+    """Restore a ZeRO or plain checkpoint into a run of any world size and stage (at 1-3 the optimizer is
+    already sharded). Each rank reads only what it holds, one weight at a time. Hashes, config and every
+    shape are checked before anything is written; an I/O error midway leaves a partial state."""
     ckpt = ckpt_mod.resolve(path)
     meta = ckpt_mod.read_meta(ckpt, verify=verify)
     ckpt_mod.check_config(meta, ds_config)
@@ -254,7 +245,7 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     state = {}
     for prefix, w in weights.items():
         _load_weight(pieces, prefix, w, optimizer, device)
-        lo, hi = _slice_range(optimizer, w)
+        lo, hi = optimizer.sharding.owned_range(w)
         state[index[id(w)]] = {"m_codes": pieces.read(prefix, "m_codes", lo, hi).to(device),
                                "m_scales": pieces.read(prefix, "m_scales", lo, hi, optimizer.block_size).to(device)}
     osd = ckpt_mod._optimizer_state(ckpt, meta, device)
@@ -267,19 +258,15 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
 def _load_weight(pieces: Pieces, prefix: str, w, optimizer, device) -> None:
     """The whole weight into `w` (one layer in memory), then sliced again if this rank holds a shard."""
     n = w.numel
-    w.codes = pieces.read(prefix, "codes", 0, n).to(device)
-    w.scales = pieces.read(prefix, "scales", 0, n, w.group).to(device)
     idx, val = pieces.outliers(prefix)
-    w.outlier_idx, w.outlier_val = idx.to(device), val.to(device)
+    w.hold(pieces.read(prefix, "codes", 0, n).to(device), pieces.read(prefix, "scales", 0, n, w.group).to(device),
+           idx.to(device), val.to(device))
     if w.residual is not None:
         if not pieces.has(prefix, "residual"):
             raise CheckpointError(f"{pieces.ckpt} has no error-feedback residual for {prefix}")
-        lo, hi = _slice_range(optimizer, w)
+        lo, hi = optimizer.sharding.owned_range(w)
         w.residual = pieces.read(prefix, "residual", lo, hi).to(device)
-    shards = getattr(optimizer, "shards", None)
-    if shards:
-        w.zero_gather = None  # the whole weight is here now; reshard() slices it (stage 3) and re-hooks
-        shards[id(w)].reshard()
+    optimizer.sharding.reshard(w)  # ZeRO: outlier ownership again; stage 3 slices the whole weight
 
 
 def _check_fits(ckpt: Path, meta: dict, model, weights: dict) -> None:

@@ -44,11 +44,8 @@ class WeightShard:
         self.outlier_bounds = outlier_bounds(w.outlier_idx, self.bounds)
         if self.stage == 3:
             (sa, sb), (oa, ob) = self.scale_bounds[self.part.rank], self.outlier_bounds[self.part.rank]
-            w.codes = w.codes[self.lo:self.hi].clone()
-            w.scales = w.scales[sa:sb].clone()
-            w.outlier_idx = w.outlier_idx[oa:ob].clone()  # indices stay those of the whole weight
-            w.outlier_val = w.outlier_val[oa:ob].clone()
-            w.zero_gather = self.gather_full
+            w.hold(w.codes[self.lo:self.hi].clone(), w.scales[sa:sb].clone(), w.outlier_idx[oa:ob].clone(),
+                   w.outlier_val[oa:ob].clone(), gather=self.gather_full)
         self._local_idx = None
 
     def codes(self) -> torch.Tensor:

@@ -37,8 +37,8 @@ def _entry(rank, fn, world, port, args):
 
 
 def build(stage: int, flow: str = "fused", rounding: str = "sr", clip: float = 0.0, outlier_refresh: int = 0):
-    """A converted tiny LLaMA (tied embedding/head) and its optimizer: QFTLion at stage 0, else a sharded
-    ZeroLion. Groups of 32 columns and momentum blocks of 64 give 64-element units: many per weight."""
+    """A converted tiny LLaMA (tied embedding/head) and its optimizer: QFTLion, unsharded at stage 0, else
+    given ZeroSharding and sharded. Groups of 32 columns and momentum blocks of 64 give 64-element units: many per weight."""
     torch.manual_seed(0)
     model = make_tiny_llama()
     convert_model(model, group_size=32, outlier_frac=0.02, error_feedback=rounding == "ef")
@@ -99,7 +99,7 @@ def full_state(model, opt) -> dict:
     """Every int8 weight, outlier, residual and momentum tensor of the run, whole (gathered over ranks),
     plus the float parameters. Called on every rank (it runs collectives when sharded)."""
     out = {}
-    shards = getattr(opt, "shards", {})
+    shards = opt.zero_stage > 0
     for i, w in enumerate(quantized_weights(model)):
         codes, scales, idx, val = w.full_state()
         out.update({f"{i}.codes": codes.clone(), f"{i}.scales": scales.clone(), f"{i}.oidx": idx.clone(),
