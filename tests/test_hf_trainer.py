@@ -71,10 +71,15 @@ def test_hf_config_with_plain_deepspeed_is_a_clear_error():
 
 
 def readme_accelerate_command() -> list[str]:
-    """The README's `accelerate launch ...` command line, as written."""
-    m = re.search(r"`(accelerate launch [^`]+)`", (ROOT / "README.md").read_text())
-    assert m, "the README has no `accelerate launch ...` command"
-    return shlex.split(" ".join(m.group(1).split()))
+    """The README's `accelerate launch ... --model ...` command, as written: inline code (wrapped over lines)
+    or a code block (with backslash continuations); it ends at a backtick or a blank line."""
+    text = (ROOT / "README.md").read_text()
+    for m in re.finditer(r"accelerate launch ", text):
+        end = min(k for k in (text.find("`", m.start()), text.find("\n\n", m.start()), len(text)) if k != -1)
+        cmd = shlex.split(text[m.start():end].replace("\\\n", " "), comments=True)
+        if "--model" in cmd:
+            return cmd
+    raise AssertionError("the README has no `accelerate launch ... --model ...` command")
 
 
 def test_readme_accelerate_launch_command_runs_as_written(tiny_model_dir, corpus):
