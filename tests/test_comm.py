@@ -38,7 +38,19 @@ from qft_ds import comm  # noqa: E402
 
 
 def _spawn(fn, *args, backend="gloo", world=2):
-    mp.spawn(_entry, args=(fn, backend, world, H.free_port(), args), nprocs=world, join=True)
+    # gloo ranks are CPU ranks, also on a GPU machine: DeepSpeed would otherwise put the model on CUDA,
+    # where gloo lacks reduce-scatter (the children inherit the environment at spawn)
+    cpu_only = {"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""} if backend == "gloo" else {}
+    saved = {k: os.environ.get(k) for k in cpu_only}
+    os.environ.update(cpu_only)
+    try:
+        mp.spawn(_entry, args=(fn, backend, world, H.free_port(), args), nprocs=world, join=True)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _entry(rank, fn, backend, world, port, args):
