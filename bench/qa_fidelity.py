@@ -5,19 +5,22 @@ the answer and EOS only (qft_ds.sftdata). Every run starts from the same weights
 its seed: 300 steps of 32 examples, 20-step linear warm-up then cosine, gradient clipping 1.0, bf16 compute,
 weight decay as bench/fidelity.py. Scores, on the validation and test splits (500 rows each): the answer loss
 (mean over answer tokens, EOS included) and the exact match of the greedy answer (stripped). Each method's lr
-is the one with the lowest validation answer loss with seed 0; qft and fp32_lion then run a second seed at that
-lr, and the test scores are the mean over seeds there. The test split never picks anything.
+is the one with the lowest validation answer loss with seed 0; qft, qft_ef and fp32_lion then run a second seed
+at that lr, and the test scores are the mean over seeds there. The test split never picks anything.
 
     python bench/qa_fidelity.py --task play --runs qft:2e-5:0 fp32_lion:2e-5:0 --steps 50
     python bench/qa_fidelity.py --task speaker --lrs qft fp32_lion=2e-5,5e-5
     python bench/qa_fidelity.py --task play --grid --part 3/10               # part 3 of the seed-0 grid
     python bench/qa_fidelity.py --merge OUT/part*/qa_fidelity_play_2*.json   # select, compare, plot
-    python bench/qa_fidelity.py --task play --at_chosen MERGED.json           # seed 1 of qft, fp32_lion there
+    python bench/qa_fidelity.py --task play --at_chosen MERGED.json           # seed 1 of SECOND_SEED there
+    python bench/qa_fidelity.py --task play --grid --methods qft qft_ef       # only these methods' grids
     bash bench/qa_grid.sh OUT_DIR COMMIT play                                 # all of it, one GPU call
 
-Methods: qft (qft_ds's defaults: the fused flow, stochastic rounding), qft_stack ("flow": "stack"),
-fp32_lion, fp32_adamw, lora (peft r16 on every linear layer but the head, AdamW) and peqa (4-bit, group 128,
-AdamW on the scales). `--lrs METHOD[=LR,...]` runs a grid (DEFAULT_GRID without lrs) for each of --seeds.
+Methods: qft (qft_ds's defaults: the fused flow, stochastic rounding), qft_stack ("flow": "stack"), qft_ef
+("rounding": "ef": error feedback, the weight rounded to nearest with an int8 carry of its residual), fp32_lion,
+fp32_adamw, lora (peft r16 on every linear layer but the head, AdamW) and peqa (4-bit, group 128, AdamW on the
+scales). `--lrs METHOD[=LR,...]` runs a grid (DEFAULT_GRID without lrs) for each of --seeds;
+`--methods M ...` limits --grid and --at_chosen to some methods (bench/qa_grid.sh: EXTRA="--methods ...").
 The model: --model PATH (a Hugging Face folder), else env QFT_DS_MODEL_DIR, else the default SmolLM2 build.
 
 Result rows use bench/fidelity.py's names, so that its selection and merging apply: ``val_*`` is the
@@ -45,15 +48,16 @@ import fidelity  # noqa: E402
 import fidelity_report as report  # noqa: E402
 import qa_task  # noqa: E402
 
-METHODS = ("qft", "qft_stack", "fp32_lion", "fp32_adamw", "lora", "peqa")
+METHODS = ("qft", "qft_stack", "qft_ef", "fp32_lion", "fp32_adamw", "lora", "peqa")
 # Lion's lr about 3-10x below AdamW's; the issue's chosen lrs (qft and fp32 Lion 2e-5, AdamW 1e-4, LoRA 1e-3,
 # PEQA 2e-4) sit inside each grid.
 DEFAULT_GRID = {"qft": [1e-5, 2e-5, 5e-5, 1e-4], "qft_stack": [1e-5, 2e-5, 5e-5, 1e-4],
-                "fp32_lion": [1e-5, 2e-5, 5e-5, 1e-4], "fp32_adamw": [3e-5, 1e-4, 3e-4],
-                "lora": [3e-4, 1e-3, 3e-3], "peqa": [1e-4, 2e-4, 5e-4]}
-SECOND_SEED = ("qft", "fp32_lion")  # --at_chosen: a second seed at the lr chosen with seed 0
+                "qft_ef": [1e-5, 2e-5, 5e-5, 1e-4], "fp32_lion": [1e-5, 2e-5, 5e-5, 1e-4],
+                "fp32_adamw": [3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3], "peqa": [1e-4, 2e-4, 5e-4]}
+SECOND_SEED = ("qft", "qft_ef", "fp32_lion")  # --at_chosen: a second seed at the lr chosen with seed 0
 # Relative cost of a run, measured with 10 runs sharing an H200: --part balances the parts with it.
-COST = {"qft": 2.0, "qft_stack": 3.0, "fp32_lion": 1.0, "fp32_adamw": 1.0, "lora": 1.3, "peqa": 1.5}
+COST = {"qft": 2.0, "qft_stack": 3.0, "qft_ef": 2.0, "fp32_lion": 1.0, "fp32_adamw": 1.0, "lora": 1.3,
+        "peqa": 1.5}  # qft_ef: as qft (one more int8 tensor read and written), not yet measured
 # Setup keys that parts of one experiment share (checked by --merge).
 SAME = ("model", "task", "data_sha256", "steps", "warmup", "bsz", "max_len", "val_rows", "test_rows")
 KEYS = {"val_start": "validation answer loss before training (the method's own model: quantized for qft)",
@@ -67,9 +71,9 @@ def default_model() -> str:
     return os.environ.get("QFT_DS_MODEL_DIR") or "smollm2-135m"
 
 
-def full_grid() -> list[str]:
-    """Every method's DEFAULT_GRID with seed 0: the runs of `--grid` (bench/qa_grid.sh splits them with --part)."""
-    return fidelity.grid_runs(list(METHODS), [0], METHODS, DEFAULT_GRID)
+def full_grid(methods=METHODS) -> list[str]:
+    """Each method's DEFAULT_GRID with seed 0: the runs of `--grid` (bench/qa_grid.sh splits them with --part)."""
+    return fidelity.grid_runs(list(methods), [0], METHODS, DEFAULT_GRID)
 
 
 def at_chosen(path, methods=SECOND_SEED, seeds=(1,)) -> list[str]:
@@ -283,6 +287,9 @@ def main(argv=None):
                                                        "(replaces --runs and --lrs)")
     p.add_argument("--at_chosen", default=None, metavar="RESULT.json",
                    help=f"run --seeds (default 1) of {', '.join(SECOND_SEED)} at the lrs chosen in a merged result")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
+                   help="with --grid or --at_chosen: only these methods (default: all; --at_chosen: those of "
+                        f"{', '.join(SECOND_SEED)})")
     p.add_argument("--part", default=None, metavar="I/N", help="run only part I of N of the runs (0-based)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
@@ -300,16 +307,20 @@ def main(argv=None):
     if args.merge:
         return finish(merge(args.merge), args.out)
     if args.grid:
-        runs = full_grid()
+        runs = full_grid([m for m in METHODS if m in args.methods])
     elif args.at_chosen:
-        runs = at_chosen(args.at_chosen, seeds=args.seeds if args.seeds != [0] else [1])
+        runs = at_chosen(args.at_chosen, [m for m in SECOND_SEED if m in args.methods],
+                         seeds=args.seeds if args.seeds != [0] else [1])
     else:
         runs = fidelity.check_runs(fidelity.grid_runs(args.lrs, args.seeds, METHODS, DEFAULT_GRID) if args.lrs
                                    else args.runs, METHODS)
     if args.part:
         runs = part(runs, args.part)
-    if not runs:
-        raise SystemExit(f"--part {args.part}: no runs in this part")
+    if not runs:  # more parts than runs (a small --methods): this part has nothing to do
+        if args.part:
+            print(f"--part {args.part}: no runs in this part")
+            return None
+        raise SystemExit("no runs")
     common.single_process_env()
     from qft_ds import hub
     model_name = args.model or default_model()
@@ -325,7 +336,7 @@ def main(argv=None):
                        "grad_clip": 1.0, "compute": "bf16", "loss": "answer tokens and EOS only",
                        "exact_match": "greedy answer == reference, both stripped",
                        "weight_decay": {"lion": 0.1, **fidelity.WEIGHT_DECAY},
-                       "qft": "qft_ds defaults (fused flow, SR); qft_stack: flow stack",
+                       "qft": "qft_ds defaults (fused flow, SR); qft_stack: flow stack; qft_ef: rounding ef",
                        "peqa": "4-bit RTN, group 128, AdamW on scales", "lora": "peft r=16 alpha=32 all-linear",
                        "keys": KEYS}
     name = f"qa_fidelity_{args.task}"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The QA fidelity benchmark of one task in one GPU call (bench/qa_fidelity.py):
-#   1. the seed-0 grid (every method's lr grid, 21 runs) split over PROCS processes that share the GPU, each
+#   1. the seed-0 grid (every method's lr grid, 25 runs) split over PROCS processes that share the GPU, each
 #      with its own MASTER_PORT, the parts balanced by each method's cost; merged, which picks the lrs;
-#   2. seed 1 of qft and fp32_lion at their chosen lr (2 processes); everything merged again.
+#   2. seed 1 of qft, qft_ef and fp32_lion at their chosen lr (2 processes); everything merged again.
+# Some methods only: EXTRA="--methods qft qft_ef" PROCS=8 (both phases take it; a part with no run is a no-op).
 # A process still running at its phase's time limit is stopped; its finished runs are kept (its partial file)
 # and merged with the rest, so a slow machine gives fewer runs, not none.
 #   bash bench/qa_grid.sh OUT_DIR COMMIT [TASK [MODEL_DIR]]     TASK: play (default) or speaker

@@ -157,12 +157,14 @@ def test_rebuild_from_the_corpus_matches_the_committed_files():
 
 def test_full_grid_and_balanced_parts():
     runs = qa_fidelity.full_grid()
-    assert len(runs) == len(set(runs)) == 21 and {r.rsplit(":", 1)[1] for r in runs} == {"0"}
+    assert len(runs) == len(set(runs)) == 25 and {r.rsplit(":", 1)[1] for r in runs} == {"0"}
     assert {r.split(":")[0] for r in runs} == set(qa_fidelity.METHODS)
+    assert [r for r in runs if r.startswith("qft_ef:")] == [r.replace("qft:", "qft_ef:") for r in runs
+                                                            if r.startswith("qft:")]  # qft's lr grid
     parts = [qa_fidelity.part(runs, f"{i}/10") for i in range(10)]
     assert sorted(r for p in parts for r in p) == sorted(runs)
     cost = [sum(qa_fidelity.COST[r.split(":")[0]] for r in p) for p in parts]
-    assert max(cost) <= 4.0 and all(p for p in parts)  # ideal 3.54: every part ends at about the same time
+    assert max(cost) <= 5.0 and all(p for p in parts)  # ideal 4.34: every part ends at about the same time
     assert qa_fidelity.part(runs, "3/10") == parts[3]  # deterministic
     with pytest.raises(SystemExit):
         qa_fidelity.part(runs, "10/10")
@@ -172,11 +174,27 @@ def test_full_grid_and_balanced_parts():
 def test_at_chosen_runs_second_seeds(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"chosen": [{"method": "qft", "chosen_lr": 2e-5}, {"method": "fp32_lion",
-                                                                                 "chosen_lr": 5e-5}]}))
-    assert qa_fidelity.at_chosen(path) == ["qft:2e-05:1", "fp32_lion:5e-05:1"]
+                                                                                 "chosen_lr": 5e-5},
+                                           {"method": "qft_ef", "chosen_lr": 1e-4}]}))
+    assert qa_fidelity.at_chosen(path) == ["qft:2e-05:1", "qft_ef:0.0001:1", "fp32_lion:5e-05:1"]
     path.write_text(json.dumps({"chosen": [{"method": "qft", "chosen_lr": 2e-5}]}))
     with pytest.raises(SystemExit, match="fp32_lion"):
         qa_fidelity.at_chosen(path)
+
+
+def test_methods_limit_the_grid_and_the_second_seeds(tmp_path, capsys):
+    """--methods qft qft_ef (bench/qa_grid.sh's EXTRA): only their grids and second seeds; a part with no run
+    (more processes than runs) does nothing and succeeds."""
+    runs = qa_fidelity.full_grid(["qft", "qft_ef"])
+    assert runs == [f"{m}:{lr:g}:0" for m in ("qft", "qft_ef") for lr in qa_fidelity.DEFAULT_GRID["qft"]]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"chosen": [{"method": "qft", "chosen_lr": 2e-5},
+                                           {"method": "qft_ef", "chosen_lr": 5e-5}]}))
+    assert qa_fidelity.main(["--at_chosen", str(path), "--methods", "qft", "qft_ef", "--part", "2/3"]) is None
+    assert "no runs in this part" in capsys.readouterr().out
+    assert qa_fidelity.main(["--grid", "--methods", "qft", "qft_ef", "--part", "9/10"]) is None
+    with pytest.raises(SystemExit):
+        qa_fidelity.main(["--grid", "--methods", "nope"])
 
 
 def _row(method, lr, seed, val, test, val_em, test_em):
@@ -262,6 +280,19 @@ def test_a_failed_run_is_recorded_and_the_others_go_on(tmp_path, tiny_model_dir,
     assert result["failed"] == [{"run": "qft:1e-3:0", "error": "RuntimeError: boom"}]
     merged = json.loads(qa_fidelity.main(["--merge", str(path), "--out", str(tmp_path / "m")]).read_text())
     assert merged["failed"] == result["failed"]
+
+
+def test_harness_runs_qft_ef_one_step(tmp_path, tiny_model_dir):
+    """qft_ef ("rounding": "ef", bench/fidelity.py's config) trains a step on the tiny model: its weights carry
+    the error-feedback residual, one more byte per parameter than qft."""
+    data = _tiny_task(tmp_path, (("train", 16), ("validation", 4), ("test", 4)))
+    common = ["--task", "play", "--data_dir", str(data), "--model", str(tiny_model_dir), "--steps", "1",
+              "--warmup", "1", "--bsz", "4", "--eval_every", "1", "--eval_bsz", "4", "--out", str(tmp_path / "out")]
+    result = json.loads(qa_fidelity.main([*common, "--runs", "qft_ef:1e-3:0", "qft:1e-3:0"]).read_text())
+    sr, ef = result["rows"]  # in METHODS order
+    assert (sr["method"], ef["method"]) == ("qft", "qft_ef") and result["failed"] == []
+    assert [s for s, _ in ef["eval_curve"]] == [0, 1] and ef["val_end"] > 0 and ef["train_loss_first"] > 0
+    assert ef["state_bytes_per_param"] == pytest.approx(sr["state_bytes_per_param"] + 1, abs=0.05)
 
 
 def test_fidelity_run_one_still_runs_on_the_shared_trainer(tiny_llama):
