@@ -20,8 +20,8 @@ from qft_ds.engine import initialize, install_deepspeed_hook  # noqa: E402
 from qft_ds.nn import QEmbedding, QLinear, convert_model, quantized_weights  # noqa: E402
 from qft_ds.optim import QFTLion  # noqa: E402
 from qft_ds.quant import HybridWeight, QTensor  # noqa: E402
+from qft_ds.version import __version__  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["initialize", "QFTConfig", "QFTLion", "QTensor", "HybridWeight", "QLinear", "QEmbedding",
            "convert_model", "quantized_weights"]
 

@@ -11,11 +11,16 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
+from qft_ds.checkpoint_io import CheckpointError
+from qft_ds.export import export as run_export
+from qft_ds.monitor import plot as run_plot
+from qft_ds.ops import get_ops, report as ops_report
+from qft_ds.zero.consolidate import consolidate as run_consolidate
+
 
 def report() -> int:
-    import torch
-
-    from qft_ds.ops import get_ops, report as ops_report
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"qft_ds ops report (torch {torch.__version__})")
     print(f"{'backend':<10} {'device':<6} {'ok':<4} reason")
@@ -26,14 +31,19 @@ def report() -> int:
     return 0
 
 
-def export(args) -> int:
-    from qft_ds.checkpoint import CheckpointError
-    from qft_ds.export import export as run_export
+def _user_errors(tool: str, run, errors=(CheckpointError, FileExistsError)):
+    """run(), or None after one line on stderr when it fails for a reason the user can fix (exit status 2)."""
     try:
-        out = run_export(args.checkpoint, args.out_dir, dtype=args.dtype, int8=args.int8,
-                         max_shard_gb=args.max_shard_gb, lowbit=args.lowbit)
-    except (CheckpointError, FileExistsError) as e:
-        print(f"qft_ds export: {e}", file=sys.stderr)
+        return run()
+    except errors as e:
+        print(f"qft_ds {tool}: {e}", file=sys.stderr)
+        return None
+
+
+def export(args) -> int:
+    out = _user_errors("export", lambda: run_export(args.checkpoint, args.out_dir, dtype=args.dtype, int8=args.int8,
+                                                    max_shard_gb=args.max_shard_gb, lowbit=args.lowbit))
+    if out is None:
         return 2
     what = ("int8 (load with qft_ds.export.load_int8)" if args.int8 else
             "PEQA low-bit (load with qft_ds.methods.load_peqa)" if args.lowbit else f"{args.dtype} (AutoModelForCausalLM)")
@@ -43,23 +53,16 @@ def export(args) -> int:
 
 
 def consolidate(args) -> int:
-    from qft_ds.checkpoint import CheckpointError
-    from qft_ds.zero.consolidate import consolidate as run_consolidate
-    try:
-        out = run_consolidate(args.checkpoint, args.out_dir)
-    except (CheckpointError, FileExistsError) as e:
-        print(f"qft_ds consolidate: {e}", file=sys.stderr)
+    out = _user_errors("consolidate", lambda: run_consolidate(args.checkpoint, args.out_dir))
+    if out is None:
         return 2
     print(f"consolidated {args.checkpoint} -> {out} (a plain checkpoint: resume on one device, or export)")
     return 0
 
 
 def plot(args) -> int:
-    from qft_ds.monitor import plot as run_plot
-    try:
-        path = run_plot(args.run_dir, args.out)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"qft_ds plot: {e}", file=sys.stderr)
+    path = _user_errors("plot", lambda: run_plot(args.run_dir, args.out), (FileNotFoundError, ValueError))
+    if path is None:
         return 2
     print(f"wrote {path}")
     return 0

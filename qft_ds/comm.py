@@ -113,6 +113,12 @@ def any_rank(flag: bool) -> bool:
     return max_over_ranks(1.0 if flag else 0.0) > 0.0
 
 
+def finite_on_every_rank(t: torch.Tensor) -> bool:
+    """False on every rank if `t` holds a NaN or inf on any rank (a non-finite loss skips the step on all
+    of them, or they would drift apart): one host read, one flag reduced."""
+    return not any_rank(not bool(torch.isfinite(t.detach()).all()))
+
+
 def barrier() -> None:
     if is_distributed():
         _collective("barrier")

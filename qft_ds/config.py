@@ -1,4 +1,5 @@
-"""The `"qft"` section of a DeepSpeed JSON config: typed, with defaults and errors that name the key."""
+"""The `"qft"` section of a DeepSpeed JSON config (typed, with defaults and errors that name the key), and
+the DeepSpeed sections qft_ds takes over from DeepSpeed for every method."""
 from __future__ import annotations
 
 import difflib
@@ -149,3 +150,22 @@ def gradient_accumulation_steps(ds: dict, world_size: int = 1) -> int:
     if tb and mb:
         return max(1, int(tb) // (int(mb) * world_size))
     return 1
+
+
+def take_deepspeed_sections(cfg: QFTConfig, ds: dict, world_size: int = 1) -> None:
+    """The DeepSpeed sections qft_ds applies itself, for every method; `ds` (qft_ds's copy) is what DeepSpeed
+    gets:
+    - "fp16" is refused: qft_ds computes in bf16 or fp32;
+    - "bf16": {"enabled": true} becomes bf16 *compute*; DeepSpeed's bf16 mode is switched off, because it
+      casts every Parameter (QFT's norms and outliers, PEQA's scales, QST's side network) to bf16 and adds
+      fp32 master copies;
+    - "gradient_clipping" is applied by qft_ds, over what qft_ds trains; DeepSpeed's (default 1.0) is set to 0;
+    - the gradient accumulation steps, which qft_ds's flow must know before DeepSpeed starts."""
+    if (ds.get("fp16") or {}).get("enabled"):
+        raise ValueError('"fp16" is not supported by qft_ds: use "bf16": {"enabled": true} (bf16 compute)')
+    cfg.compute_bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
+    if "bf16" in ds:
+        ds["bf16"] = {"enabled": False}
+    cfg.max_grad_norm = float(ds.get("gradient_clipping", 0.0) or 0.0)
+    ds["gradient_clipping"] = 0.0
+    cfg.gradient_accumulation_steps = gradient_accumulation_steps(ds, world_size)

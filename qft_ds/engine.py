@@ -1,19 +1,17 @@
-"""DeepSpeed glue: `qft_ds.initialize` mirrors `deepspeed.initialize` and owns the int8 state.
+"""DeepSpeed glue: `qft_ds.initialize` mirrors `deepspeed.initialize` for every method (qft, peqa, qst).
 
 What it does with the JSON config before DeepSpeed sees it:
 - `"qft"` is parsed into a QFTConfig (unknown keys are errors) and converts the model;
-- `"optimizer": {"type": "QFTLion", ...}` is built here and handed to DeepSpeed as a client optimizer:
-  DeepSpeed would hand an optimizer only parameters, and int8 weights need their modules;
-- `"bf16": {"enabled": true}` becomes bf16 *compute* in the quantized matmuls. DeepSpeed's own bf16
-  mode is switched off, because it casts every Parameter to bf16 and adds fp32 master copies;
-- `"gradient_clipping"` is applied by QFTLion (see its docstring) and removed for DeepSpeed, whose
-  clipping would only see the float parameters.
-Everything else (batch sizes, gradient accumulation, the "scheduler" section, logging) stays
-DeepSpeed's.
-
-The engine's `backward` is guarded: a non-finite loss (on any rank) skips backward, and the optimizer
-then skips the step (see QFTLion). This covers every loop that calls `engine.backward`: train.py,
-user scripts, HF Trainer and accelerate.
+- the "optimizer" section is built here and handed to DeepSpeed as a client optimizer: QFTLion for QFT
+  (DeepSpeed would hand an optimizer only parameters, and int8 weights need their modules), a torch
+  optimizer for PEQA and QST (qft_ds.methods.setup);
+- "fp16", "bf16", "gradient_clipping" and the accumulation steps are taken over the same way for every
+  method (config.take_deepspeed_sections); QFT's ZeRO stage too (DeepSpeed gets stage 0, qft_ds.zero
+  shards the int8 state).
+Everything else (batch sizes, the "scheduler" section, logging) stays DeepSpeed's. After DeepSpeed's
+initialize, the quantized weights (buffers, which DeepSpeed does not broadcast) are broadcast from rank
+0, and the engine's `backward` is guarded: a non-finite loss on any rank skips the step on every rank.
+That covers every loop that calls `engine.backward`: train.py, user scripts, HF Trainer and accelerate.
 """
 from __future__ import annotations
 
@@ -23,14 +21,18 @@ import os
 
 import torch
 
-from qft_ds.config import QFTConfig, gradient_accumulation_steps, load_ds_config
+from qft_ds import comm
+from qft_ds.config import QFTConfig, load_ds_config, take_deepspeed_sections
 from qft_ds.launch_env import prepare_process
+from qft_ds.methods import setup as methods_setup
 from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
 from qft_ds.nn.norms import fuse_rms_norms
 from qft_ds.nn.precision import autocast_forward
 from qft_ds.nn.qmodules import enable_checkpointing, mark_checkpointed
 from qft_ds.optim.lion import QFTLion
 from qft_ds.optim.sharding import NoSharding
+from qft_ds.quant.hybrid import HybridWeight
+from qft_ds.quant.lowbit import LowBitWeight
 from qft_ds.zero.sharding import ZeroSharding
 
 _OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
@@ -51,28 +53,25 @@ def split_config(ds: dict, world_size: int = 1):
                          "\"auto\"; with train.py or deepspeed.initialize use explicit values "
                          "(ds_configs/qft.json), with Trainer/accelerate use ds_configs/qft_hf.json")
     cfg = QFTConfig.from_dict(ds.pop("qft", {}))
-    if cfg.method != "qft":  # peqa, qst: a standard torch optimizer (returns its whole section)
-        from qft_ds.methods.setup import split_method_config
-        return split_method_config(cfg, ds, world_size)
-    opt = ds.pop("optimizer", None)
+    if cfg.method == "qft":
+        opt = _qftlion_params(ds.pop("optimizer", None))
+        cfg.zero_stage = zero_stage(ds)
+    else:  # peqa, qst: a torch optimizer (its whole section)
+        opt = methods_setup.split_method_config(cfg, ds)
+    take_deepspeed_sections(cfg, ds, world_size)
+    return cfg, opt, ds
+
+
+def _qftlion_params(opt: dict | None) -> dict:
     if opt is None:
         raise ValueError('config has no "optimizer" section; add {"type": "QFTLion", "params": {"lr": 2e-5}}')
     if str(opt.get("type", "")).lower() != "qftlion":
-        raise ValueError(f"optimizer.type must be \"QFTLion\" for qft method {cfg.method!r}, got {opt.get('type')!r}")
+        raise ValueError(f"optimizer.type must be \"QFTLion\" for qft method 'qft', got {opt.get('type')!r}")
     params = dict(opt.get("params", {}))
     for key in params:
         if key not in _OPTIMIZER_KEYS:
             raise ValueError(f"unknown key 'optimizer.params.{key}'; QFTLion takes {', '.join(_OPTIMIZER_KEYS)}")
-    if (ds.get("fp16") or {}).get("enabled"):
-        raise ValueError('"fp16" is not supported by qft_ds: use "bf16": {"enabled": true} (bf16 compute)')
-    cfg.zero_stage = zero_stage(ds)
-    cfg.compute_bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
-    if "bf16" in ds:
-        ds["bf16"] = {"enabled": False}
-    cfg.max_grad_norm = float(ds.get("gradient_clipping", 0.0) or 0.0)
-    ds["gradient_clipping"] = 0.0  # explicit: DeepSpeed's default is 1.0, over the float params only
-    cfg.gradient_accumulation_steps = gradient_accumulation_steps(ds, world_size)
-    return cfg, params, ds
+    return params
 
 
 def zero_stage(ds: dict) -> int:
@@ -158,45 +157,48 @@ def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, config=None, config_params=None,
                progress: bool = False, **kwargs):
-    """Like `deepspeed.initialize`, for a config that selects QFT. Returns (engine, optimizer, loader, sched)."""
+    """Like `deepspeed.initialize`, for a config that selects a qft_ds method. Returns (engine, optimizer,
+    loader, sched)."""
     if model is None:
         raise ValueError("qft_ds.initialize needs the model")
     if optimizer is not None:
-        raise ValueError("qft_ds builds QFTLion from the config's \"optimizer\" section; do not pass optimizer=")
+        raise ValueError("qft_ds builds the optimizer from the config's \"optimizer\" section; do not pass optimizer=")
     config = config if config is not None else config_params
     if config is None:
         config = getattr(args, "deepspeed_config", None)
     if config is None:
         raise ValueError("no DeepSpeed config: pass config= (dict or JSON path) or args.deepspeed_config")
     prepare_process()  # `python script.py`: rank 0 of 1, before DeepSpeed would try MPI discovery
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cfg, opt_params, ds = split_config(load_ds_config(config), world)
-    if cfg.method != "qft":
-        from qft_ds.methods import setup
-        return setup.initialize(args, model, cfg, opt_params, ds, _ds_initialize or _import_deepspeed().initialize,
-                                **kwargs)
-    prepare_model(model, cfg, progress=progress and int(os.environ.get("RANK", "0")) == 0)
-    opt = build_optimizer(model, cfg, opt_params)
+    cfg, opt_section, ds = split_config(load_ds_config(config), int(os.environ.get("WORLD_SIZE", "1")))
+    if cfg.method == "qft":
+        module = model
+        prepare_model(model, cfg, progress=progress and int(os.environ.get("RANK", "0")) == 0)
+        opt = build_optimizer(model, cfg, opt_section)
+    else:
+        module = methods_setup.prepare_model(model, cfg)
+        opt = methods_setup.build_optimizer(module, opt_section, cfg.method)
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
         args.deepspeed_config = None  # DeepSpeed would prefer it over the rewritten config
     ds_init = _ds_initialize or _import_deepspeed().initialize
-    engine, ds_opt, loader, sched = ds_init(args=args, model=model, optimizer=opt, config=ds, **kwargs)
+    engine, ds_opt, loader, sched = ds_init(args=args, model=module, optimizer=opt, config=ds, **kwargs)
     if engine.gradient_accumulation_steps() != cfg.gradient_accumulation_steps:
         raise ValueError(f"gradient_accumulation_steps: DeepSpeed resolved {engine.gradient_accumulation_steps()} "
                          f"but qft_ds read {cfg.gradient_accumulation_steps}; set it explicitly in the config")
-    # DeepSpeed broadcasts rank 0's Parameters; the int8 weights are buffers, so qft_ds does it (a model
+    # DeepSpeed broadcasts rank 0's Parameters; quantized weights are buffers, so qft_ds does it (a model
     # initialised differently per rank would otherwise train N different models, or mismatch ZeRO shards)
-    from qft_ds.comm import broadcast_from_rank0
-    broadcast_from_rank0([t for w in quantized_weights(model) for t in (w.codes, w.scales, w.outlier_idx,
-                                                                        w.outlier_val)])
-    if engine.dp_world_size == 1:
-        # DeepSpeed would flatten, "all-reduce" over one rank and copy back the float params' gradients
-        # every step: pure host time in a host-bound step (bench/NOTES.md)
-        engine.enable_backward_allreduce = False
-    opt.shard()
-    opt.init_state()
-    guard_backward(engine, opt)
+    comm.broadcast_from_rank0([b for m in module.modules() if isinstance(m, (HybridWeight, LowBitWeight))
+                               for b in m.buffers(recurse=False)])
+    if cfg.method == "qft":
+        if engine.dp_world_size == 1:
+            # DeepSpeed would flatten, "all-reduce" over one rank and copy back the float params' gradients
+            # every step: pure host time in a host-bound step (bench/NOTES.md)
+            engine.enable_backward_allreduce = False
+        opt.shard()
+        opt.init_state()
+        guard_backward(engine, opt)
+    else:
+        methods_setup.guard_step(engine, opt, cfg.max_grad_norm)
     engine.qft_config = cfg
     return engine, ds_opt, loader, sched
 

@@ -19,9 +19,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qft_ds import checkpoint
-from qft_ds.checkpoint import CheckpointError
+from qft_ds import checkpoint_io, compact
+from qft_ds.checkpoint_io import CheckpointError
+from qft_ds.methods import peqa
+from qft_ds.nn.convert import convert_model
+from qft_ds.nn.layout import quant_layout
 from qft_ds.ops import reference as ref
+from qft_ds.zero.consolidate import consolidate
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -31,15 +35,12 @@ _QKEYS = ("codes", "scales", "outlier_idx", "outlier_val", "residual")
 
 def dequantize(t: dict, prefix: str, layout: dict) -> torch.Tensor:
     """fp32 dense weight of one HybridWeight from its stored tensors (the same maths as HybridWeight)."""
-    w = ref.dequantize_blockwise(t[f"{prefix}.codes"], t[f"{prefix}.scales"], layout["group"], torch.float32)
-    idx = t[f"{prefix}.outlier_idx"]
-    if idx.numel():
-        w[idx.long()] = t[f"{prefix}.outlier_val"]
-    return w.view(layout["shape"])
+    return ref.dequantize_hybrid(t[f"{prefix}.codes"], t[f"{prefix}.scales"], layout["group"],
+                                 t[f"{prefix}.outlier_idx"].long(), t[f"{prefix}.outlier_val"]).view(layout["shape"])
 
 
 def _dense_tensors(ckpt: Path, meta: dict, dtype: torch.dtype, tied: bool) -> dict:
-    t = checkpoint.read_tensors(ckpt / "model.safetensors")
+    t = checkpoint_io.read_tensors(ckpt / "model.safetensors")
     out = {}
     for prefix, layout in meta["quant"].items():
         w = dequantize(t, prefix, layout).to(dtype)
@@ -90,10 +91,9 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    ckpt = checkpoint.resolve(ckpt)
-    meta = checkpoint.read_meta(ckpt)
+    ckpt = checkpoint_io.resolve(ckpt)
+    meta = checkpoint_io.read_meta(ckpt)
     if "zero" in meta:  # sharded by ZeRO: consolidate one weight at a time into a plain checkpoint first
-        from qft_ds.zero.consolidate import consolidate
         parent = Path(out_dir).resolve().parent
         parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".qft-consolidate-", dir=parent) as tmp:
@@ -116,13 +116,11 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
             if f.is_file() and f.name != "config.json":
                 shutil.copy2(f, tmp / f.name)
         if lowbit:
-            from qft_ds.methods import peqa
             peqa.write_lowbit(ckpt, meta, tmp)
         elif int8:
             _write_int8(ckpt, meta, tmp)
         elif method == "peqa":
-            from qft_ds.methods import peqa
-            tensors = peqa.dense_tensors(checkpoint.read_tensors(ckpt / "model.safetensors"), DTYPES[dtype])
+            tensors = peqa.dense_tensors(checkpoint_io.read_tensors(ckpt / "model.safetensors"), DTYPES[dtype])
         else:
             tensors = _dense_tensors(ckpt, meta, DTYPES[dtype], bool(config.get("tie_word_embeddings")))
         if not (lowbit or int8):
@@ -150,7 +148,7 @@ def _check_method_flags(ckpt: Path, method: str, int8: bool, lowbit: bool) -> No
 
 
 def _write_int8(ckpt: Path, meta: dict, tmp: Path) -> None:
-    t = checkpoint.read_tensors(ckpt / "model.safetensors")
+    t = checkpoint_io.read_tensors(ckpt / "model.safetensors")
     t = {k: v for k, v in t.items() if not k.endswith(".residual")}
     save_file(t, str(tmp / "qft_int8.safetensors"), metadata={"format": "pt"})
     qft = (meta.get("ds_config") or {}).get("qft") or {}
@@ -161,42 +159,20 @@ def _write_int8(ckpt: Path, meta: dict, tmp: Path) -> None:
     (tmp / "qft_int8.json").write_text(json.dumps(info, indent=1))
 
 
-@torch.no_grad()
-def read_export_info(path: Path, name: str, kind: str, fmt: str, version: int) -> dict:
-    """The JSON that describes a compact export (`--int8`, `--lowbit`), checked for its format."""
-    try:
-        info = json.loads((path / name).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is not a {kind} export of qft_ds ({name}: {e})") from None
-    if info.get("format") != fmt or info.get("format_version") != version:
-        raise CheckpointError(f"{path}: {kind} export format {info.get('format')} v{info.get('format_version')}; "
-                              f"this qft_ds reads {fmt} v{version}")
-    return info
-
-
 def load_int8(path, device="cpu", compute_dtype: torch.dtype | None = None):
     """A model with QLinear/QEmbedding modules from an `--int8` export (inference, or more QFT training)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from qft_ds.nn.convert import convert_model
     path = Path(path)
-    info = read_export_info(path, "qft_int8.json", "int8", INT8_FORMAT, INT8_VERSION)
-    if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if info["compute_bf16"] else torch.float32
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    info = compact.read_export_info(path, "qft_int8.json", "int8", INT8_FORMAT, INT8_VERSION)
+    model, compute_dtype = compact.model_from_config(path, info, compute_dtype)
     convert_model(model, group_size=info["group_size"], outlier_frac=info["outlier_frac"], compute_dtype=compute_dtype,
                   fuse_projections=info.get("fuse_projections", False))
-    have, aliases = checkpoint.model_tensors(model)
-    saved = checkpoint.read_tensors(path / "qft_int8.safetensors")
-    layout = checkpoint.quant_layout(model)
-    if set(have) != set(saved) or aliases != info["aliases"] or layout.keys() != info["quant"].keys():
-        raise CheckpointError(f"{path}: stored tensors do not fit the model built from its config.json "
-                              f"(missing {sorted(set(have) - set(saved))[:5]}, extra {sorted(set(saved) - set(have))[:5]})")
+    layout = quant_layout(model)
+    if layout.keys() != info["quant"].keys():
+        raise CheckpointError(f"{path}: stored weights do not fit the model built from its config.json (missing "
+                              f"{sorted(layout.keys() - info['quant'].keys())[:5]}, "
+                              f"extra {sorted(info['quant'].keys() - layout.keys())[:5]})")
     for prefix, lay in layout.items():
         if lay["group"] != info["quant"][prefix]["group"]:
             raise CheckpointError(f"{path}: '{prefix}' has group {info['quant'][prefix]['group']}, rebuilt {lay['group']}")
-    for name, t in have.items():
-        if t.shape != saved[name].shape:
-            raise CheckpointError(f"{path}: '{name}' is {list(saved[name].shape)}, the model wants {list(t.shape)}")
-        t.copy_(saved[name])
+    compact.fill(model, path, "qft_int8.safetensors", info)
     return model.to(device).eval()

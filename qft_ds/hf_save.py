@@ -23,6 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qft_ds.nn.layout import quant_layout
+from qft_ds.ops import reference as ref
+from qft_ds.quant.hybrid import HybridWeight
+
 _QKEYS = ("codes", "scales", "outlier_idx", "outlier_val", "residual", "anchor")
 
 
@@ -63,10 +67,6 @@ def qft_dense(model: nn.Module, state_dict: dict, dtype: torch.dtype) -> dict:
     back) to `{module}.weight` for every module that reads it (rows of fused projections; one tensor for tied
     modules, which transformers then stores once). Other tensors (norms, biases) are cast to `dtype`. Weights
     absent from `state_dict` stay absent; one that is not whole (a ZeRO-3 shard) is an error."""
-    from qft_ds.checkpoint import quant_layout
-    from qft_ds.ops import reference as ref
-    from qft_ds.quant.hybrid import HybridWeight
-
     layout = quant_layout(model)
     internal = set()  # every name a HybridWeight's tensors have in the state dict (tied, fused: several)
     for name, m in model.named_modules(remove_duplicate=False):
@@ -87,10 +87,8 @@ def qft_dense(model: nn.Module, state_dict: dict, dtype: torch.dtype) -> dict:
                 f"'{prefix}' is not whole in this state dict ({codes.numel()} of {rows * cols} codes: a ZeRO-3 "
                 "shard?). Save a qft_ds checkpoint (qft_ds.checkpoint.save) and write the HF folder with "
                 "`qft_ds export CHECKPOINT OUT_DIR`")
-        w = ref.dequantize_blockwise(codes, state_dict[names["scales"]].float(), lay["group"], torch.float32)
-        idx = state_dict[names["outlier_idx"]]
-        if idx.numel():
-            w[idx.long()] = state_dict[names["outlier_val"]].float()
+        w = ref.dequantize_hybrid(codes, state_dict[names["scales"]].float(), lay["group"],
+                                  state_dict[names["outlier_idx"]].long(), state_dict[names["outlier_val"]])
         w = w.view(rows, cols).to(device="cpu", dtype=dtype)
         for mod in lay["modules"]:
             r = lay.get("rows", {}).get(mod)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qft_ds
-from qft_ds import checkpoint, textdata
+from qft_ds import checkpoint, checkpoint_io, textdata
 from qft_ds.checkpoint import CheckpointError, state_hash
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,19 +78,19 @@ def test_failed_save_leaves_the_previous_checkpoint(tiny_llama, tmp_path, monkey
     checkpoint.save(tmp_path, engine, opt, step=1, ds_config=cfg)
     saved = state_hash(engine.module, opt)
     one_step(engine, 1)
-    real = checkpoint._save_tensors
+    real = checkpoint_io.save_tensors
 
     def dies_midway(tensors, path):
         if path.name == "optimizer.safetensors":  # model.safetensors is already written by now
             raise OSError("disk full (injected)")
         real(tensors, path)
-    monkeypatch.setattr(checkpoint, "_save_tensors", dies_midway)
+    monkeypatch.setattr(checkpoint_io, "save_tensors", dies_midway)
     for step in (2, 1):  # a new step, and re-saving over the existing one
         with pytest.raises(OSError, match="injected"):
             checkpoint.save(tmp_path, engine, opt, step=step, ds_config=cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "latest"]  # no temp folders left
     assert (tmp_path / "latest").read_text().strip() == "checkpoint-1"
-    monkeypatch.setattr(checkpoint, "_save_tensors", real)
+    monkeypatch.setattr(checkpoint_io, "save_tensors", real)
     engine2, opt2, _ = small_engine(tiny_llama)
     meta = checkpoint.load(tmp_path, engine2, opt2, ds_config=cfg)
     assert meta["step"] == 1 and state_hash(engine2.module, opt2) == saved and opt2.step_count == 1

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from qft_ds import checkpoint, hf_save
-from qft_ds.checkpoint import CheckpointError
+from qft_ds import checkpoint_io, compact, hf_save
+from qft_ds.checkpoint_io import CheckpointError
 from qft_ds.nn.lowbit import LowBitLinear, convert_lowbit
 from qft_ds.quant.lowbit import dequantize_asym, unpack_nibbles
 
@@ -65,7 +65,7 @@ def dense_tensors(tensors: dict, dtype: torch.dtype) -> dict:
 
 def write_lowbit(ckpt: Path, meta: dict, out: Path) -> None:
     """The compact export: the checkpoint's model tensors as they are, plus what load_peqa needs."""
-    t = checkpoint.read_tensors(ckpt / "model.safetensors")
+    t = checkpoint_io.read_tensors(ckpt / "model.safetensors")
     if not _lowbit_prefixes(t):
         raise CheckpointError(f"{ckpt} holds no low-bit weights; it is not a PEQA checkpoint")
     save_file(t, str(out / "peqa.safetensors"), metadata={"format": "pt"})
@@ -77,31 +77,19 @@ def write_lowbit(ckpt: Path, meta: dict, out: Path) -> None:
     (out / "peqa.json").write_text(json.dumps(info, indent=1))
 
 
-@torch.no_grad()
 def load_peqa(path, device="cpu", compute_dtype: torch.dtype | None = None) -> nn.Module:
     """A model with LowBitLinear layers from a `--lowbit` export, bit-identical to the tuned one."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from qft_ds.export import read_export_info
     path = Path(path)
-    info = read_export_info(path, "peqa.json", "PEQA", FORMAT, VERSION)
-    if compute_dtype is None:
-        compute_dtype = torch.bfloat16 if info["compute_bf16"] else torch.float32
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    info = compact.read_export_info(path, "peqa.json", "PEQA", FORMAT, VERSION)
+    model, compute_dtype = compact.model_from_config(path, info, compute_dtype)
     convert_lowbit(model, bits=info["bits"], group_size=info["group_size"], trainable_scales=True,
                    compute_dtype=compute_dtype, quantize=False)
-    have, aliases = checkpoint.model_tensors(model)
-    saved = checkpoint.read_tensors(path / "peqa.safetensors")
-    if set(have) != set(saved) or aliases != info["aliases"]:
-        raise CheckpointError(f"{path}: stored tensors do not fit the model built from its config.json "
-                              f"(missing {sorted(set(have) - set(saved))[:5]}, "
-                              f"extra {sorted(set(saved) - set(have))[:5]})")
-    for name, t in have.items():
-        if t.shape != saved[name].shape or t.dtype != saved[name].dtype:
-            raise CheckpointError(f"{path}: '{name}' is {saved[name].dtype}{list(saved[name].shape)}, "
-                                  f"the model wants {t.dtype}{list(t.shape)}")
-        if name.endswith(".layout") and not torch.equal(t, saved[name]):  # rows, cols, bits, group
-            raise CheckpointError(f"{path}: '{name}' is {saved[name].tolist()}, rebuilt {t.tolist()}")
-    for name, t in have.items():  # all checks passed: now write
-        t.copy_(saved[name])
+
+    def check(name, t, stored):
+        if t.dtype != stored.dtype:
+            raise CheckpointError(f"{path}: '{name}' is {stored.dtype}, the model wants {t.dtype}")
+        if name.endswith(".layout") and not torch.equal(t, stored):  # rows, cols, bits, group
+            raise CheckpointError(f"{path}: '{name}' is {stored.tolist()}, rebuilt {t.tolist()}")
+    compact.fill(model, path, "peqa.safetensors", info, check)
     hf_save.install(model, hf_dense, torch.float32)
     return model.to(device).eval()

@@ -1,18 +1,14 @@
-"""Engine glue for the methods that train with a standard optimizer: PEQA (scales) and QST (side network).
+"""What PEQA (scales) and QST (side network) need beyond QFT's DeepSpeed glue (qft_ds.engine, shared).
 
-`qft_ds.engine` parses the "qft" section and hands a config whose method is not "qft" to this module:
 - the "optimizer" section names a torch.optim class ("AdamW" by default in ds_configs/peqa.json and
   qst.json); it is built here over the trainable parameters only and handed to DeepSpeed as a client
   optimizer. Weight decay applies to matrices, never to vectors or scalars (QST's gates, norms);
-- "bf16": {"enabled": true} becomes bf16 compute (low-bit matmuls, and the forward under autocast, as
-  for QFT); DeepSpeed's own bf16 mode is switched off, because it would cast the trainable fp32 scales
-  and side network to bf16 and add fp32 master copies;
-- "gradient_clipping" is applied here, just before the optimizer's step, over the trainable parameters
-  (DeepSpeed's own is switched off): the step then knows the pre-clip global norm, which train.py logs.
+- "bf16": {"enabled": true} is bf16 compute (low-bit matmuls, and the forward under autocast, as for QFT);
+- "gradient_clipping" is applied here, just before the optimizer's step, over the trainable parameters:
+  the step then knows the pre-clip global norm, which train.py logs.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import logging
@@ -20,31 +16,28 @@ import logging
 import torch
 
 from qft_ds import comm
-from qft_ds.config import QFTConfig, gradient_accumulation_steps
+from qft_ds.config import QFTConfig
+from qft_ds.methods.peqa import convert_peqa
+from qft_ds.methods.qst import build_qst
+from qft_ds.nn.precision import autocast_forward
+from qft_ds.nn.qmodules import enable_checkpointing
+from qft_ds.quant.lowbit import LowBitWeight
 
 logger = logging.getLogger("qft_ds")
 
 
-def split_method_config(cfg: QFTConfig, ds: dict, world_size: int = 1):
-    """(cfg, optimizer section, the config DeepSpeed gets) for peqa/qst; errors name the key."""
+def split_method_config(cfg: QFTConfig, ds: dict) -> dict:
+    """The optimizer section (popped from `ds`) for peqa/qst, checked; errors name the key."""
     opt = ds.pop("optimizer", None)
     if opt is None:
         raise ValueError(f'config has no "optimizer" section; method {cfg.method!r} needs one, e.g. '
                          '{"type": "AdamW", "params": {"lr": 1e-4}}')
     optimizer_class(opt.get("type"), cfg.method)  # fail early, before the model is touched
-    if (ds.get("fp16") or {}).get("enabled"):
-        raise ValueError('"fp16" is not supported by qft_ds: use "bf16": {"enabled": true} (bf16 compute)')
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage:
         raise ValueError(f"zero_optimization.stage={stage}: method {cfg.method!r} runs stage 0 only for now "
                          "(one device or plain data parallel)")
-    cfg.compute_bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
-    if "bf16" in ds:
-        ds["bf16"] = {"enabled": False}
-    cfg.max_grad_norm = float(ds.get("gradient_clipping", 0.0) or 0.0)
-    ds["gradient_clipping"] = 0.0
-    cfg.gradient_accumulation_steps = gradient_accumulation_steps(ds, world_size)
-    return cfg, opt, ds
+    return opt
 
 
 def optimizer_class(name, method: str):
@@ -86,17 +79,18 @@ def prepare_model(model: torch.nn.Module, cfg: QFTConfig) -> torch.nn.Module:
     """The module DeepSpeed will wrap: the model itself (PEQA) or a QSTModel around it."""
     cdt = torch.bfloat16 if cfg.compute_bf16 else torch.float32
     if cfg.method == "peqa":
-        from qft_ds.methods.peqa import convert_peqa
         convert_peqa(model, cfg.bits, cfg.group_size, cdt)
         if cfg.gradient_checkpointing:
-            from qft_ds.nn.qmodules import enable_checkpointing
             enable_checkpointing(model, reentrant=False)  # PEQA: not measured with the reentrant one
-        return model
-    if cfg.method == "qst":
-        from qft_ds.methods.qst import build_qst
-        return build_qst(model, bits=cfg.bits, group_size=cfg.group_size, r=cfg.r, downsample=cfg.downsample,
-                         adapter_rank=cfg.adapter_rank, compute_dtype=cdt)
-    raise ValueError(f"'qft.method' {cfg.method!r} has no standard-optimizer setup")
+        module = model
+    elif cfg.method == "qst":
+        module = build_qst(model, bits=cfg.bits, group_size=cfg.group_size, r=cfg.r, downsample=cfg.downsample,
+                           adapter_rank=cfg.adapter_rank, compute_dtype=cdt)
+    else:
+        raise ValueError(f"'qft.method' {cfg.method!r} has no standard-optimizer setup")
+    if cfg.compute_bf16:  # as for QFT: the rest of the forward (attention) in bf16 too, norms and loss fp32
+        autocast_forward(module, torch.bfloat16)
+    return module
 
 
 def guard_step(engine, optimizer, max_grad_norm: float) -> None:
@@ -113,7 +107,7 @@ def guard_step(engine, optimizer, max_grad_norm: float) -> None:
 
     @functools.wraps(real_backward)
     def backward(loss, *args, **kwargs):
-        if not comm.any_rank(not bool(torch.isfinite(loss.detach()).all())):  # ranks must skip together
+        if comm.finite_on_every_rank(loss):  # ranks must skip together
             return real_backward(loss, *args, **kwargs)
         optimizer.qft_skip = True
         logger.warning(f"step {engine.global_steps} skipped: non-finite loss {loss.item()} "
@@ -139,25 +133,8 @@ def guard_step(engine, optimizer, max_grad_norm: float) -> None:
     engine.backward, optimizer.step = backward, step
 
 
-def initialize(args, model, cfg: QFTConfig, opt: dict, ds: dict, ds_init, **kwargs):
-    """Convert/wrap the model, build the optimizer, then DeepSpeed. Returns deepspeed.initialize's tuple."""
-    module = prepare_model(model, cfg)
-    if cfg.compute_bf16:  # as for QFT: the rest of the forward (attention) in bf16 too, norms and loss fp32
-        from qft_ds.nn.precision import autocast_forward
-        autocast_forward(module, torch.bfloat16)
-    optimizer = build_optimizer(module, opt, cfg.method)
-    if args is not None and getattr(args, "deepspeed_config", None) is not None:
-        args = copy.copy(args)
-        args.deepspeed_config = None  # DeepSpeed would prefer it over the rewritten config
-    engine, ds_opt, loader, sched = ds_init(args=args, model=module, optimizer=optimizer, config=ds, **kwargs)
-    guard_step(engine, optimizer, cfg.max_grad_norm)
-    engine.qft_config = cfg
-    return engine, ds_opt, loader, sched
-
-
 def state_nbytes(model: torch.nn.Module, optimizer) -> dict:
     """Bytes of model state (low-bit weights, other tensors) and optimizer state, and parameter counts."""
-    from qft_ds.quant.lowbit import LowBitWeight
     weights = [m for m in model.modules() if isinstance(m, LowBitWeight)]
     lowbit_ids = {id(t) for w in weights for t in (w.packed, w.zeros, w.scale, w.layout)}
     quantized = sum(w.numel for w in weights)

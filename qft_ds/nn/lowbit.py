@@ -8,23 +8,19 @@ re-dequantizes in backward, like QLinear; the scale gradient is reduced per grou
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from qft_ds.nn.precision import linear_in
 from qft_ds.quant.lowbit import LowBitWeight
 
 
 class _LowBitLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, weight: LowBitWeight, cdt):
-        xc = x.to(cdt)
+        xc, y = linear_in(x, weight, cdt)
         ctx.save_for_backward(xc)
         ctx.weight, ctx.x_dtype = weight, x.dtype
-        y = F.linear(xc, weight.dequantize(cdt))
-        # Out in the input's dtype, as torch.nn.Linear (a bf16 v next to an fp32, RoPE-rotated q breaks
-        # SDPA). Under autocast, stay in the compute dtype like every autocast matmul and like QLinear:
-        # fp32 outputs made the MLP and attention keep fp32 activations for backward.
-        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, gy):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,3 +30,13 @@ def autocast_forward(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> n
     autocast_forward._qft_autocast = dtype
     model.forward = autocast_forward
     return model
+
+
+def linear_in(x: torch.Tensor, weight, cdt: torch.dtype):
+    """(x in the compute dtype `cdt`, x @ W^T) for a quantized weight dequantized to `cdt`. Out in x's dtype,
+    as torch.nn.Linear: a bf16 q/v next to an fp32 k (after fp32 RoPE) breaks attention (SDPA). Under
+    autocast, out in the compute dtype like every autocast matmul: fp32 outputs made the MLP and attention
+    keep fp32 activations for backward."""
+    xc = x.to(cdt)
+    y = F.linear(xc, weight.dequantize(cdt))
+    return xc, (y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype))

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qft_ds.flow import deliver
+from qft_ds.nn.precision import linear_in
 from qft_ds.quant.hybrid import HybridWeight
 
 
@@ -40,15 +41,12 @@ class _QLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, anchor, weight: HybridWeight, cdt, readers=None):
-        xc = x.to(cdt)
+        xc, y = linear_in(x, weight, cdt)
         ctx.save_for_backward(xc)
         # readers: the fused projections whose outputs this call produced (filled in as they read them);
         # the gradient counts as that many of the weight's uses
         ctx.weight, ctx.x_dtype, ctx.readers = weight, x.dtype, readers
-        y = F.linear(xc, weight.dequantize(cdt))
-        # Out in the input's dtype, as torch.nn.Linear: a bf16 q/v next to an fp32 k (after fp32 RoPE)
-        # breaks attention. Under autocast, stay in the compute dtype like every autocast matmul.
-        return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, gy):

@@ -203,8 +203,7 @@ class QFTLion(torch.optim.Optimizer):
     def check_loss(self, loss) -> bool:
         """False (and the step will be skipped) if the loss is non-finite on any rank: call before backward.
         One host sync between forward and backward; measured free (bench/NOTES.md, `qft_sync`)."""
-        finite = bool(torch.isfinite(loss.detach()).all())
-        if comm.any_rank(not finite):
+        if not comm.finite_on_every_rank(loss):
             self._skip_reason = "non-finite loss"
             return False
         return True

@@ -18,16 +18,16 @@ stage-0 run, or is consolidated into a plain one (zero/consolidate.py).
 """
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from qft_ds import checkpoint as ckpt_mod
+from qft_ds import checkpoint_io as io
 from qft_ds import comm
-from qft_ds.checkpoint import CheckpointError
+from qft_ds.checkpoint_io import CheckpointError
+from qft_ds.nn.layout import weights_by_prefix
 
 QKEYS = ("codes", "scales", "outlier_idx", "outlier_val", "residual")
 SHARD_DIR = "zero"
@@ -47,17 +47,6 @@ def anchor_indices(optimizer) -> dict[int, int]:
             if w is not None:
                 out[id(w)] = i
             i += 1
-    return out
-
-
-def weights_by_prefix(model) -> dict:
-    """{state-dict prefix: HybridWeight}, a tied weight under its first name only."""
-    from qft_ds.quant.hybrid import HybridWeight
-    out, seen = {}, set()
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, HybridWeight) and id(m) not in seen:
-            seen.add(id(m))
-            out[name] = m
     return out
 
 
@@ -86,7 +75,7 @@ def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_
     out_dir = Path(out_dir)
     model = engine.module if hasattr(engine, "module") else engine
     rank, world = comm.rank(), comm.world_size()
-    final = out_dir / f"{ckpt_mod.PREFIX}{step}"
+    final = out_dir / f"{io.PREFIX}{step}"
     tmp = out_dir / f".tmp-{final.name}-zero"
     if rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,15 +83,15 @@ def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_
         (tmp / SHARD_DIR).mkdir(parents=True)
     comm.barrier()
     mine, bounds = _rank_tensors(model, optimizer)
-    ckpt_mod._save_tensors(mine, tmp / shard_file(rank))
-    ckpt_mod._fsync_file(tmp / shard_file(rank))
+    io.save_tensors(mine, tmp / shard_file(rank))
+    io.fsync_file(tmp / shard_file(rank))
     del mine
     comm.barrier()
     error = None
     if rank == 0:
         try:
-            _write_rank0(tmp, final, out_dir, engine, model, optimizer, step, data or {}, ds_config, tokenizer,
-                         bounds, world)
+            _write_rank0(tmp, final, engine, model, optimizer, step, data or {}, ds_config, tokenizer, bounds,
+                         world)
         except BaseException as e:  # the others must not hang in the barrier below
             error = e
             shutil.rmtree(tmp, ignore_errors=True)
@@ -114,39 +103,26 @@ def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_
     return final
 
 
-def _write_rank0(tmp, final, out_dir, engine, model, optimizer, step, data, ds_config, tokenizer, bounds, world):
-    tensors, aliases = ckpt_mod.model_tensors(model)
+def _write_rank0(tmp, final, engine, model, optimizer, step, data, ds_config, tokenizer, bounds, world):
+    tensors, aliases = io.model_tensors(model)
     prefixes = set(bounds)
     quantized = {f"{p}.{k}" for p in prefixes for k in QKEYS}
     missing = sorted(f"{p}.codes" for p in prefixes if f"{p}.codes" not in tensors)
     if missing:
         raise CheckpointError(f"ZeRO save: quantized weights {missing[:3]} are not under their first name")
-    ckpt_mod._save_tensors({k: v for k, v in tensors.items() if k not in quantized}, tmp / "model.safetensors")
+    io.save_tensors({k: v for k, v in tensors.items() if k not in quantized}, tmp / "model.safetensors")
     osd = optimizer.state_dict()
     index = anchor_indices(optimizer)
     anchor_idx = {prefix: index[id(w)] for prefix, w in weights_by_prefix(model).items()}
     float_state = {k: v for k, v in osd["state"].items() if k not in set(anchor_idx.values())}
-    opt_tensors, opt_scalars = ckpt_mod._optimizer_tensors({"state": float_state})
-    ckpt_mod._save_tensors(opt_tensors, tmp / "optimizer.safetensors")
-    ckpt_mod.save_rng_and_hf(tmp, model, tokenizer)
-    meta = ckpt_mod.base_meta(engine, model, step, data, aliases, osd, opt_scalars, ds_config)
+    opt_tensors, opt_scalars = io.optimizer_tensors({"state": float_state})
+    io.save_tensors(opt_tensors, tmp / "optimizer.safetensors")
+    io.save_rng_and_hf(tmp, model, tokenizer)
+    meta = io.base_meta(engine, model, step, data, aliases, osd, opt_scalars, ds_config)
     meta["zero"] = {"world_size": world, "stage": optimizer.zero_stage, "block_size": optimizer.block_size,
                     "bounds": {p: [list(b) for b in v] for p, v in bounds.items()}, "anchor_index": anchor_idx}
-    ckpt_mod.seal(tmp, meta)
-    old = None
-    if final.exists():
-        old = out_dir / f".old-{final.name}-{os.getpid()}"
-        os.rename(final, old)
-    try:
-        os.rename(tmp, final)
-    except BaseException:
-        if old is not None:
-            os.rename(old, final)
-        raise
-    ckpt_mod._fsync_dir(out_dir)
-    ckpt_mod.write_text_atomic(out_dir / ckpt_mod.LATEST, final.name + "\n")
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    io.seal(tmp, meta)
+    io.publish(tmp, final)
 
 
 # -- reading pieces --------------------------------------------------------------------------------
@@ -218,9 +194,9 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     """Restore a ZeRO or plain checkpoint into a run of any world size and stage (at 1-3 the optimizer is
     already sharded). Each rank reads only what it holds, one weight at a time. Hashes, config and every
     shape are checked before anything is written; an I/O error midway leaves a partial state."""
-    ckpt = ckpt_mod.resolve(path)
-    meta = ckpt_mod.read_meta(ckpt, verify=verify)
-    ckpt_mod.check_config(meta, ds_config)
+    ckpt = io.resolve(path)
+    meta = io.read_meta(ckpt, verify=verify)
+    io.check_config(meta, ds_config)
     model = engine.module if hasattr(engine, "module") else engine
     weights = weights_by_prefix(model)
     _check_fits(ckpt, meta, model, weights)
@@ -229,8 +205,8 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     # (checked above) number the params alike
     pieces = Pieces(ckpt, meta, {prefix: index[id(w)] for prefix, w in weights.items()})
     device = next((w.codes.device for w in weights.values()), torch.device("cpu"))
-    tensors, _ = ckpt_mod.model_tensors(model)
-    replicated = ckpt_mod.read_tensors(ckpt / "model.safetensors", device)
+    tensors, _ = io.model_tensors(model)
+    replicated = io.read_tensors(ckpt / "model.safetensors", device)
     quantized = {f"{p}.{k}" for p in weights for k in QKEYS}
     names = {n for n in tensors if n not in quantized}
     if names - set(replicated):
@@ -248,10 +224,10 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
         lo, hi = optimizer.sharding.owned_range(w)
         state[index[id(w)]] = {"m_codes": pieces.read(prefix, "m_codes", lo, hi).to(device),
                                "m_scales": pieces.read(prefix, "m_scales", lo, hi, optimizer.block_size).to(device)}
-    osd = ckpt_mod._optimizer_state(ckpt, meta, device)
+    osd = io.optimizer_state(ckpt, meta, device)
     osd["state"] = {k: v for k, v in osd["state"].items() if k not in state} | state
     optimizer.load_state_dict(osd)
-    ckpt_mod.restore_run_state(ckpt, meta, engine)
+    io.restore_run_state(ckpt, meta, engine)
     return meta
 
 
@@ -270,7 +246,7 @@ def _load_weight(pieces: Pieces, prefix: str, w, optimizer, device) -> None:
 
 
 def _check_fits(ckpt: Path, meta: dict, model, weights: dict) -> None:
-    layout = ckpt_mod.quant_layout(model)
+    layout = io.quant_layout(model)
     saved = meta["quant"]
     if set(saved) != set(layout):
         raise CheckpointError(f"{ckpt} does not fit this model ({type(model).__name__}, checkpoint has "

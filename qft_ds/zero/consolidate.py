@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from qft_ds import checkpoint as ckpt_mod
-from qft_ds.checkpoint import CheckpointError
+from qft_ds import checkpoint_io as io
+from qft_ds.checkpoint_io import CheckpointError
 from qft_ds.zero.checkpoint import QKEYS, Pieces, shard_file
 
 _DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
@@ -54,8 +54,8 @@ def _spec(pieces: Pieces, rel: str, key: str):
 def consolidate(src, out_dir) -> Path:
     """Write the plain checkpoint of ZeRO checkpoint `src` (a folder, or a run folder's latest) into the
     new folder `out_dir`. Returns out_dir."""
-    src = ckpt_mod.resolve(src)
-    meta = ckpt_mod.read_meta(src)
+    src = io.resolve(src)
+    meta = io.read_meta(src)
     zero = meta.get("zero")
     if zero is None:
         raise CheckpointError(f"{src} is already a plain checkpoint (no \"zero\" entry in meta.json)")
@@ -78,9 +78,7 @@ def consolidate(src, out_dir) -> Path:
         anchors = set(zero["anchor_index"].values())
         plain["optimizer"]["scalars"] = {k: v for k, v in meta["optimizer"]["scalars"].items()
                                          if int(k.split(".", 1)[0]) not in anchors}
-        files = sorted(p for p in tmp.rglob("*") if p.is_file())
-        plain["files"] = {str(p.relative_to(tmp)): ckpt_mod.sha256_file(p) for p in files}
-        (tmp / "meta.json").write_text(ckpt_mod._json(plain, "checkpoint metadata"))
+        io.seal(tmp, plain)
         if out_dir.exists():
             out_dir.rmdir()
         tmp.rename(out_dir)
