@@ -8,6 +8,7 @@ import torch
 import qft_ds
 import qft_ds.nn.qmodules as qmodules
 from qft_ds.checkpoint import state_hash
+from qft_ds.nn import quantized_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,3 +168,27 @@ def test_nan_loss_with_finite_gradients_skips_the_step(tiny_llama):
     engine.step()
     assert state_hash(engine.module, opt) == before and opt.step_count == steps
     assert opt.skipped_steps == 1 and engine.skipped_steps == 1
+
+
+@pytest.mark.parametrize("key,value", [("lr", float("nan")), ("lr", float("inf")), ("lr", 1e999),
+                                       ("weight_decay", float("nan")), ("weight_decay", 1e999), ("lr", -1.0)])
+def test_nonfinite_hyperparameter_in_the_config_is_refused_by_name(tiny_llama, key, value):
+    cfg = json.loads((ROOT / "ds_configs" / "qft.json").read_text())
+    cfg["optimizer"]["params"][key] = value
+    with pytest.raises(ValueError, match=f"optimizer.params.{key}"):
+        qft_ds.initialize(model=tiny_llama(), config=cfg)
+
+
+def test_a_schedule_that_writes_nan_is_refused_before_anything_is_written(tiny_llama):
+    """The LR scheduler writes lr into the param groups each step: a NaN there stops the run at that step,
+    naming it, before the fused flow writes any weight."""
+    engine, opt = make_engine(tiny_llama)
+    micro_step(engine, batch(0))
+    before = [w.codes.clone() for w in quantized_weights(engine.module)]
+    mom = [opt.state[w.anchor]["m_codes"].clone() for w in quantized_weights(engine.module)]
+    for g in opt.param_groups:
+        g["lr"] = float("nan")
+    with pytest.raises(ValueError, match="param group 0 at step 1.*lr"):
+        micro_step(engine, batch(1))
+    assert all(torch.equal(a, w.codes) for a, w in zip(before, quantized_weights(engine.module)))
+    assert all(torch.equal(a, opt.state[w.anchor]["m_codes"]) for a, w in zip(mom, quantized_weights(engine.module)))

@@ -49,17 +49,28 @@ def _qweight(p):
 
 
 
+def check_hyperparams(group: dict, where: str) -> None:
+    """lr, betas and weight_decay finite and in range, or a ValueError naming the key: a NaN or inf here
+    would be written into every int8 weight and momentum by the next update (JSON's 1e999 reads as inf)."""
+    def bad(key, value, why):
+        raise ValueError(f"{where}.{key} {why}, got {value!r}")
+    for key in ("lr", "weight_decay"):
+        v = group[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            bad(key, v, "must be a finite number >= 0")
+    betas = group["betas"]
+    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+        bad("betas", betas, "must be two numbers in [0, 1)")
+
+
 class QFTLion(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
                  rounding: str = "sr", flow: str = "fused", block_size: int = 256, seed: int = 0,
                  max_grad_norm: float = 0.0, backend: str = "auto", outlier_refresh: int = 0,
                  outlier_frac: float = 0.01, clip_mode: str = "budget", sharding=None):
-        if lr < 0:
-            raise ValueError(f"QFTLion: lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"QFTLion: betas must be in [0, 1), got {betas}")
-        if weight_decay < 0:
-            raise ValueError(f"QFTLion: weight_decay must be >= 0, got {weight_decay}")
+        check_hyperparams({"lr": lr, "betas": betas, "weight_decay": weight_decay}, "optimizer.params")
+        if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm >= 0):
+            raise ValueError(f"gradient_clipping must be a finite number >= 0, got {max_grad_norm!r}")
         if rounding not in ("sr", "ef", "rtn"):
             raise ValueError(f"QFTLion: rounding must be sr, ef or rtn, got {rounding!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
@@ -73,6 +84,7 @@ class QFTLion(torch.optim.Optimizer):
         # one budget per quantized weight, and one for all float parameters together (the last)
         self.clip = ClipBudgets(max_grad_norm, [w.numel for w in self.weights] + [max(n_float, 1)], clip_mode)
         self._budgets = None         # this step's clipping budgets (fused flow), fixed at the first update
+        self._groups_checked = False  # this step's hyperparameters validated (before its first write)
         self._measuring = False      # inside the norm-only backward
         self.sharding = sharding if sharding is not None else NoSharding()
         self.flow = GradientFlow(flow, self._apply, block_size, self.sharding.reduce_on_push)
@@ -245,6 +257,8 @@ class QFTLion(torch.optim.Optimizer):
 
     def _update(self, w, grad, coef, finite=None, budget=0.0) -> None:
         """Lion on the slice of `w` this rank owns (the whole weight unsharded), with its owned gradient."""
+        if not self._groups_checked:
+            self._check_groups()
         group = self._group_of[id(w)]
         st = self._qstate(w)
         own = self.sharding.owned(w)
@@ -305,6 +319,8 @@ class QFTLion(torch.optim.Optimizer):
             stacked = self.flow.pop_all()
         for w, grad in stacked:
             self._update(w, grad, coef)
+        if not self._groups_checked:
+            self._check_groups()
         by_group = {}
         for g, p in float_params:
             st = self.state[p]
@@ -325,6 +341,7 @@ class QFTLion(torch.optim.Optimizer):
                       f"left unwritten (partial steps so far: {self.partial_steps})")
             self._bad_now = 0
         self.step_count += 1
+        self._groups_checked = False
         if self.outlier_refresh and self.step_count % self.outlier_refresh == 0:
             for w in self.weights:  # from the whole weight (ZeRO-3 gathers it), then placed again
                 w.refresh_outliers(self.outlier_frac)
@@ -352,12 +369,19 @@ class QFTLion(torch.optim.Optimizer):
         self._budgets = None
         return coef
 
+    def _check_groups(self) -> None:
+        """Once per step, before its first write: every group's lr, betas and weight decay (an LR scheduler
+        rewrites lr every step, so a bad schedule is caught at the step it goes bad)."""
+        for i, g in enumerate(self.param_groups):
+            check_hyperparams(g, f"QFTLion param group {i} at step {self.step_count} (an LR scheduler sets lr)")
+        self._groups_checked = True
+
     def _skip(self, loss):
         """Write nothing: drop this step's gradients; step_count (the SR key) does not advance."""
         self._flush()  # an update in flight: one device applied it inside backward already
         reason, self._skip_reason = self._skip_reason, None
         self.flow.discard()
-        self._bad_now, self._norms, self._budgets = 0, [], None
+        self._bad_now, self._norms, self._budgets, self._groups_checked = 0, [], None, False
         self.overflow = True
         self.skipped_steps += 1
         self._log(f"step {self.step_count} skipped: {reason} (skipped steps so far: {self.skipped_steps})")
