@@ -35,8 +35,12 @@ def split_method_config(cfg: QFTConfig, ds: dict) -> dict:
     optimizer_class(opt.get("type"), cfg.method)  # fail early, before the model is touched
     stage = (ds.get("zero_optimization") or {}).get("stage", 0)
     if stage:
-        raise ValueError(f"zero_optimization.stage={stage}: method {cfg.method!r} runs stage 0 only for now "
-                         "(one device or plain data parallel)")
+        # DeepSpeed's ZeRO would own the optimizer state: its flat partitions fit neither qft_ds's checkpoints
+        # (safetensors, any world size) nor this module's clipping and non-finite-loss skip, and the state
+        # it would shard is small (PEQA: one fp32 scale per weight group, QST: the side network)
+        raise ValueError(f"zero_optimization.stage={stage}: method {cfg.method!r} runs stage 0 only (one device, "
+                         "or plain data parallel over any number of ranks, each holding the whole trainable "
+                         f"state, which is small for {cfg.method}); remove zero_optimization or set its stage to 0")
     return opt
 
 
