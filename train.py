@@ -304,8 +304,11 @@ def main(argv=None):
         state = model_state(engine, optimizer)
         how = (f"flow: {optimizer.flow.mode}  rounding: {cfg.rounding}" if cfg.method == "qft" else
                f"method: {cfg.method}  trainable params: {state['trainable_params']:,}")
-        print(f"model: {args.model}  quantized params: {state['quantized_params']:,}  "
-              f"state: {state['bytes_per_quantized_param']:.3f} bytes/param  {how}  "
+        # QFT: per quantized param and over every param, fp32 ones (MoE experts, ...) with their momentum
+        from qft_ds.nn.coverage import state_line
+        line = (state_line(state) if cfg.method == "qft"
+                else f"state: {state['bytes_per_quantized_param']:.3f} bytes/param")
+        print(f"model: {args.model}  quantized params: {state['quantized_params']:,}  {line}  {how}  "
               f"compute: {'bf16' if cfg.compute_bf16 else 'fp32'}")
         print(f"data: {data.summary}")
         if start_step:

@@ -26,6 +26,7 @@ from qft_ds.config import QFTConfig, load_ds_config, take_deepspeed_sections
 from qft_ds.launch_env import prepare_process
 from qft_ds.methods import setup as methods_setup
 from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
+from qft_ds.nn.coverage import decays
 from qft_ds.nn.norms import fuse_rms_norms
 from qft_ds.nn.precision import autocast_forward
 from qft_ds.nn.qmodules import enable_checkpointing, mark_checkpointed
@@ -114,7 +115,7 @@ def build_optimizer(model: torch.nn.Module, cfg: QFTConfig, params: dict) -> QFT
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if hasattr(p, "_qft_weight") else no_decay).append(p)
+            (decay if decays(p) else no_decay).append(p)  # weight matrices, quantized or fp32 (nn.coverage)
     wd = float(params.get("weight_decay", 0.0))
     groups = [{"params": decay, "weight_decay": wd}]
     if no_decay:
