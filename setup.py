@@ -18,6 +18,6 @@ setup(
         "tqdm",
         "matplotlib",  # qft_ds plot
     ],
-    extras_require={"test": ["pytest"], "triton": ["triton"]},
+    extras_require={"test": ["pytest", "triton; platform_system == 'Linux'"], "triton": ["triton"]},
     entry_points={"console_scripts": ["qft_ds=qft_ds.cli:main"]},
 )
