@@ -31,6 +31,7 @@ except ImportError:
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
     config.addinivalue_line("markers", "slow: end-to-end runs of more than a few seconds")
+    config.addinivalue_line("markers", "network: needs PyPI (downloads); run with QFT_DS_NETWORK_TESTS=1")
 
 
 def pytest_collection_modifyitems(config, items):
