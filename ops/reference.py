@@ -21,6 +21,7 @@ _M64 = (1 << 64) - 1
 STREAM_WEIGHT = 0
 STREAM_MOMENTUM = 1
 STREAM_GRAD = 2
+STREAM_CARRY = 3  # error feedback's starting carry (drawn once, at conversion)
 
 
 def _splitmix64(x: int) -> int:

@@ -165,9 +165,9 @@ def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: floa
                                      for m in mods])
                 qw = HybridWeight(stacked, group_size, outlier_frac, global_offset=offset,
                                   segments=[m.out_features for m in mods])
-                del stacked
                 if error_feedback:
-                    qw.residual = torch.zeros_like(qw.codes)
+                    qw.start_carry(stacked)
+                del stacked
                 offset += qw.numel
                 by_param[id(mod.weight)] = qw  # keyed by the first member's weight: returned once
                 groups[names[0]] = (FusedProjections([m.out_features for m in mods]), qw)
@@ -178,9 +178,9 @@ def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: floa
         if qw is None:
             weight = mod.weight if device is None else mod.weight.to(device)
             qw = HybridWeight(weight, group_size, outlier_frac, global_offset=offset)
-            del weight
             if error_feedback:
-                qw.residual = torch.zeros_like(qw.codes)
+                qw.start_carry(weight)
+            del weight
             offset += qw.numel
             by_param[id(mod.weight)] = qw
         if t.kind == adapters.LINEAR:

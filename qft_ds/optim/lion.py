@@ -102,8 +102,8 @@ class QFTLion(torch.optim.Optimizer):
         self._pending = None         # fused: (weight, its gradient's reduction in flight) when it overlaps
         if rounding == "ef":
             for w in self.weights:
-                if w.residual is None:
-                    w.residual = torch.zeros_like(w.codes)
+                if w.residual is None:  # converted without EF: the original weights are gone
+                    w.start_carry()
 
     # -- state -------------------------------------------------------------------------------
     @property

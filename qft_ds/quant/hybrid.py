@@ -74,6 +74,27 @@ class HybridWeight(nn.Module):
         self.grad = None      # dense fp32 gradient, only when no optimizer consumes it (inspection)
         self._gather = None   # ZeRO-3: gives the whole state when this rank holds a slice (hold)
 
+    def start_carry(self, weight: torch.Tensor | None = None) -> None:
+        """Error feedback's int8 carry (units of scale/254) at the start of training. From the
+        full-precision `weight` these codes were rounded from: what rounding dropped, stochastically
+        rounded. A carry of zero would put every weight at the centre of its rounding cell, and its
+        forward code would not move until the updates summed to half an int8 step (about 150 steps at
+        lr 1e-5 on SmolLM2, whose median step is 3.5e-3): EF then barely learned at low lr where SR did.
+        Without `weight` (a model converted without EF), the position in the cell is unknown: a uniform
+        draw, keyed by the global element offset, is right on average."""
+        n = self.numel
+        key = ref.rng_key(0, 0, ref.STREAM_CARRY)
+        if weight is None:
+            u = ref.uniform(key, self.global_offset, n, self.codes.device)
+            self.residual = (u * 255).floor_().sub_(127).clamp_(-ref.QMAX, ref.QMAX).to(torch.int8)
+            return
+        flat = weight.detach().reshape(-1).float().to(self.codes.device)
+        inv = torch.where(self.scales > 0, 1.0 / self.scales, torch.zeros_like(self.scales))
+        y = (ref._blocks(flat, self.group) * inv[:, None]).reshape(-1)[:n]
+        r = (y - self.codes.float()).mul_(254.0)
+        r[self.outlier_idx.long()] = 0.0  # outliers are exact: no carry
+        self.residual = ref.round_codes(r, "sr", key, self.global_offset)
+
     @property
     def numel(self) -> int:
         return self.shape[0] * self.shape[1]  # of the whole weight, also when ZeRO-3 holds a shard here
