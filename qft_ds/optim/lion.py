@@ -38,6 +38,7 @@ from qft_ds.flow import GradientFlow
 from qft_ds.ops import configure as configure_ops, get_ops
 from qft_ds.ops.reference import clip_scale
 from qft_ds.optim.clipping import ClipBudgets
+from qft_ds.optim.hyperparams import check_hyperparams
 from qft_ds.optim.host import fetch
 from qft_ds.optim.sharding import NoSharding
 
@@ -47,20 +48,6 @@ logger = logging.getLogger("qft_ds")
 def _qweight(p):
     return getattr(p, "_qft_weight", None)
 
-
-
-def check_hyperparams(group: dict, where: str) -> None:
-    """lr, betas and weight_decay finite and in range, or a ValueError naming the key: a NaN or inf here
-    would be written into every int8 weight and momentum by the next update (JSON's 1e999 reads as inf)."""
-    def bad(key, value, why):
-        raise ValueError(f"{where}.{key} {why}, got {value!r}")
-    for key in ("lr", "weight_decay"):
-        v = group[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-            bad(key, v, "must be a finite number >= 0")
-    betas = group["betas"]
-    if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
-        bad("betas", betas, "must be two numbers in [0, 1)")
 
 
 class QFTLion(torch.optim.Optimizer):
