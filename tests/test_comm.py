@@ -63,6 +63,8 @@ def _entry(rank, fn, backend, world, port, args):
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=120))
     try:
         fn(rank, world, *args)
+        if backend in ("gloo", "nccl"):  # a cuda:gloo group on the CPU serves no barrier tensor
+            dist.barrier()  # no rank tears the group down while another still completes its last collective
     finally:
         dist.destroy_process_group()
 

@@ -39,6 +39,7 @@ def _train(rank, world, flow, out, port):
         opt.zero_grad()
     torch.save([w.codes.clone() for w in quantized_weights(model)], os.path.join(out, f"w{world}_{rank}.pt"))
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still completes its last collective
         dist.destroy_process_group()
 
 

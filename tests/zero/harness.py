@@ -32,6 +32,7 @@ def _entry(rank, fn, world, port, args):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(rank, world, *args)
+        dist.barrier()  # no rank tears gloo down while another still completes its last collective
     finally:
         dist.destroy_process_group()
 
