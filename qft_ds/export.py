@@ -5,6 +5,11 @@
   `transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR)` loads it; qft_ds is not needed.
 - `int8=True`: the compact form (codes + scales + outliers + float params in `qft_int8.safetensors`,
   the layout in `qft_int8.json`), loaded back into QLinear/QEmbedding modules by `load_int8`.
+- a QST checkpoint: qft_ds's QST format (qft_ds.methods.qst_export: no dense HF model holds a side
+  network), read back by `qft_ds.methods.load_qst`; plain transformers refuses it by its model type.
+
+The folder gets the ordinary modes of the user's umask (like `cp`), not mkdtemp's private 0700: an export
+is made to be shared.
 
 The error-feedback residual (rounding "ef") is sub-grid state for training and is not exported.
 """
@@ -21,7 +26,8 @@ from safetensors.torch import save_file
 
 from qft_ds import checkpoint_io, compact
 from qft_ds.checkpoint_io import CheckpointError
-from qft_ds.methods import peqa
+from qft_ds.methods import peqa, qst_export
+from qft_ds.nn import experts
 from qft_ds.nn.convert import convert_model
 from qft_ds.nn.layout import quant_layout
 from qft_ds.ops import reference as ref
@@ -41,9 +47,11 @@ def dequantize(t: dict, prefix: str, layout: dict) -> torch.Tensor:
 
 def _dense_tensors(ckpt: Path, meta: dict, dtype: torch.dtype, tied: bool) -> dict:
     t = checkpoint_io.read_tensors(ckpt / "model.safetensors")
-    out = {}
+    out, expert_slices = {}, []
     for prefix, layout in meta["quant"].items():
         w = dequantize(t, prefix, layout).to(dtype)
+        if "expert" in layout:  # one expert's slice of a 3-D Parameter: stacked below
+            expert_slices.append((layout["expert"], w))
         rows = layout.get("rows")
         for i, module in enumerate(layout["modules"]):
             if rows is not None:  # fused projections: each module's rows of the stacked weight
@@ -55,6 +63,7 @@ def _dense_tensors(ckpt: Path, meta: dict, dtype: torch.dtype, tied: bool) -> di
             out[f"{module}.weight"] = w if i == 0 else w.clone()
         for k in _QKEYS:
             t.pop(f"{prefix}.{k}", None)
+    out.update(experts.stack(expert_slices))
     for name, v in t.items():  # norms, biases: fp32 in training, the export dtype here
         out[name] = v.to(dtype) if v.is_floating_point() else v
     return out
@@ -111,11 +120,14 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the export from the user's group
         config = json.loads((hf / "config.json").read_text())
         for f in hf.iterdir():
             if f.is_file() and f.name != "config.json":
-                shutil.copy2(f, tmp / f.name)
-        if lowbit:
+                shutil.copyfile(f, tmp / f.name)  # not copy2: the checkpoint's modes are not the export's
+        if method == "qst":
+            config = qst_export.write_checkpoint(ckpt, meta, config, tmp)
+        elif lowbit:
             peqa.write_lowbit(ckpt, meta, tmp)
         elif int8:
             _write_int8(ckpt, meta, tmp)
@@ -123,7 +135,7 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
             tensors = peqa.dense_tensors(checkpoint_io.read_tensors(ckpt / "model.safetensors"), DTYPES[dtype])
         else:
             tensors = _dense_tensors(ckpt, meta, DTYPES[dtype], bool(config.get("tie_word_embeddings")))
-        if not (lowbit or int8):
+        if not (lowbit or int8 or method == "qst"):
             _save_sharded(tensors, tmp, int(max_shard_gb * 2**30))
             config.pop("torch_dtype", None)
             config["dtype"] = DTYPE_NAMES[dtype]
@@ -137,10 +149,16 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
     return out_dir
 
 
+def _umask() -> int:
+    umask = os.umask(0)  # the only way to read it
+    os.umask(umask)
+    return umask
+
+
 def _check_method_flags(ckpt: Path, method: str, int8: bool, lowbit: bool) -> None:
-    if method == "qst":
-        raise CheckpointError(f"{ckpt} is a QST checkpoint (frozen low-bit backbone + side network): it has no "
-                              "HF form to export; resume or evaluate it from the checkpoint with train.py")
+    if method == "qst" and (int8 or lowbit):
+        raise CheckpointError(f"{ckpt} is a QST checkpoint: its export is always qft_ds's QST format (the low-bit "
+                              "backbone as trained, plus the side network); drop --int8/--lowbit")
     if int8 and method != "qft":
         raise CheckpointError(f"--int8 is the compact form of a QFT checkpoint; {ckpt} is {method}: use --lowbit")
     if lowbit and method != "peqa":

@@ -5,5 +5,6 @@ optimizer through DeepSpeed (qft_ds.methods.setup); QFT itself lives in qft_ds.o
 """
 from qft_ds.methods.peqa import convert_peqa, load_peqa
 from qft_ds.methods.qst import QSTModel, build_qst
+from qft_ds.methods.qst_export import load_qst
 
-__all__ = ["convert_peqa", "load_peqa", "QSTModel", "build_qst"]
+__all__ = ["convert_peqa", "load_peqa", "QSTModel", "build_qst", "load_qst"]

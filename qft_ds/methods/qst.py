@@ -16,6 +16,16 @@ Side blocks are pre-norm SwiGLU MLPs of width d/r (intermediate size ffn/r), not
 every h_i the side network reads already carries the backbone's attention over the sequence, and at
 d/r = 36 (SmolLM2) attention heads would be 9 or 18 wide. A token-wise block keeps the side network
 cheap and free of head-size constraints; its cost is that the side network cannot mix tokens itself.
+
+Generation: because the side network is token-wise, a new token's output needs only that token's h_i, so the
+backbone's KV cache is all the state generation needs: `QSTModel.generate` is the backbone's own HF
+`generate` (every decoding strategy, its generation config, its cache) with the backbone's forward
+replaced by this model's for the call. Cached and uncached generation give the same tokens (tested).
+
+Saving: the side network reads every layer's hidden state and adds a second residual stream before the
+head, which no dense HF architecture has, so a QST model cannot be folded into a plain HF checkpoint.
+`save_pretrained` and `qft_ds export` write qft_ds's QST format instead (qft_ds.methods.qst_export), which
+`load_qst` reads back bit-exactly and plain transformers refuses.
 """
 from __future__ import annotations
 
@@ -67,8 +77,12 @@ class SideBlock(nn.Module):
 class QSTModel(nn.Module):
     """The frozen backbone (a HF causal LM, already low-bit) plus the trainable side network."""
 
-    def __init__(self, backbone: nn.Module, r: int = 16, downsample: str = "adapter", adapter_rank: int = 16):
+    def __init__(self, backbone: nn.Module, r: int = 16, downsample: str = "adapter", adapter_rank: int = 16,
+                 bits: int = 4, group_size: int = 128):
         super().__init__()
+        # what rebuilds this model from its tensors (qst_export): the side network's shape, the backbone's format
+        self.qst_settings = {"r": r, "downsample": downsample, "adapter_rank": adapter_rank, "bits": bits,
+                             "group_size": group_size}
         cfg = backbone.config
         d, layers = cfg.hidden_size, cfg.num_hidden_layers
         if r < 1 or d % r:
@@ -95,11 +109,18 @@ class QSTModel(nn.Module):
     def side_parameters(self):
         return [p for n, p in self.named_parameters() if not n.startswith("backbone.")]
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids=None, attention_mask=None, labels=None, use_cache=False, logits_to_keep=0, **kwargs):
+        """The backbone's hidden states (and its KV cache, when generating: passed through `kwargs` under
+        whatever name this transformers gives it) under no_grad, then the side network on the positions whose
+        logits are wanted: it is token-wise, so those positions need only their own hidden states."""
         from transformers.modeling_outputs import CausalLMOutputWithPast
         with torch.no_grad():
-            hs = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask,
-                                          output_hidden_states=True, use_cache=False, **kwargs).hidden_states
+            out = self.backbone.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache,
+                                           output_hidden_states=True, **kwargs)
+        hs = out.hidden_states
+        if not isinstance(logits_to_keep, int) or logits_to_keep:  # HF's meaning: the last N, or these indices
+            keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            hs = [h[:, keep] for h in hs]
         g = self.down[0](hs[0])
         gates = torch.sigmoid(self.beta)
         for i, block in enumerate(self.side):
@@ -109,24 +130,52 @@ class QSTModel(nn.Module):
         loss = None
         if labels is not None:
             loss = self.backbone.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        name = next((k for k in ("cache", "past_key_values") if out.get(k) is not None), None)  # one, aliased
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **({name: out[name]} if name else {}))
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """`transformers` generation (same arguments, same outputs) through this model: the backbone's own
+        `generate` runs with the backbone's forward replaced by this model's for the call, so its generation
+        config, KV cache and every decoding strategy apply to the QST model."""
+        backbone, own = self.backbone, self.backbone.__dict__.get("forward")
+        backbone.forward = self.forward  # an instance attribute shadows the class's forward
+        try:
+            return backbone.generate(*args, **kwargs)
+        finally:
+            if own is None:
+                del backbone.forward
+            else:
+                backbone.forward = own
+
+    @property
+    def generation_config(self):
+        return self.backbone.generation_config
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """qft_ds's QST format (see qft_ds.methods.qst_export): `load_qst` reads it back; plain transformers
+        refuses it. Keyword arguments of transformers' save_pretrained that do not apply are refused."""
+        from qft_ds.methods import qst_export
+        return qst_export.save_model(self, save_directory, **kwargs)
 
 
 def build_qst(model: nn.Module, *, bits: int = 4, group_size: int = 128, r: int = 16, downsample: str = "adapter",
-              adapter_rank: int = 16, compute_dtype: torch.dtype = torch.float32) -> QSTModel:
-    """Quantize the backbone's Linear layers to frozen low-bit codes and wrap it with a side network."""
+              adapter_rank: int = 16, compute_dtype: torch.dtype = torch.float32, quantize: bool = True) -> QSTModel:
+    """Quantize the backbone's Linear layers to frozen low-bit codes and wrap it with a side network
+    (`quantize=False`: empty low-bit weights, for a loader to fill)."""
     if not hasattr(model, "base_model") or not hasattr(model, "get_output_embeddings"):
         raise ValueError("QST needs a transformers causal LM (base_model, get_output_embeddings)")
-    convert_lowbit(model, bits=bits, group_size=group_size, trainable_scales=False, compute_dtype=compute_dtype)
+    convert_lowbit(model, bits=bits, group_size=group_size, trainable_scales=False, compute_dtype=compute_dtype,
+                   quantize=quantize)
     hf_save.install(model, refuse_hf_save, torch.float32)  # Trainer.save_model: a clear error, not a bad folder
     device = next(model.parameters()).device
-    return QSTModel(model, r, downsample, adapter_rank).to(device)
+    return QSTModel(model, r, downsample, adapter_rank, bits, group_size).to(device)
 
 
 def refuse_hf_save(model, state_dict, dtype):
-    """save_pretrained of a QST backbone (qft_ds.hf_save): the side network is the fine-tune, so the backbone
-    alone is not the trained model, and there is no HF form of both."""
+    """save_pretrained of a QST backbone alone (qft_ds.hf_save): without the side network it is not the
+    trained model."""
     raise hf_save.DenseSaveError(
-        "a QST model has no Hugging Face form (a frozen low-bit backbone plus a side network): save a qft_ds "
-        "checkpoint (qft_ds.checkpoint.save, or train.py) and resume or evaluate from it; use the qft or peqa "
-        "method for a model that saves with save_pretrained")
+        "a QST model has no Hugging Face form (no dense HF model can hold its side network, the fine-tune), and "
+        "this is its frozen backbone alone: call save_pretrained on the QSTModel (engine.module), which writes "
+        "qft_ds's QST format (load it with qft_ds.methods.load_qst), or `qft_ds export` a train.py checkpoint")
