@@ -61,9 +61,9 @@ class QFTConfig:
 
     @classmethod
     def from_dict(cls, section: dict | None, where: str = "qft") -> "QFTConfig":
+        if section is not None and not isinstance(section, dict):  # before dict(): a list would half-convert
+            raise ValueError(f"'{where}' must be a JSON object, got {section!r}")
         section = dict(section or {})
-        if not isinstance(section, dict):
-            raise ValueError(f"'{where}' must be a JSON object, got {type(section).__name__}")
         known = cls.keys()
         for key in section:
             if key not in known:
@@ -130,17 +130,53 @@ def _check(key: str, value, want: type):
     return value
 
 
+def wants_qft(ds: dict) -> bool:
+    """Whether a DeepSpeed config selects a qft_ds method (a "qft" section, or the QFTLion optimizer)."""
+    opt = ds.get("optimizer")
+    return "qft" in ds or (isinstance(opt, dict) and str(opt.get("type", "")).lower() == "qftlion")
+
+
 def load_ds_config(config) -> dict:
-    """A DeepSpeed config given as a dict or a JSON file path -> a fresh dict."""
+    """A DeepSpeed config given as a dict or a JSON file path -> a fresh dict. A config that selects qft_ds is
+    checked whole (config_schema, then the "qft" section): a ValueError names the file (or "DeepSpeed config")
+    and the key. Other configs pass through: they are DeepSpeed's."""
     if isinstance(config, dict):
-        return json.loads(json.dumps(config))
-    path = Path(config)
+        source, ds = "DeepSpeed config", json.loads(json.dumps(config))
+    else:
+        source, ds = str(config), _read_json(Path(config))
+    if not isinstance(ds, dict) or wants_qft(ds):
+        from qft_ds.config_schema import validate_ds_config
+        try:
+            validate_ds_config(ds)
+            QFTConfig.from_dict(ds.get("qft"))
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+    return ds
+
+
+def _read_json(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config file not found: {path}")
     try:
-        return json.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}): a JSON config is text") from None
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except ValueError as e:  # a duplicate key
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _no_duplicate_keys(pairs):
+    # json keeps the last of two equal keys silently; DeepSpeed's own loader refuses them too
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"key '{key}' appears twice in one object")
+        seen[key] = value
+    return seen
 
 
 def gradient_accumulation_steps(ds: dict, world_size: int = 1) -> int:

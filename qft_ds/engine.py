@@ -22,7 +22,7 @@ import os
 import torch
 
 from qft_ds import comm
-from qft_ds.config import QFTConfig, load_ds_config, take_deepspeed_sections
+from qft_ds.config import QFTConfig, load_ds_config, take_deepspeed_sections, wants_qft
 from qft_ds.launch_env import prepare_process
 from qft_ds.methods import setup as methods_setup
 from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
@@ -38,11 +38,6 @@ from qft_ds.zero.sharding import ZeroSharding
 
 _OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
 _ds_initialize = None  # the real deepspeed.initialize, saved before qft_ds wraps it
-
-
-def wants_qft(ds: dict) -> bool:
-    opt = ds.get("optimizer") or {}
-    return "qft" in ds or str(opt.get("type", "")).lower() == "qftlion"
 
 
 def split_config(ds: dict, world_size: int = 1):
