@@ -66,12 +66,13 @@ def num_blocks(numel: int, block: int) -> int:
     return -(-numel // block)
 
 
-def absmax_scales(x: torch.Tensor, block: int) -> torch.Tensor:
-    return _blocks(x.float(), block).abs().amax(dim=1) / QMAX
+def absmax_scales(x: torch.Tensor, block: int, qmax: int = QMAX) -> torch.Tensor:
+    return _blocks(x.float(), block).abs().amax(dim=1) / qmax
 
 
-def round_codes(y: torch.Tensor, rounding: str, key: int | None = None, offset: int = 0) -> torch.Tensor:
-    """Round y (already in units of the scale) to int8 codes; 'sr' is unbiased: E[q] = y."""
+def round_codes(y: torch.Tensor, rounding: str, key: int | None = None, offset: int = 0,
+                qmax: int = QMAX) -> torch.Tensor:
+    """Round y (already in units of the scale) to int8 codes in [-qmax, qmax]; 'sr' is unbiased: E[q] = y."""
     if rounding == "sr":
         y = uniform(key, offset, y.numel(), y.device).add_(y).floor_()
     elif rounding in ("rtn", "ef"):
@@ -79,18 +80,19 @@ def round_codes(y: torch.Tensor, rounding: str, key: int | None = None, offset: 
     else:
         raise ValueError(f"unknown rounding {rounding!r}")
     # Always clamp before the cast: an out-of-range float->int8 cast wraps (200 -> -56).
-    return y.clamp_(-QMAX, QMAX).to(torch.int8)
+    return y.clamp_(-qmax, qmax).to(torch.int8)
 
 
 def quantize_blockwise(x: torch.Tensor, block: int, rounding: str = "rtn", key: int | None = None,
-                       offset: int = 0, scales: torch.Tensor | None = None):
-    """Flat float tensor -> (int8 codes [numel], fp32 scales [nblocks]). Scales from absmax unless given."""
+                       offset: int = 0, scales: torch.Tensor | None = None, qmax: int = QMAX):
+    """Flat float tensor -> (int8 codes [numel] in [-qmax, qmax], fp32 scales [nblocks]). Scales from
+    absmax / qmax unless given."""
     x = x.reshape(-1).float()
     if scales is None:
-        scales = absmax_scales(x, block)
+        scales = absmax_scales(x, block, qmax)
     inv = torch.where(scales > 0, 1.0 / scales, torch.zeros_like(scales))
     y = (_blocks(x, block) * inv[:, None]).reshape(-1)[: x.numel()]
-    return round_codes(y, rounding, key, offset), scales
+    return round_codes(y, rounding, key, offset, qmax), scales
 
 
 def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, block: int,
@@ -104,6 +106,68 @@ def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, block: int,
         return out
     x = _blocks(codes.reshape(-1).to(torch.float32), block) * scales[:, None].float()
     return x.reshape(-1)[:n].to(dtype)
+
+
+# Lion's momentum: int8 (codes in [-127, 127]) or int4 (codes in [-7, 7], two per byte), blockwise with
+# one fp32 scale absmax / qmax per block, always stochastically rounded (an unbiased EMA).
+MOMENTUM_BITS = (4, 8)
+QMAX4 = 7
+
+
+def check_momentum_bits(bits) -> None:
+    if bits not in MOMENTUM_BITS:
+        raise ValueError(f"momentum_bits must be 4 or 8, got {bits!r}")
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes in [-8, 7] -> uint8 [ceil(n / 2)]: element 2i in the low nibble, 2i + 1 in the high one,
+    two's complement (an all-zero buffer is all-zero codes). Element pairs never straddle a shard: shards
+    start on block boundaries and blocks are even."""
+    flat = codes.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    nib = (flat.view(-1, 2).to(torch.int32) & 0xF)
+    return (nib[:, 0] | (nib[:, 1] << 4)).to(torch.uint8)
+
+
+def unpack_int4(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """pack_int4's inverse: int8 codes [numel]."""
+    b = packed.to(torch.int32)
+    nib = torch.stack([b & 0xF, b >> 4], dim=1).reshape(-1)[:numel]
+    return ((nib ^ 8) - 8).to(torch.int8)  # sign-extend the nibble
+
+
+def quantize_momentum(m: torch.Tensor, block: int, key: int, offset: int, bits: int = 8):
+    """Flat fp32 momentum -> (codes, fp32 scales), stochastically rounded under `key` at global `offset`:
+    int8 codes [numel] (bits 8) or packed int4 uint8 [ceil(numel / 2)] (bits 4)."""
+    check_momentum_bits(bits)
+    if bits == 8:
+        return quantize_blockwise(m, block, "sr", key, offset)
+    codes, scales = quantize_blockwise(m, block, "sr", key, offset, qmax=QMAX4)
+    return pack_int4(codes), scales
+
+
+def momentum_codes(codes: torch.Tensor, numel: int, bits: int = 8) -> torch.Tensor:
+    """The momentum's int8 codes [numel], unpacked where int4."""
+    check_momentum_bits(bits)
+    return codes if bits == 8 else unpack_int4(codes, numel)
+
+
+def dequantize_momentum(codes: torch.Tensor, scales: torch.Tensor, block: int, numel: int,
+                        bits: int = 8) -> torch.Tensor:
+    """Flat fp32 momentum [numel] from quantize_momentum's codes and scales."""
+    return dequantize_blockwise(momentum_codes(codes, numel, bits), scales, block)
+
+
+def momentum_at(codes: torch.Tensor, scales: torch.Tensor, block: int, idx: torch.Tensor,
+                bits: int = 8) -> torch.Tensor:
+    """fp32 momentum at flat indices `idx` (the outliers): a gather, no whole dequantize."""
+    check_momentum_bits(bits)
+    if bits == 8:
+        q = codes[idx]
+    else:
+        q = (((codes[idx // 2].to(torch.int32) >> ((idx % 2) * 4)) & 0xF) ^ 8) - 8
+    return q * scales[idx // block]  # int8/int32 * fp32 -> fp32 in one kernel
 
 
 def dequantize_hybrid(codes, scales, block, outlier_idx, outlier_val, dtype=torch.float32) -> torch.Tensor:
@@ -132,7 +196,7 @@ def clip_scale(grad_scale: float, clip: float, norm: float) -> float:
 
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
-              residual=None, grad_scale=1.0, finite=None, clip=0.0):
+              residual=None, grad_scale=1.0, finite=None, clip=0.0, momentum_bits=8):
     """One INT8 Lion step on a flat weight (or shard), in place.
 
     c = b1*m + (1-b1)*g ; w <- w*(1 - lr*wd) - lr*sign(c) ; m <- b2*m + (1-b2)*g
@@ -146,7 +210,9 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     `clip` > 0 (a clipping budget): the gradient is scaled by clip_scale(grad_scale, clip, finite), where
     `finite` must then be the gradient's fp32 norm; the kernels compute that scale on the device, so the
     fused flow clips each tensor without a host sync.
+    `momentum_bits` 4: m_codes are packed int4 (quantize_momentum), drawn under the same key and offsets.
     """
+    check_momentum_bits(momentum_bits)
     if finite is not None and not bool(finite_flag(finite)):
         return
     g = grad.reshape(-1).float()
@@ -154,10 +220,10 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         grad_scale = clip_scale(grad_scale, clip, float(finite))
     if grad_scale != 1.0:
         g = g * grad_scale
-    m = dequantize_blockwise(m_codes, m_scales, m_block)
+    m = dequantize_momentum(m_codes, m_scales, m_block, w_codes.numel(), momentum_bits)
     u = torch.lerp(m, g, 1 - beta1).sign_()  # sign(b1*m + (1-b1)*g)
     m.lerp_(g, 1 - beta2)                     # b2*m + (1-b2)*g
-    mq, ms = quantize_blockwise(m, m_block, "sr", rng_key(seed, step, STREAM_MOMENTUM), offset)
+    mq, ms = quantize_momentum(m, m_block, rng_key(seed, step, STREAM_MOMENTUM), offset, momentum_bits)
     m_codes.copy_(mq)
     m_scales.copy_(ms)
     del m, mq

@@ -111,7 +111,7 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, clip=0.0, quad_rng=None, chunk=None, num_warps=4,
-              philox_rounds=10, layout=None, fused_outliers=None):
+              philox_rounds=10, layout=None, fused_outliers=None, momentum_bits=8):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, or a float
@@ -126,8 +126,12 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     fused outliers for every tensor whose shape allows it, two-pass for the others) or "2pass". On the
     H100, auto made the 1.1B LLaMA-shape step 1.43x faster (bench/NOTES.md). `grad_scale` must be >= 0
     (the kernels fold it into the sign test, see _lion_scalars). `clip` > 0: a clipping budget, applied on
-    the device from the norm passed as `finite` (see reference.lion_step).
+    the device from the norm passed as `finite` (see reference.lion_step). `momentum_bits` 4: m_codes are
+    packed int4 (reference.quantize_momentum; constexpr M4 of both kernels), which needs an even block.
     """
+    ref.check_momentum_bits(momentum_bits)
+    if momentum_bits == 4 and m_block % 2:
+        raise ValueError(f"int4 momentum packs element pairs within a block: block_size must be even, got {m_block}")
     if layout is None:
         layout = os.environ.get("QFT_DS_LION_LAYOUT", "auto")
         if layout not in ("2pass", "auto"):
@@ -158,12 +162,12 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if has_outliers and fused_outliers:
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
                    beta2, weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps,
-                   philox_rounds, outlier_idx, outlier_val)
+                   philox_rounds, momentum_bits, outlier_idx, outlier_val)
         return
     if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
         # As few torch ops as the maths allows: the training step is host-bound (bench/NOTES.md).
         idx = outlier_idx  # int32 indexes directly: no int64 copy of 1% of the weight
-        m_o = m_codes[idx] * m_scales[idx // m_block]  # int8 * fp32 -> fp32 in one kernel
+        m_o = ref.momentum_at(m_codes, m_scales, m_block, idx, momentum_bits)
         g_o = g[idx].float()
         if clip > 0:
             g_o.mul_(torch.clamp(clip / (finite.float() + ref.CLIP_EPS), max=grad_scale))
@@ -175,7 +179,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if layout == "3d":
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
                    beta2, weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps,
-                   philox_rounds)
+                   philox_rounds, momentum_bits)
     elif layout == "2pass":
         base = math.lcm(w_block, m_block)
         chunk = chunk or base
@@ -196,7 +200,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
             _step_key(seed, step), offset, float(clip),
             G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
             ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ROUNDS=philox_rounds,
-            OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0,
+            OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0, M4=momentum_bits == 4,
             num_warps=num_warps)
     if has_outliers:  # the kernel rounded -lr*u at outlier slots; their dense code must stay 0
         w_codes[idx] = 0
@@ -258,7 +262,7 @@ def outlier_chunk_ptrs(outlier_idx: torch.Tensor, chunk: int, n_chunks: int) -> 
 
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
                weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps, philox_rounds,
-               outlier_idx=None, outlier_val=None):
+               momentum_bits=8, outlier_idx=None, outlier_val=None):
     rm = max(1, (chunk or 2048) // m_block)  # preconditions checked by lion_step before any write
     chunk = rm * m_block
     n_chunks = triton_cdiv(n, chunk)
@@ -275,7 +279,7 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
         _step_key(seed, step), offset, float(clip),
         outlier_idx, outlier_val, optr,
         G=w_block, K=m_block // w_block, RM=rm, ROUNDING=_rounding_id(rounding), ROUNDS=philox_rounds,
-        OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0,
+        OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0, M4=momentum_bits == 4,
         num_warps=num_warps, **extra)
 
 

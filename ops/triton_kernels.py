@@ -141,6 +141,45 @@ def _ef_carry(y, q, bits):
     return _sr_codes((y - q) * 254.0, 32768.0, bits, False)
 
 
+# int4 momentum (M4): codes in [-7, 7], two per byte (element 2i in the low nibble, two's complement), as
+# reference.pack_int4. The SR scale is absmax / 7 with the same margin as SR_PER_QMAX.
+SR_PER_QMAX4 = tl.constexpr((1.0 + 2.0**-20) / 7.0)
+
+
+@triton.jit
+def _m_scale(absmax, M4: tl.constexpr):
+    """A momentum block's SR scale from its absmax."""
+    if M4:
+        return absmax * SR_PER_QMAX4
+    return absmax * SR_PER_QMAX
+
+
+@triton.jit
+def _load_m(m_ptr, base, local, mask, M4: tl.constexpr):
+    """Momentum codes (fp32) of elements base + local (any shape; masked lanes read 0): int8, or (M4) the
+    nibble of byte (base + local) // 2. `base` must be even (a chunk start: a whole number of blocks)."""
+    if M4:
+        b = tl.load(m_ptr + base // 2 + local // 2, mask=mask, other=0).to(tl.int32)
+        nib = (b >> ((local % 2) * 4).to(tl.int32)) & 0xF
+        return ((nib ^ 8) - 8).to(tl.float32)
+    return tl.load(m_ptr + base + local, mask=mask, other=0).to(tl.float32)
+
+
+@triton.jit
+def _store_m(m_ptr, base, local, q, mask, N: tl.constexpr, M4: tl.constexpr):
+    """Store momentum codes q (int8, a tile of N elements whose row-major order pairs 2i, 2i + 1 as
+    neighbours in memory, local even at 2i): int8, or (M4) clamped to [-7, 7] and packed two per byte (a
+    masked lane holds code 0, so a partial tail's last byte is whole). `base` even, as _load_m."""
+    if M4:
+        q = tl.minimum(tl.maximum(q.to(tl.int32), -7), 7) & 0xF  # the margin keeps |q| <= 7; a wrap would flip
+        lo, hi = tl.split(tl.reshape(q, (N // 2, 2)))
+        o, _ = tl.split(tl.reshape(local, (N // 2, 2)))
+        mk, _ = tl.split(tl.reshape(mask, (N // 2, 2)))
+        tl.store(m_ptr + base // 2 + o // 2, (lo | (hi << 4)).to(tl.uint8), mask=mk)
+    else:
+        tl.store(m_ptr + base + local, q, mask=mask)
+
+
 @triton.jit
 def _round(y, u, ROUNDING: tl.constexpr):
     """y in units of the scale -> codes as float; u: uniforms (used by SR only)."""
@@ -223,7 +262,7 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
                 G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
                 B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr,
                 QUAD_RNG: tl.constexpr, ROUNDS: tl.constexpr = 10, OK_FLOAT: tl.constexpr = False,
-                CLIP: tl.constexpr = False):
+                CLIP: tl.constexpr = False, M4: tl.constexpr = False):
     """One INT8 Lion step over a chunk of RW*G = RM*B elements (a common multiple of both groupings).
 
     The weight half runs first, in weight-group rows, reading the *old* momentum to get sign(c); the
@@ -237,6 +276,7 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     Per element, one FMA each (per-row and host scalars folded, triton_backend._lion_scalars):
     c = m_code * (ms * mix) + g has the sign of b1*m + (1-b1)*gs*g; w = w_code * (s * decay) - lr*sign(c);
     m = m_code * (ms * b2) + g * g2. Masked lanes load 0 and so stay 0: no select before the absmax.
+    M4: the momentum is int4, two codes per byte (_load_m, _store_m), drawn from the same bits.
     """
     start = tl.program_id(0).to(tl.int64) * (RW * G)
     n = n * _load_ok(ok_ptr, OK_FLOAT).to(tl.int64)  # not finite: n = 0 masks every load and store
@@ -249,7 +289,7 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     mask = (rw[:, None] < RW) & (cg[None, :] < G) & (offs < n)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     ms = tl.load(ms_ptr + offs // B, mask=mask, other=0.0)
-    c = tl.fma(tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32), ms * mix, g)
+    c = tl.fma(_load_m(m_ptr, 0, offs, mask, M4), ms * mix, g)
     step = _lion_dir(c, lr)
     grow = start // G + rw
     rmask = (rw < RW) & (grow * G < n)
@@ -285,14 +325,14 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     bmask = (rm < RM) & (brow * B < n)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     ms = tl.load(ms_ptr + brow, mask=bmask, other=0.0)
-    m = tl.fma(tl.load(m_ptr + offs, mask=mask, other=0).to(tl.float32), (ms * beta2)[:, None], g * g2)
-    ms_new = tl.max(tl.abs(m), axis=1) * SR_PER_QMAX
+    m = tl.fma(_load_m(m_ptr, 0, offs, mask, M4), (ms * beta2)[:, None], g * g2)
+    ms_new = _m_scale(tl.max(tl.abs(m), axis=1), M4)
     if QUAD_RNG:  # the same draws again (this layout's rows): their high bits
         bits = _bits_rows(key, start + offset, RMP2, B, B, ROUNDS)
     else:
         bits = _bits(key, offs + offset, ROUNDS)
     q = _sr_codes(m, _sr_inv(ms_new)[:, None], bits, True)  # momentum: always stochastic (unbiased EMA)
-    tl.store(m_ptr + offs, q, mask=mask)
+    _store_m(m_ptr, 0, offs, q, mask, RMP2 * B, M4)
     tl.store(ms_ptr + brow, ms_new, mask=bmask)
 
 
@@ -314,7 +354,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
                    mix, g2, key, offset, clip, oi_ptr, ov_ptr, optr_ptr,
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
                    ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64,
-                   OK_FLOAT: tl.constexpr = False, CLIP: tl.constexpr = False):
+                   OK_FLOAT: tl.constexpr = False, CLIP: tl.constexpr = False, M4: tl.constexpr = False):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
     One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
@@ -341,7 +381,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     g = tl.load(g_ptr + start + local, mask=mask, other=0.0).to(tl.float32)
     bmask = rm * (K * G) < left
     ms = tl.load(ms_ptr + start // (K * G) + rm, mask=bmask, other=0.0)
-    mc = tl.load(m_ptr + start + local, mask=mask, other=0).to(tl.float32)
+    mc = _load_m(m_ptr, start, local, mask, M4)
     c = tl.fma(mc, (ms * mix)[:, None, None], g)
     step = _lion_dir(c, lr)
     glocal = rm[:, None] * K + k[None, :]
@@ -356,8 +396,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
         for j in range(o_lo, o_hi, OB):
             om = j + ob < o_hi
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
-            mo = (tl.load(m_ptr + oi, mask=om, other=0).to(tl.float32)
-                  * tl.load(ms_ptr + oi // (K * G), mask=om, other=0.0))
+            mo = _load_m(m_ptr, 0, oi, om, M4) * tl.load(ms_ptr + oi // (K * G), mask=om, other=0.0)
             go = tl.load(g_ptr + oi, mask=om, other=0.0).to(tl.float32) * grad_scale
             co = mo + (1.0 - beta1) * (go - mo)  # torch.lerp's form, as the reference
             uo = tl.where(co > 0, 1.0, tl.where(co < 0, -1.0, 0.0))
@@ -385,7 +424,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             if ROUNDING == 2:
                 tl.store(r_ptr + oi, tl.zeros([OB], dtype=tl.int8), mask=om)
     m = tl.fma(mc, (ms * beta2)[:, None, None], g * g2)
-    ms_new = tl.max(tl.max(tl.abs(m), axis=2), axis=1) * SR_PER_QMAX
+    ms_new = _m_scale(tl.max(tl.max(tl.abs(m), axis=2), axis=1), M4)
     q = _sr_codes(m, _sr_inv(ms_new)[:, None, None], bits, True)  # momentum: always stochastic (unbiased EMA)
-    tl.store(m_ptr + start + local, q, mask=mask)
+    _store_m(m_ptr, start, local, q, mask, RM * K * G, M4)
     tl.store(ms_ptr + start // (K * G) + rm, ms_new, mask=bmask)

@@ -54,6 +54,20 @@ def configs():
         {"G": 96, "GP2": 128, "RW": 32, "RWP2": 32, "B": 256, "RM": 12, "RMP2": 16, "ROUNDING": 0, "QUAD_RNG": True,
          "ROUNDS": 10, "OK_FLOAT": True}
 
+    # int4 momentum (M4: packed two per byte, a uint8 buffer): both layouts, training's flags, EF and RTN
+    m4 = {"m_ptr": "*u8", "ok_ptr": "*fp32"}
+    yield "lion 3d r0 outliers ok=norm clip m4", tk.lion_kernel_3d, {**LION_ARGS, **OUTLIER_ARGS, **m4}, \
+        {"G": 128, "K": 2, "RM": 8, "ROUNDING": 0, "ROUNDS": 10, "OUTLIERS": True, "OB": 64, "OK_FLOAT": True,
+         "CLIP": True, "M4": True}
+    yield "lion 3d r2 outliers m4", tk.lion_kernel_3d, {**LION_ARGS, **OUTLIER_ARGS, "m_ptr": "*u8"}, \
+        {"G": 128, "K": 2, "RM": 8, "ROUNDING": 2, "ROUNDS": 10, "OUTLIERS": True, "OB": 64, "M4": True}
+    yield "lion 2pass G96 r0 ok=norm clip m4", tk.lion_kernel, {**LION_ARGS, **m4}, \
+        {"G": 96, "GP2": 128, "RW": 32, "RWP2": 32, "B": 256, "RM": 12, "RMP2": 16, "ROUNDING": 0, "QUAD_RNG": True,
+         "ROUNDS": 10, "OK_FLOAT": True, "CLIP": True, "M4": True}
+    yield "lion 2pass G96 r1 quad=False m4", tk.lion_kernel, {**LION_ARGS, "m_ptr": "*u8"}, \
+        {"G": 96, "GP2": 128, "RW": 32, "RWP2": 32, "B": 256, "RM": 12, "RMP2": 16, "ROUNDING": 1, "QUAD_RNG": False,
+         "ROUNDS": 10, "M4": True}
+
 
 def compile_sm90(kernel, sig, const):
     """Compile one configuration for an H100 as the JIT would at run time."""

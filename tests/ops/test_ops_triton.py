@@ -12,17 +12,6 @@ import triton.language as tl  # noqa: E402
 from qft_ds.ops import triton_kernels as tk  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tb():
-    """The triton backend: compiled on CUDA, else interpreted (conftest sets TRITON_INTERPRET=1)."""
-    from qft_ds.ops import triton_backend
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    ok, why = triton_backend.is_compatible(dev)
-    if not ok:
-        pytest.skip(why)
-    return triton_backend, dev
-
-
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
