@@ -9,20 +9,24 @@ A checkpoint is a folder `OUTPUT_DIR/checkpoint-STEP/`:
 - `meta.json`: format version, step, data position, scheduler/engine/optimizer scalars, the DeepSpeed
   config, the int8 layout of every weight, and the sha256 of every file above.
 
-Saves are atomic: everything is written to a hidden temporary folder, fsynced, and renamed into place;
-then `OUTPUT_DIR/latest` (the folder's name) is replaced atomically. A save that fails midway leaves the
-previous checkpoint and `latest` untouched (checkpoint_io.py). A ZeRO run's checkpoint holds its int8
-state split by owner (zero/checkpoint.py); `save` and `load` pick the format.
+- `meta.sha256`: meta.json's own sha256 (checkpoint_meta.py), so no manifest edit loads.
+
+Saves are atomic: under the run folder's writer lock (run_folder.py), everything is written to a hidden
+temporary folder, fsynced, and renamed into place; then `OUTPUT_DIR/latest` (the folder's name) is replaced
+atomically. A save that fails midway leaves the previous checkpoint and `latest` untouched (checkpoint_io.py);
+one that is killed leaves leftovers that the next save or start tidies. Loads check everything, then write
+(checkpoint_restore.py). A ZeRO run's checkpoint holds its int8 state split by owner (zero/checkpoint.py);
+`save` and `load` pick the format.
 """
 from __future__ import annotations
 
+import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from qft_ds import checkpoint_io as io, comm
+from qft_ds import checkpoint_io as io, checkpoint_restore, comm, run_folder
 from qft_ds.checkpoint_io import (  # noqa: F401  (the public names of qft_ds.checkpoint)
     LATEST, PREFIX, CheckpointError, check_config, model_tensors, read_meta, read_tensors, resolve, state_hash)
 from qft_ds.nn.layout import quant_layout  # noqa: F401
@@ -39,15 +43,16 @@ def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_
     out_dir = Path(out_dir)
     final = out_dir / f"{PREFIX}{step}"
     if comm.rank() == 0:
-        _write(out_dir, final, engine, optimizer, step, data or {}, ds_config, tokenizer)
+        with run_folder.locked(out_dir):
+            _write(out_dir, final, engine, optimizer, step, data or {}, ds_config, tokenizer)
     comm.barrier()
     return final
 
 
 def _write(out_dir, final, engine, optimizer, step, data, ds_config, tokenizer) -> None:
     model = engine.module if hasattr(engine, "module") else engine
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=out_dir))
+    tmp = io.temp_folder(final, os.getpid())
+    tmp.mkdir()  # the umask's mode, as any folder the user makes
     try:
         tensors, aliases = model_tensors(model)
         io.save_tensors(tensors, tmp / "model.safetensors")
@@ -72,6 +77,7 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     meta = read_meta(ckpt, verify=verify)
     check_config(meta, ds_config)
     model = engine.module if hasattr(engine, "module") else engine
+    io.check_layout(ckpt, meta, model)
     tensors, aliases = model_tensors(model)
     device = next(iter(tensors.values())).device if tensors else "cpu"
     saved = read_tensors(ckpt / "model.safetensors", device)
@@ -84,8 +90,10 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
             raise CheckpointError(f"{ckpt}: '{name}' is {saved[name].dtype}{list(saved[name].shape)} in the "
                                   f"checkpoint, {t.dtype}{list(t.shape)} in the model")
     osd = io.optimizer_state(ckpt, meta, device)
-    for name, t in tensors.items():  # all checks passed: now write
-        t.copy_(saved[name])
-    optimizer.load_state_dict(osd)
-    io.restore_run_state(ckpt, meta, engine)
+    checkpoint_restore.check_optimizer_state(ckpt, osd, optimizer)
+
+    def write_model():  # every shape and dtype checked above
+        for name, t in tensors.items():
+            t.copy_(saved[name])
+    checkpoint_restore.apply(ckpt, meta, engine, optimizer, osd, write_model)
     return meta

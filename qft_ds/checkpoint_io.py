@@ -1,14 +1,17 @@
 """The files of a qft_ds checkpoint folder (plain and ZeRO): atomic writes, hashes, metadata, reading back.
 
-Writers (checkpoint.py, zero/checkpoint.py) fill a hidden temporary folder, `seal` it (every file hashed
-into meta.json, everything fsynced), then `publish` it: renamed into place, and `latest` replaced
-atomically. A save that fails midway leaves the previous checkpoint and `latest` untouched.
+Writers (checkpoint.py, zero/checkpoint.py) take the run folder's lock (run_folder.py), fill a hidden
+temporary folder, `seal` it (every file hashed into meta.json, meta.json hashed into meta.sha256, everything
+fsynced), then `publish` it: renamed into place, and `latest` replaced atomically. A save that fails
+midway leaves the previous checkpoint and `latest` untouched; what a killed one leaves is tidied or
+recovered under the lock by the next save or start (run_folder.tidy).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -16,22 +19,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qft_ds.config import QFTConfig
+from qft_ds import checkpoint_meta, run_folder
 from qft_ds.hub import sha256_file
 from qft_ds.nn.layout import quant_layout
+from qft_ds.resume_rules import config_changes
+from qft_ds.run_folder import LATEST, PREFIX, CheckpointError  # noqa: F401  (re-exported)
 from qft_ds.version import __version__
 
 FORMAT = "qft_ds-checkpoint"
 FORMAT_VERSION = 1
-LATEST = "latest"
-PREFIX = "checkpoint-"
-# qft keys that may change across a resume: they do not change the int8 state or its RNG stream.
-_RESUMABLE_QFT_KEYS = ("backend", "gradient_checkpointing", "flow", "reuse_recomputed_weight")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, of another format version, or does not fit the model."""
-
 
 # -- tensors ---------------------------------------------------------------------------------------
 def model_tensors(model: torch.nn.Module):
@@ -141,14 +137,22 @@ def seal(tmp: Path, meta: dict) -> None:
         fsync_file(p)
     meta["files"] = {str(p.relative_to(tmp)): sha256_file(p) for p in files}
     (tmp / "meta.json").write_text(to_json(meta, "checkpoint metadata"))
+    checkpoint_meta.write_manifest_hash(tmp)
     fsync_file(tmp / "meta.json")
+    fsync_file(tmp / checkpoint_meta.MANIFEST_HASH)
     for d in [tmp, *(p for p in tmp.rglob("*") if p.is_dir())]:
         fsync_dir(d)
 
 
+def temp_folder(final: Path, tag) -> Path:
+    """The temporary folder of a save of `final`, named so that run_folder.tidy knows it as ours."""
+    return final.parent / f".tmp-{final.name}-{tag}"
+
+
 def publish(tmp: Path, final: Path) -> None:
     """Rename the sealed folder `tmp` to `final` and point `latest` beside it at it. A `final` saved before
-    (the same step again) is moved aside until the new one is in place, and put back if the rename fails."""
+    (the same step again) is moved aside until the new one is in place, and put back if the rename fails;
+    if the process dies in between, run_folder.tidy puts it back at the next save or start."""
     out_dir, old = final.parent, None
     if final.exists():
         old = out_dir / f".old-{final.name}-{os.getpid()}"
@@ -169,13 +173,17 @@ def publish(tmp: Path, final: Path) -> None:
 def resolve(path) -> Path:
     """A checkpoint folder, or a run folder whose `latest` names one -> the checkpoint folder."""
     path = Path(path)
+    if not path.exists() and run_folder.CHECKPOINT_NAME.match(path.name) and path.parent.is_dir() and \
+            run_folder.leftovers(path.parent):
+        with run_folder.locked(path.parent):  # a killed re-save may have moved it aside: put it back
+            pass
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: no such file or folder")
     if (path / "meta.json").is_file():
         return path
     latest = path / LATEST
     if latest.is_file():
-        target = path / latest.read_text().strip()
+        target = run_folder.read_latest(path)
         if not (target / "meta.json").is_file():
             raise CheckpointError(f"{latest} names '{target.name}', but {target} is missing or has no meta.json")
         return target
@@ -197,7 +205,14 @@ def read_meta(ckpt, verify: bool = True) -> dict:
         raise CheckpointError(f"{ckpt} has checkpoint format version {meta.get('format_version')}; this qft_ds "
                               f"({__version__}) reads version {FORMAT_VERSION}. Use the qft_ds version that wrote "
                               f"it ({meta.get('qft_ds_version')}) to export it, or start a new run.")
+    try:
+        checkpoint_meta.check_meta(meta, ckpt / "meta.json")
+    except checkpoint_meta.MetaError as e:
+        raise CheckpointError(f"{ckpt} is corrupt: {e}") from None
     if verify:
+        problem = checkpoint_meta.verify_manifest_hash(ckpt)
+        if problem:
+            raise CheckpointError(f"{ckpt} is corrupt: {problem}")
         for rel, digest in meta["files"].items():
             p = ckpt / rel
             if not p.is_file():
@@ -215,40 +230,39 @@ def read_tensors(path: Path, device="cpu") -> dict:
 
 
 def check_config(meta: dict, ds_config: dict | None) -> None:
-    """The qft section must match the checkpoint's except keys that leave the int8 state alone."""
-    saved = (meta.get("ds_config") or {}).get("qft")
+    """This run's config may differ from the checkpoint's only as resume_rules allows (each refusal named)."""
+    saved = meta.get("ds_config")
     if ds_config is None or saved is None:
         return
-    if saved.get("method", "qft") == "qft":  # what the model was converted with (older checkpoints: never fused)
-        saved = {**saved, "fuse_projections": bool(meta.get("fuse_projections", False))}
-    a, b = QFTConfig.from_dict(saved).__dict__, QFTConfig.from_dict(ds_config.get("qft")).__dict__
-    diff = [k for k in QFTConfig.keys() if k not in _RESUMABLE_QFT_KEYS and a[k] != b[k]]
-    if diff:
-        raise CheckpointError("the config's qft section differs from the checkpoint's in " +
-                              ", ".join(f"'qft.{k}' ({a[k]!r} saved, {b[k]!r} now)" for k in diff))
+    # older checkpoints: never fused
+    changes = config_changes(saved, ds_config, fuse_projections=bool(meta.get("fuse_projections", False)))
+    if changes:
+        raise CheckpointError("the config differs from the checkpoint's in " + ", ".join(changes) +
+                              "; resume with the saved values (docs/resume_export.md: what a resume may change)")
 
 
-def restore_run_state(ckpt: Path, meta: dict, engine) -> None:
-    """The LR scheduler, the engine's counters and the torch RNG, as saved (plain and ZeRO loads)."""
-    sched = getattr(engine, "lr_scheduler", None)
-    if sched is not None and meta["scheduler"] is not None:
-        sched.load_state_dict(meta["scheduler"])
-    for key, value in meta["engine"].items():
-        if hasattr(engine, key):
-            setattr(engine, key, value)
-    rng = read_tensors(ckpt / "rng.safetensors")
-    torch.set_rng_state(rng["cpu"])
-    if torch.cuda.is_available() and "cuda.0" in rng:
-        torch.cuda.set_rng_state_all([rng[f"cuda.{i}"] for i in range(torch.cuda.device_count())
-                                      if f"cuda.{i}" in rng])
+def check_layout(ckpt: Path, meta: dict, model) -> None:
+    """The checkpoint's int8 layout (weights, shapes, groups, offsets) is this model's."""
+    layout, saved = quant_layout(model), meta["quant"]
+    if set(saved) != set(layout):
+        raise CheckpointError(f"{ckpt} does not fit this model ({type(model).__name__}, checkpoint has "
+                              f"{meta.get('model_class')}): quantized weights missing "
+                              f"{sorted(set(layout) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(layout))[:5]}")
+    for prefix, lay in layout.items():
+        for key in ("shape", "group", "global_offset"):
+            if saved[prefix][key] != lay[key]:
+                raise CheckpointError(f"{ckpt}: {prefix} has {key} {saved[prefix][key]} in the checkpoint, "
+                                      f"{lay[key]} in the model")
 
 
 def optimizer_state(ckpt: Path, meta: dict, device) -> dict:
     tensors = read_tensors(ckpt / "optimizer.safetensors", device)
     state: dict = {}
     for key, t in tensors.items():
-        _, idx, name = key.split(".", 2)
-        state.setdefault(int(idx), {})[name] = t
+        m = re.match(r"^state\.(\d+)\.(\w+)$", key)
+        if not m:
+            raise CheckpointError(f"{ckpt}/optimizer.safetensors: tensor '{key}' is not named state.INDEX.NAME")
+        state.setdefault(int(m.group(1)), {})[m.group(2)] = t
     for key, v in meta["optimizer"]["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v

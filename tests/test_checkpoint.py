@@ -140,7 +140,7 @@ def test_checkpoint_of_another_model_or_config_is_refused(saved_ckpt, tiny_llama
     with pytest.raises(CheckpointError, match="'qft.group_size' \\(128 saved, 32 now\\)"):
         checkpoint.load(ckpt, engine, opt, ds_config=cfg2)
     engine, opt, _ = small_engine(lambda: tiny_llama(hidden=32))
-    with pytest.raises(CheckpointError, match="model.embed_tokens.qweight.codes"):
+    with pytest.raises(CheckpointError, match="model.embed_tokens.qweight has shape"):
         checkpoint.load(ckpt, engine, opt, ds_config=cfg)
     with pytest.raises(CheckpointError, match="no such file"):
         checkpoint.load(ckpt.parent / "nope", engine, opt)

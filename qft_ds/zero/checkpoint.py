@@ -25,12 +25,15 @@ import torch
 from safetensors import safe_open
 
 from qft_ds import checkpoint_io as io
-from qft_ds import comm
+from qft_ds import checkpoint_restore, comm, run_folder
 from qft_ds.checkpoint_io import CheckpointError
 from qft_ds.nn.layout import weights_by_prefix
 
 QKEYS = ("codes", "scales", "outlier_idx", "outlier_val", "residual")
 SHARD_DIR = "zero"
+DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+          torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
+          torch.bool: "BOOL"}  # safetensors' names
 
 
 def shard_file(rank: int) -> str:
@@ -76,12 +79,29 @@ def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_
     model = engine.module if hasattr(engine, "module") else engine
     rank, world = comm.rank(), comm.world_size()
     final = out_dir / f"{io.PREFIX}{step}"
-    tmp = out_dir / f".tmp-{final.name}-zero"
+    tmp = io.temp_folder(final, "zero")
+    error = None
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a save of this step that died earlier
-        (tmp / SHARD_DIR).mkdir(parents=True)
-    comm.barrier()
+        try:  # the lock also tidies what killed saves left, this step's temporary folder included
+            run_folder.acquire(out_dir)
+        except BaseException as e:
+            error = e
+        else:
+            try:
+                (tmp / SHARD_DIR).mkdir(parents=True)
+            except BaseException as e:
+                run_folder.release(out_dir)
+                error = e
+    if comm.max_over_ranks(error is not None):  # every rank stops, none waits in a barrier
+        raise error if error is not None else CheckpointError(f"rank 0 could not start the save of {final}")
+    try:
+        return _save_shards(tmp, final, engine, model, optimizer, step, data, ds_config, tokenizer, rank, world)
+    finally:
+        if rank == 0:
+            run_folder.release(out_dir)
+
+
+def _save_shards(tmp, final, engine, model, optimizer, step, data, ds_config, tokenizer, rank, world) -> Path:
     mine, bounds = _rank_tensors(model, optimizer)
     io.save_tensors(mine, tmp / shard_file(rank))
     io.fsync_file(tmp / shard_file(rank))
@@ -192,14 +212,15 @@ class Pieces:
 @torch.no_grad()
 def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool = True) -> dict:
     """Restore a ZeRO or plain checkpoint into a run of any world size and stage (at 1-3 the optimizer is
-    already sharded). Each rank reads only what it holds, one weight at a time. Hashes, config and every
-    shape are checked before anything is written; an I/O error midway leaves a partial state."""
+    already sharded). Each rank reads only what it holds, one weight at a time. Hashes, config, every
+    shape and dtype (from the files' headers) and the optimizer state are checked before anything is
+    written; past the checks, only an I/O error while reading the weights could leave a partial state."""
     ckpt = io.resolve(path)
     meta = io.read_meta(ckpt, verify=verify)
     io.check_config(meta, ds_config)
     model = engine.module if hasattr(engine, "module") else engine
     weights = weights_by_prefix(model)
-    _check_fits(ckpt, meta, model, weights)
+    io.check_layout(ckpt, meta, model)
     index = anchor_indices(optimizer)
     # a plain checkpoint keeps momentum under the optimizer's param index: the same model and config
     # (checked above) number the params alike
@@ -212,22 +233,26 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     if names - set(replicated):
         raise CheckpointError(f"{ckpt} does not fit this model: missing {sorted(names - set(replicated))[:5]}")
     for name in names:  # plain checkpoints also hold the quantized tensors: read per weight below
-        if replicated[name].shape != tensors[name].shape:
-            raise CheckpointError(f"{ckpt}: '{name}' is {list(replicated[name].shape)} in the checkpoint, "
-                                  f"{list(tensors[name].shape)} in the model")
-    for name in names:
-        tensors[name].copy_(replicated[name])
-    del replicated
+        if replicated[name].shape != tensors[name].shape or replicated[name].dtype != tensors[name].dtype:
+            raise CheckpointError(f"{ckpt}: '{name}' is {replicated[name].dtype}{list(replicated[name].shape)} in "
+                                  f"the checkpoint, {tensors[name].dtype}{list(tensors[name].shape)} in the model")
+    for prefix, w in weights.items():
+        _check_pieces(pieces, prefix, w, optimizer)
     state = {}
     for prefix, w in weights.items():
-        _load_weight(pieces, prefix, w, optimizer, device)
         lo, hi = optimizer.sharding.owned_range(w)
         state[index[id(w)]] = {"m_codes": pieces.read(prefix, "m_codes", lo, hi).to(device),
                                "m_scales": pieces.read(prefix, "m_scales", lo, hi, optimizer.block_size).to(device)}
     osd = io.optimizer_state(ckpt, meta, device)
     osd["state"] = {k: v for k, v in osd["state"].items() if k not in state} | state
-    optimizer.load_state_dict(osd)
-    io.restore_run_state(ckpt, meta, engine)
+    checkpoint_restore.check_optimizer_state(ckpt, osd, optimizer)
+
+    def write_model():
+        for name in names:
+            tensors[name].copy_(replicated[name])
+        for prefix, w in weights.items():
+            _load_weight(pieces, prefix, w, optimizer, device)
+    checkpoint_restore.apply(ckpt, meta, engine, optimizer, osd, write_model)
     return meta
 
 
@@ -238,23 +263,34 @@ def _load_weight(pieces: Pieces, prefix: str, w, optimizer, device) -> None:
     w.hold(pieces.read(prefix, "codes", 0, n).to(device), pieces.read(prefix, "scales", 0, n, w.group).to(device),
            idx.to(device), val.to(device))
     if w.residual is not None:
-        if not pieces.has(prefix, "residual"):
-            raise CheckpointError(f"{pieces.ckpt} has no error-feedback residual for {prefix}")
         lo, hi = optimizer.sharding.owned_range(w)
         w.residual = pieces.read(prefix, "residual", lo, hi).to(device)
     optimizer.sharding.reshard(w)  # ZeRO: outlier ownership again; stage 3 slices the whole weight
 
 
-def _check_fits(ckpt: Path, meta: dict, model, weights: dict) -> None:
-    layout = io.quant_layout(model)
-    saved = meta["quant"]
-    if set(saved) != set(layout):
-        raise CheckpointError(f"{ckpt} does not fit this model ({type(model).__name__}, checkpoint has "
-                              f"{meta.get('model_class')}): quantized weights missing "
-                              f"{sorted(set(layout) - set(saved))[:5]}, unexpected {sorted(set(saved) - set(layout))[:5]}")
-    for prefix, lay in layout.items():
-        for key in ("shape", "group", "global_offset"):
-            if saved[prefix][key] != lay[key]:
-                raise CheckpointError(f"{ckpt}: {prefix} has {key} {saved[prefix][key]} in the checkpoint, "
-                                      f"{lay[key]} in the model")
+def _check_pieces(pieces: Pieces, prefix: str, w, optimizer) -> None:
+    """Every saved piece of weight `prefix` has the dtype and length its slice needs (headers only)."""
+    kinds = {"codes": (w.codes.dtype, 1), "scales": (w.scales.dtype, w.group), "m_codes": (torch.int8, 1),
+             "m_scales": (torch.float32, optimizer.block_size)}
+    if w.residual is not None:
+        if not pieces.has(prefix, "residual"):
+            raise CheckpointError(f"{pieces.ckpt} has no error-feedback residual for {prefix}")
+        kinds["residual"] = (w.residual.dtype, 1)
+    for kind, (dtype, per) in kinds.items():
+        for rel, key, lo, hi in pieces._sources(prefix, kind):
+            _check_header(pieces, rel, key, dtype, [-(-hi // per) - lo // per])
+    for rel, key, _, _ in pieces._sources(prefix, "outlier_idx"):
+        n = _check_header(pieces, rel, key, w.outlier_idx.dtype, None)
+        _check_header(pieces, rel, key.replace(".outlier_idx", ".outlier_val"), w.outlier_val.dtype, n)
 
+
+def _check_header(pieces: Pieces, rel: str, key: str, dtype, shape) -> list:
+    f = pieces.open(rel)
+    if key not in f.keys():
+        raise CheckpointError(f"{pieces.ckpt / rel} has no tensor '{key}'")
+    sl = f.get_slice(key)
+    got_shape, got_dtype = list(sl.get_shape()), sl.get_dtype()
+    if got_dtype != DTYPES[dtype] or len(got_shape) != 1 or (shape is not None and got_shape != shape):
+        raise CheckpointError(f"{pieces.ckpt / rel}: '{key}' is {got_dtype}{got_shape}; this run needs "
+                              f"{DTYPES[dtype]}{shape if shape is not None else '[n]'}")
+    return got_shape

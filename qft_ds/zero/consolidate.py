@@ -8,21 +8,16 @@ memory holds one weight (plus the small replicated tensors), never a whole shard
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 
 from qft_ds import checkpoint_io as io
 from qft_ds.checkpoint_io import CheckpointError
-from qft_ds.zero.checkpoint import QKEYS, Pieces, shard_file
-
-_DTYPES = {torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
-           torch.float16: "F16", torch.bfloat16: "BF16", torch.float32: "F32", torch.float64: "F64",
-           torch.bool: "BOOL"}
-
+from qft_ds.zero.checkpoint import DTYPES as _DTYPES, QKEYS, Pieces, shard_file
 
 def write_streaming(path: Path, specs: list, produce) -> None:
     """Write a safetensors file from `specs` [(name, dtype, shape)], calling produce(name) for each
@@ -63,7 +58,9 @@ def consolidate(src, out_dir) -> Path:
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not an empty folder")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out_dir.name}-", dir=out_dir.parent))
+    tmp = out_dir.parent / f".tmp-{out_dir.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from a consolidate that failed
+    tmp.mkdir()  # the umask's mode, as any folder the user makes
     try:
         pieces = Pieces(src, meta)
         _write_model(pieces, meta, tmp)
