@@ -8,8 +8,8 @@
 - a QST checkpoint: qft_ds's QST format (qft_ds.methods.qst_export: no dense HF model holds a side
   network), read back by `qft_ds.methods.load_qst`; plain transformers refuses it by its model type.
 
-The folder gets the ordinary modes of the user's umask (like `cp`), not mkdtemp's private 0700: an export
-is made to be shared.
+The folder and its files get the ordinary modes of the user's umask (like `cp`), not the private 0700/0600
+that mkdtemp and safetensors use: an export is made to be shared.
 
 The error-feedback residual (rounding "ef") is sub-grid state for training and is not exported.
 """
@@ -120,7 +120,6 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the export from the user's group
         config = json.loads((hf / "config.json").read_text())
         for f in hf.iterdir():
             if f.is_file() and f.name != "config.json":
@@ -140,6 +139,7 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
             config.pop("torch_dtype", None)
             config["dtype"] = DTYPE_NAMES[dtype]
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        _share(tmp)
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         os.rename(tmp, out_dir)
@@ -149,10 +149,13 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
     return out_dir
 
 
-def _umask() -> int:
+def _share(folder: Path) -> None:
+    """The modes a plain `cp` would give: mkdtemp made the folder 0700, and safetensors writes files 0600."""
     umask = os.umask(0)  # the only way to read it
     os.umask(umask)
-    return umask
+    os.chmod(folder, 0o777 & ~umask)
+    for f in folder.iterdir():
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
 
 
 def _check_method_flags(ckpt: Path, method: str, int8: bool, lowbit: bool) -> None:

@@ -1,5 +1,7 @@
 """`qft_ds export`: dense HF folders that plain transformers loads, int8 exports, and matching logits."""
 import json
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +105,18 @@ def test_export_errors_are_clear(trained, tmp_path, capsys):
     assert "not an empty folder" in capsys.readouterr().err and (tmp_path / "full" / "x").read_text() == "keep me"
     with pytest.raises(SystemExit):
         main(["export", str(ckpt), str(tmp_path / "o"), "--int8", "--dtype", "fp16"])
+
+
+def test_export_gets_the_umasks_modes_not_private_ones(trained, tmp_path):
+    """Others on a shared machine can read an export, as `cp` would allow (mkdtemp alone makes it 0700)."""
+    _, ckpt = trained
+    old = os.umask(0o022)
+    try:
+        assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0
+    finally:
+        os.umask(old)
+    out = tmp_path / "hf"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    modes = {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()}
+    assert "config.json" in modes and "model.safetensors" in modes and "tokenizer.json" in modes
+    assert set(modes.values()) == {0o644}, modes
