@@ -158,8 +158,11 @@ def open_metrics(out_dir: Path, start_step: int):
     path = out_dir / "metrics.jsonl"
     keep = []
     if start_step and path.is_file():
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start_step]
+        from qft_ds import run_folder
+        try:  # a cut-off last line is dropped, with a warning
+            keep = run_folder.metrics_lines(path, start_step)
+        except run_folder.RunFolderError as e:
+            sys.exit(str(e))
     path.write_text("".join(line + "\n" for line in keep))
     return open(path, "a")
 
@@ -300,7 +303,11 @@ def main(argv=None):
     out_dir = Path(args.output_dir or _resume_dir(args.resume_from_checkpoint)
                    or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        from qft_ds import run_folder
+        try:  # one writer per output folder (held until exit); leftovers of killed saves are tidied
+            run_folder.acquire(out_dir)
+        except run_folder.RunFolderError as e:
+            sys.exit(f"--output_dir: {e}")
         state = model_state(engine, optimizer)
         how = (f"flow: {optimizer.flow.mode}  rounding: {cfg.rounding}" if cfg.method == "qft" else
                f"method: {cfg.method}  trainable params: {state['trainable_params']:,}")

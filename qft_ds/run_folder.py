@@ -203,3 +203,32 @@ def read_latest(run_dir: Path) -> Path:
         with locked(run_dir):  # a re-save of this step was killed mid-swap: put the previous copy back
             pass
     return target
+
+
+# -- metrics.jsonl ---------------------------------------------------------------------------------
+def metrics_lines(path: Path, upto_step: int) -> list[str]:
+    """The rows of a run's metrics.jsonl up to `upto_step` (a resumed run may have gone past its last
+    save). A cut-off last line, as a run killed mid-write leaves it, is dropped with a warning; any other
+    bad line is an error naming the file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise RunFolderError(f"{path} is not UTF-8 text ({e}); move it away to start a fresh one") from None
+    keep = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            step = row["step"] if isinstance(row, dict) else None
+        except (json.JSONDecodeError, KeyError):
+            row = step = None
+        if not isinstance(step, int):
+            if n == len(lines) and row is None:
+                logger.warning(f"{path}: line {n}, the last, is cut off (a run killed while writing it): dropped")
+                continue
+            raise RunFolderError(f"{path}: line {n} is not a metrics row with an integer \"step\"; fix or move "
+                                 "the file away to resume")
+        if step <= upto_step:
+            keep.append(line)
+    return keep
