@@ -25,7 +25,6 @@ API (train.py and the QA benchmark use these):
 """
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .textdata import _n_heldout, step_indices
+from .textfiles import jsonl_rows
 
 IGNORE = -100
 ROLES = ("system", "user", "assistant", "tool")
@@ -107,21 +107,16 @@ def _kind(row: dict) -> str:
 def read_sft_jsonl(path) -> list[dict]:
     """Validated rows of ``path`` (blank lines skipped but counted); one format per file."""
     rows, first = [], None
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = _check_row(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {n}: invalid JSON ({e.msg})") from None
-            except _RowError as e:
-                raise ValueError(f"{path}: row {n}: {e}") from None
-            first = first or (n, _kind(row))
-            if _kind(row) != first[1]:
-                raise ValueError(f"{path}: row {n}: a {_kind(row)} row, but row {first[0]} is {first[1]}: "
-                                 "use one format per file")
-            rows.append(row)
+    for n, obj in jsonl_rows(path):
+        try:
+            row = _check_row(obj)
+        except _RowError as e:
+            raise ValueError(f"{path}: row {n}: {e}") from None
+        first = first or (n, _kind(row))
+        if _kind(row) != first[1]:
+            raise ValueError(f"{path}: row {n}: a {_kind(row)} row, but row {first[0]} is {first[1]}: "
+                             "use one format per file")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -141,12 +136,7 @@ def dataset_format(spec: str) -> str:
     path = Path(spec).expanduser()
     if path.suffix != ".jsonl" or not path.is_file():
         return "text"
-    with open(path, encoding="utf-8") as f:
-        n, line = next(((n, ln) for n, ln in enumerate(f, 1) if ln.strip()), (1, "{}"))
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError:
-        return "text"  # the text reader reports the bad row
+    n, obj = next(jsonl_rows(path), (1, {}))  # a bad first row: ValueError naming it
     if not isinstance(obj, dict) or not {"messages", "prompt", "completion"} & obj.keys():
         return "text"
     try:

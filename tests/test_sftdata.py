@@ -167,6 +167,27 @@ def test_bad_row_names_file_row_and_field(tmp_path, line, why):
     assert str(e.value).startswith(f"{p}: row 4: ") and why in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("line, why", [
+    (b'{"prompt": "caf\xe9", "completion": "b"}', "not UTF-8 text (byte e9)"),
+    (b'{"prompt": "the \\udfff", "completion": "b"}', 'field "prompt": an unpaired surrogate escape'),
+    (b'{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "\\ud800"}]}',
+     'field "messages[1].content": an unpaired surrogate escape'),
+    (b'{"prompt": "a\x00", "completion": "b"}', "a NUL byte: this is binary data"),
+])
+def test_row_that_is_not_text_names_file_row_and_field(tmp_path, line, why):
+    """Latin-1 bytes and binary data used to raise UnicodeDecodeError without the file; a lone surrogate
+    passed the row checks and broke the tokenizer later with UnicodeEncodeError."""
+    p = tmp_path / "data.jsonl"
+    p.write_bytes(f"{GOOD}\n\n{GOOD}\n".encode() + line + b"\n")
+    for read in (read_sft_jsonl, lambda path: sftdata.sft_splits(path, eval_path=path)):
+        with pytest.raises(ValueError) as e:
+            read(p)
+        assert str(e.value).startswith(f"{p}: row 4: ") and why in str(e.value), str(e.value)
+    p.write_bytes(line + b"\n")  # the first row decides the format: named there too
+    with pytest.raises(ValueError, match="row 1: "):
+        sftdata.dataset_format(str(p))
+
+
 def test_rows_keep_their_format_fields_only(tmp_path):
     p = tmp_path / "d.jsonl"
     rows = [{"prompt": "a", "completion": "b", "id": 1},

