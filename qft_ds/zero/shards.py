@@ -7,6 +7,9 @@ only the slice; the whole weight is gathered for each use (forward, backward) an
 A gather packs each rank's pieces into one byte buffer (4-byte pieces first, so they stay aligned),
 padded to the largest rank's size, so one all_gather moves a weight. The outlier indices only change
 when outliers are re-selected, so stages 1 and 2 never send them.
+
+Streaming conversion at stage 3 cuts each weight as soon as it is quantized (`preshard`): a rank never holds
+the whole model's int8 state, and the WeightShard later adopts the cut it finds instead of making its own.
 """
 from __future__ import annotations
 
@@ -20,6 +23,29 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1).view(torch.uint8)
 
 
+def _keep_residual_slice(w, lo: int, hi: int) -> None:
+    if w.residual is not None and w.residual.numel() == w.numel:  # only the owner's slice is state
+        w.residual = w.residual[lo:hi].clone()
+
+
+def keep_slice(w, part: Partition, gather=None) -> list[tuple[int, int]]:
+    """Replace the whole state now in `w` by rank `part.rank`'s slice (outlier indices stay those of the whole
+    weight); returns every rank's range of positions in the sorted outlier list, which the gathers need."""
+    o_bounds = outlier_bounds(w.outlier_idx, part.bounds)
+    lo, hi = part.bounds[part.rank]
+    (sa, sb), (oa, ob) = part.scale_bounds(w.group)[part.rank], o_bounds[part.rank]
+    w.hold(w.codes[lo:hi].clone(), w.scales[sa:sb].clone(), w.outlier_idx[oa:ob].clone(),
+           w.outlier_val[oa:ob].clone(), gather=gather)
+    return o_bounds
+
+
+def preshard(w, part: Partition) -> None:
+    """Streaming conversion at stage 3: keep only this rank's slice of a weight just quantized (and of its
+    error-feedback carry). The optimizer's WeightShard adopts it, if its Partition is the same."""
+    _keep_residual_slice(w, *part.bounds[part.rank])
+    w._qft_preshard = (part, keep_slice(w, part))
+
+
 class WeightShard:
     def __init__(self, w, part: Partition, stage: int):
         if stage not in (1, 2, 3):
@@ -28,9 +54,18 @@ class WeightShard:
         self.bounds = part.bounds
         self.lo, self.hi = self.bounds[part.rank]
         self.scale_bounds = part.scale_bounds(w.group)
-        if w.residual is not None and w.residual.numel() == w.numel:  # only the owner's slice is state
-            w.residual = w.residual[self.lo:self.hi].clone()
-        self.reshard()
+        _keep_residual_slice(w, self.lo, self.hi)
+        cut = w.__dict__.pop("_qft_preshard", None)
+        if cut is None:
+            self.reshard()
+            return
+        if stage != 3 or cut[0] != part:
+            raise ValueError(f"a weight was sharded while converting as {cut[0]}, but the optimizer shards it as "
+                             f"{part} at stage {stage}: convert with the run's ZeRO stage, world size and "
+                             "qft.block_size")
+        self.outlier_bounds = cut[1]
+        w.hold(w.codes, w.scales, w.outlier_idx, w.outlier_val, gather=self.gather_full)
+        self._local_idx = None
 
     @property
     def numel(self) -> int:
@@ -41,11 +76,10 @@ class WeightShard:
         """(Re)compute outlier ownership from the whole weight now in `w`; stage 3 then drops the rest.
         Called at setup and after outliers are re-selected (which rebuilds the whole weight)."""
         w = self.w
-        self.outlier_bounds = outlier_bounds(w.outlier_idx, self.bounds)
         if self.stage == 3:
-            (sa, sb), (oa, ob) = self.scale_bounds[self.part.rank], self.outlier_bounds[self.part.rank]
-            w.hold(w.codes[self.lo:self.hi].clone(), w.scales[sa:sb].clone(), w.outlier_idx[oa:ob].clone(),
-                   w.outlier_val[oa:ob].clone(), gather=self.gather_full)
+            self.outlier_bounds = keep_slice(w, self.part, gather=self.gather_full)
+        else:
+            self.outlier_bounds = outlier_bounds(w.outlier_idx, self.bounds)
         self._local_idx = None
 
     def codes(self) -> torch.Tensor:
