@@ -3,6 +3,8 @@
 # (SmolLM2-135M runs are host-bound, so they overlap well), then one solo run per method for tok/s, which
 # sharing lowers, then the merge. Losses and per-process peak memory do not depend on the sharing.
 #   bash bench/fidelity_grid.sh OUT_DIR [COMMIT [PART ...]]    (STEPS=300 by default; SOLO_STEPS=40)
+# Split over GPUs: one call per GPU with its own PARTS, CUDA_VISIBLE_DEVICES and PORT_BASE (default 29600),
+# SOLO_STEPS=0 on all but one (no solo speed runs, no merge), then `python bench/fidelity.py --merge` the parts.
 set -u
 out=${1:?usage: bash bench/fidelity_grid.sh OUT_DIR [COMMIT]}
 commit=${2:-unknown}
@@ -19,7 +21,7 @@ pids=()
 for i in "${!parts[@]}"; do
   d="$out/part$i"
   mkdir -p "$d"
-  MASTER_PORT=$((29600 + i)) OMP_NUM_THREADS=2 "$py" "$here/fidelity.py" --lrs "${parts[$i]}" --steps "$steps" \
+  MASTER_PORT=$((${PORT_BASE:-29600} + i)) OMP_NUM_THREADS=2 "$py" "$here/fidelity.py" --lrs "${parts[$i]}" --steps "$steps" \
     --gpu_shared_by "${#parts[@]}" --commit "$commit" --out "$d" > "$d/log.txt" 2>&1 &
   pids+=($!)
 done
@@ -28,8 +30,13 @@ for i in "${!pids[@]}"; do
   wait "${pids[$i]}" || { echo "part $i (${parts[$i]}) failed; see $out/part$i/log.txt"; tail -5 "$out/part$i/log.txt"; failed=1; }
 done
 echo "grid done in ${SECONDS}s"
+if [ "$solo_steps" = 0 ]; then
+  rm -f "$out"/part*/*.png
+  echo "all done in ${SECONDS}s (no solo runs, no merge)"
+  exit $failed
+fi
 mkdir -p "$out/solo"
-MASTER_PORT=29650 "$py" "$here/fidelity.py" --steps "$solo_steps" --eval_every "$solo_steps" --commit "$commit" \
+MASTER_PORT=$((${PORT_BASE:-29600} + 50)) "$py" "$here/fidelity.py" --steps "$solo_steps" --eval_every "$solo_steps" --commit "$commit" \
   --out "$out/solo" --runs fp32_adamw:3e-4:0 fp32_lion:5e-5:0 qft:1e-4:0 peqa:5e-4:0 qst:1e-2:0 lora:3e-3:0 \
   > "$out/solo/log.txt" 2>&1 || { echo "solo speed runs failed"; tail -5 "$out/solo/log.txt"; failed=1; }
 "$py" "$here/fidelity.py" --merge "$out"/part*/fidelity_2*.json --solo "$(ls "$out"/solo/fidelity_2*.json | head -1)" \

@@ -157,14 +157,16 @@ def test_rebuild_from_the_corpus_matches_the_committed_files():
 
 def test_full_grid_and_balanced_parts():
     runs = qa_fidelity.full_grid()
-    assert len(runs) == len(set(runs)) == 25 and {r.rsplit(":", 1)[1] for r in runs} == {"0"}
+    n_grid = sum(len(g) for g in qa_fidelity.DEFAULT_GRID.values())
+    assert len(runs) == len(set(runs)) == n_grid and {r.rsplit(":", 1)[1] for r in runs} == {"0"}
     assert {r.split(":")[0] for r in runs} == set(qa_fidelity.METHODS)
     assert [r for r in runs if r.startswith("qft_ef:")] == [r.replace("qft:", "qft_ef:") for r in runs
                                                             if r.startswith("qft:")]  # qft's lr grid
     parts = [qa_fidelity.part(runs, f"{i}/10") for i in range(10)]
     assert sorted(r for p in parts for r in p) == sorted(runs)
     cost = [sum(qa_fidelity.COST[r.split(":")[0]] for r in p) for p in parts]
-    assert max(cost) <= 5.0 and all(p for p in parts)  # ideal 4.34: every part ends at about the same time
+    ideal = sum(cost) / 10
+    assert max(cost) <= 1.2 * ideal and all(p for p in parts)  # every part ends at about the same time
     assert qa_fidelity.part(runs, "3/10") == parts[3]  # deterministic
     with pytest.raises(SystemExit):
         qa_fidelity.part(runs, "10/10")
