@@ -35,6 +35,7 @@ from qft_ds.optim.lion import QFTLion
 from qft_ds.optim.sharding import NoSharding
 from qft_ds.quant.hybrid import HybridWeight
 from qft_ds.quant.lowbit import LowBitWeight
+from qft_ds.schedule import build_warmup_schedule
 from qft_ds.zero.sharding import ZeroSharding
 
 _OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
@@ -182,6 +183,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
     if args is not None and getattr(args, "deepspeed_config", None) is not None:
         args = copy.copy(args)
         args.deepspeed_config = None  # DeepSpeed would prefer it over the rewritten config
+    if kwargs.get("lr_scheduler") is None:  # a warm-up whose first step has lr > 0 (qft_ds.schedule)
+        kwargs["lr_scheduler"] = build_warmup_schedule(ds, opt)
     ds_init = _ds_initialize or _import_deepspeed().initialize
     engine, ds_opt, loader, sched = ds_init(args=args, model=module, optimizer=opt, config=ds, **kwargs)
     if engine.gradient_accumulation_steps() != cfg.gradient_accumulation_steps:
