@@ -21,7 +21,7 @@ _METHOD_KEYS = {
     "rounding": ("qft",), "flow": ("qft",), "outlier_frac": ("qft",), "block_size": ("qft",),
     "backend": ("qft",), "outlier_refresh": ("qft",), "gradient_checkpointing": ("qft", "peqa"),
     "reuse_recomputed_weight": ("qft",), "fuse_projections": ("qft",), "fuse_norms": ("qft",),
-    "checkpoint_reentrant": ("qft",), "clip_mode": ("qft",),
+    "checkpoint_reentrant": ("qft",), "clip_mode": ("qft",), "momentum_bits": ("qft",),
     "bits": ("peqa", "qst"), "r": ("qst",), "downsample": ("qst",), "adapter_rank": ("qst",),
 }
 
@@ -35,6 +35,7 @@ class QFTConfig:
     outlier_frac: float = 0.01      # fraction of each weight kept exact in fp32
     group_size: int = 128           # int8 weight group (input columns), adjusted to divide the row
     block_size: int = 256           # int8 block of momentum and gradient buffers
+    momentum_bits: int = 8          # Lion momentum codes: 8 (int8) or 4 (int4, two per byte; even block_size)
     backend: str = "auto"           # kernels: auto | torch | triton
     seed: int = 0                   # stochastic-rounding key
     outlier_refresh: int = 0        # re-select outliers every N steps (0: never)
@@ -99,6 +100,11 @@ class QFTConfig:
             if getattr(self, key) < low:
                 raise ValueError(f"'{where}.{key}' must be >= {low}, got {getattr(self, key)}"
                                  + (" (0: one group per output channel)" if low == 0 else ""))
+        if self.momentum_bits not in (4, 8):
+            raise ValueError(f"'{where}.momentum_bits' must be 4 or 8, got {self.momentum_bits}")
+        if self.momentum_bits == 4 and self.block_size % 2:
+            raise ValueError(f"'{where}.momentum_bits' 4 packs two codes per byte within a block: "
+                             f"'{where}.block_size' must be even, got {self.block_size}")
         if self.bits not in (3, 4):
             raise ValueError(f"'{where}.bits' must be 3 or 4, got {self.bits}")
         if self.outlier_refresh < 0:

@@ -41,6 +41,7 @@ from qft_ds.optim.clipping import ClipBudgets
 from qft_ds.optim.hyperparams import check_hyperparams
 from qft_ds.optim.host import fetch
 from qft_ds.optim.sharding import NoSharding
+from qft_ds.quant.momentum import MomentumFormat, check_resume_bits
 
 logger = logging.getLogger("qft_ds")
 
@@ -54,7 +55,7 @@ class QFTLion(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
                  rounding: str = "sr", flow: str = "fused", block_size: int = 256, seed: int = 0,
                  max_grad_norm: float = 0.0, backend: str = "auto", outlier_refresh: int = 0,
-                 outlier_frac: float = 0.01, clip_mode: str = "budget", sharding=None):
+                 outlier_frac: float = 0.01, clip_mode: str = "budget", momentum_bits: int = 8, sharding=None):
         check_hyperparams({"lr": lr, "betas": betas, "weight_decay": weight_decay}, "optimizer.params")
         if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm >= 0):
             raise ValueError(f"gradient_clipping must be a finite number >= 0, got {max_grad_norm!r}")
@@ -62,6 +63,7 @@ class QFTLion(torch.optim.Optimizer):
             raise ValueError(f"QFTLion: rounding must be sr, ef or rtn, got {rounding!r}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
         self.rounding, self.block_size, self.seed = rounding, block_size, seed
+        self.momentum = MomentumFormat(momentum_bits, block_size)  # int8 or int4 codes (quant/momentum.py)
         self.max_grad_norm, self.backend = max_grad_norm, backend
         self.outlier_refresh, self.outlier_frac = outlier_refresh, outlier_frac
         self.weights = [_qweight(p) for g in self.param_groups for p in g["params"] if _qweight(p)]
@@ -115,9 +117,7 @@ class QFTLion(torch.optim.Optimizer):
         st = self.state[w.anchor]
         if "m_codes" not in st:
             lo, hi = self.sharding.owned_range(w)
-            n = hi - lo
-            st["m_codes"] = torch.zeros(n, dtype=torch.int8, device=w.codes.device)
-            st["m_scales"] = torch.zeros(-(-n // self.block_size), dtype=torch.float32, device=w.codes.device)
+            st.update(self.momentum.zeros(hi - lo, w.codes.device))
         return st
 
     def init_state(self) -> None:
@@ -141,7 +141,8 @@ class QFTLion(torch.optim.Optimizer):
                                    if torch.is_tensor(t))
         return {"quantized_params": q_params, "quantized_bytes": q_bytes,
                 "float_params": f_params, "float_bytes": f_bytes,
-                "bytes_per_quantized_param": q_bytes / max(q_params, 1), **self.sharding.describe()}
+                "bytes_per_quantized_param": q_bytes / max(q_params, 1), "momentum_bits": self.momentum.bits,
+                **self.sharding.describe()}
 
     # -- updates -----------------------------------------------------------------------------
     def _clip_coef(self, norm) -> float:
@@ -255,7 +256,7 @@ class QFTLion(torch.optim.Optimizer):
                                weight_decay=group["weight_decay"], rounding=self.rounding, seed=self.seed,
                                step=self.step_count, offset=own.offset, outlier_idx=own.outlier_idx,
                                outlier_val=own.outlier_val, residual=own.residual, grad_scale=coef, finite=finite,
-                               clip=budget)
+                               clip=budget, momentum_bits=self.momentum.bits)
         self.sharding.after_update(w)
 
     @torch.no_grad()
@@ -385,6 +386,7 @@ class QFTLion(torch.optim.Optimizer):
         sd["qft"] = {"step_count": self.step_count, "prev_grad_norm": self.prev_grad_norm,
                      "clip": self.clip.state_dict(),
                      "rounding": self.rounding, "block_size": self.block_size, "seed": self.seed,
+                     "momentum_bits": self.momentum.bits,
                      "skipped_steps": self.skipped_steps, "partial_steps": self.partial_steps,
                      "nonfinite_tensors": self.nonfinite_tensors}
         return sd
@@ -393,6 +395,7 @@ class QFTLion(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         extra = state_dict.pop("qft", None)
         if extra is not None:
+            check_resume_bits(extra, self.momentum.bits)
             if extra["block_size"] != self.block_size:
                 raise ValueError(f"checkpoint momentum block_size {extra['block_size']} != {self.block_size}")
             self.step_count, self.prev_grad_norm = extra["step_count"], extra["prev_grad_norm"]
@@ -402,7 +405,7 @@ class QFTLion(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         # torch replaces the group dicts: re-key weights to the live ones (the scheduler writes lr there)
         self._group_of = {id(_qweight(p)): g for g in self.param_groups for p in g["params"] if _qweight(p)}
-        for w in self.weights:  # torch casts state to the param's dtype; codes must stay int8
+        for w in self.weights:  # torch casts state to the param's dtype; codes must stay int8 (uint8: int4)
             st = self.state.get(w.anchor)
             if st and "m_codes" in st:
-                st["m_codes"] = st["m_codes"].to(torch.int8)
+                st["m_codes"] = st["m_codes"].to(self.momentum.dtype)
