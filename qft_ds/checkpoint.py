@@ -30,6 +30,7 @@ from qft_ds import checkpoint_io as io, checkpoint_restore, comm, run_folder
 from qft_ds.checkpoint_io import (  # noqa: F401  (the public names of qft_ds.checkpoint)
     LATEST, PREFIX, CheckpointError, check_config, model_tensors, read_meta, read_tensors, resolve, state_hash)
 from qft_ds.nn.layout import quant_layout  # noqa: F401
+from qft_ds.quant.momentum import check_checkpoint_momentum
 from qft_ds.zero import checkpoint as zero_checkpoint
 
 
@@ -72,10 +73,12 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     """Restore model, optimizer, scheduler, engine counters and RNG from a checkpoint (or a run folder's
     latest). Returns its meta (step, data position). Nothing is changed if a check fails."""
     ckpt = resolve(path)
-    if getattr(optimizer, "zero_stage", 0) or "zero" in read_meta(ckpt, verify=False):  # sharded state or file
+    raw = io.parse_meta(ckpt)  # only to pick the format: both loads read and check it
+    if getattr(optimizer, "zero_stage", 0) or (isinstance(raw, dict) and "zero" in raw):  # sharded state or file
         return zero_checkpoint.load(ckpt, engine, optimizer, ds_config=ds_config, verify=verify)
     meta = read_meta(ckpt, verify=verify)
     check_config(meta, ds_config)
+    check_checkpoint_momentum(meta, optimizer)  # by name, before the state's dtype checks
     model = engine.module if hasattr(engine, "module") else engine
     io.check_layout(ckpt, meta, model)
     tensors, aliases = model_tensors(model)

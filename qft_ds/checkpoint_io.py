@@ -192,27 +192,33 @@ def resolve(path) -> Path:
                           + (f"; it holds {', '.join(found)}: pass one of them directly" if found else ""))
 
 
+def parse_meta(ckpt: Path) -> dict:
+    """meta.json as JSON, unchecked (read_meta checks it)."""
+    try:
+        return json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{ckpt}/meta.json is unreadable or corrupt ({e})") from None
+
+
 def read_meta(ckpt, verify: bool = True) -> dict:
     """meta.json of a checkpoint folder, checked for format, version and (if verify) file hashes."""
     ckpt = Path(ckpt)
-    try:
-        meta = json.loads((ckpt / "meta.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt}/meta.json is unreadable or corrupt ({e})") from None
+    meta = parse_meta(ckpt)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt} is not a qft_ds checkpoint (meta.json has no \"format\": \"{FORMAT}\")")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt} has checkpoint format version {meta.get('format_version')}; this qft_ds "
                               f"({__version__}) reads version {FORMAT_VERSION}. Use the qft_ds version that wrote "
                               f"it ({meta.get('qft_ds_version')}) to export it, or start a new run.")
-    try:
-        checkpoint_meta.check_meta(meta, ckpt / "meta.json")
-    except checkpoint_meta.MetaError as e:
-        raise CheckpointError(f"{ckpt} is corrupt: {e}") from None
     if verify:
         problem = checkpoint_meta.verify_manifest_hash(ckpt)
         if problem:
             raise CheckpointError(f"{ckpt} is corrupt: {problem}")
+    try:
+        checkpoint_meta.check_meta(meta, "meta.json")
+    except checkpoint_meta.MetaError as e:
+        raise CheckpointError(f"{ckpt} is corrupt: {e}") from None
+    if verify:
         for rel, digest in meta["files"].items():
             p = ckpt / rel
             if not p.is_file():

@@ -46,7 +46,7 @@ def verify_manifest_hash(ckpt: Path) -> str | None:
 class _Fields:
     """Typed getters that name the key path and the file in every error."""
 
-    def __init__(self, where: Path):
+    def __init__(self, where):
         self.where = where
 
     def fail(self, key: str, value, expected: str):
@@ -81,7 +81,7 @@ def _tuple(types):
     return types if isinstance(types, tuple) else (types,)
 
 
-def check_meta(meta: dict, where: Path) -> None:
+def check_meta(meta: dict, where) -> None:
     """Every field read by a load: present, of its type, in range. Raises MetaError naming the key."""
     f = _Fields(where)
     f.get(meta, "qft_ds_version", "qft_ds_version", str, "a version string")

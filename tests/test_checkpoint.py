@@ -15,6 +15,7 @@ from qft_ds.checkpoint import CheckpointError, state_hash
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402
+from checkpoint_attacks import one_step, small_engine  # noqa: E402
 
 
 def write_config(tmp_path, total=8, **top):
@@ -56,20 +57,6 @@ def test_resume_is_bit_exact(tiny_model_dir, tiny_text_file, tmp_path, monkeypat
     assert ma["files"]["model.safetensors"] == mb["files"]["model.safetensors"]
     assert ma["files"]["optimizer.safetensors"] == mb["files"]["optimizer.safetensors"]
     assert ma["optimizer"]["qft"]["step_count"] == 6
-
-
-def small_engine(tiny_llama, **qft):
-    cfg = json.loads((ROOT / "ds_configs" / "qft.json").read_text())
-    cfg["optimizer"]["params"]["lr"] = 2e-3
-    cfg["qft"].update(qft)
-    engine, opt, _, _ = qft_ds.initialize(model=tiny_llama(), config=cfg)
-    return engine, opt, cfg
-
-
-def one_step(engine, seed):
-    x = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(seed))
-    engine.backward(engine(input_ids=x, labels=x).loss)
-    engine.step()
 
 
 def test_failed_save_leaves_the_previous_checkpoint(tiny_llama, tmp_path, monkeypatch):
