@@ -4,7 +4,7 @@ The folder is a qft_ds checkpoint (qft_ds/checkpoint.py: atomic, hashed, no pick
 split by owner:
 - `zero/rank-RRRRR.safetensors`: rank R's slice [lo, hi) of every quantized weight: `{prefix}.codes`,
   `.scales`, `.outlier_idx` (indices in the whole weight), `.outlier_val`, `.residual` (rounding "ef"),
-  `.m_codes`, `.m_scales` (int8 momentum);
+  `.m_codes`, `.m_scales` (int8 momentum, or int4 packed two per byte);
 - `model.safetensors`: the replicated tensors only (norms, biases, buffers), written by rank 0;
 - `optimizer.safetensors`: the float parameters' momentum (replicated), rank 0;
 - `rng.safetensors`, `hf/`, and `meta.json`, whose `"zero"` entry holds the world size, the stage, every
@@ -28,6 +28,7 @@ from qft_ds import checkpoint_io as io
 from qft_ds import checkpoint_restore, comm, run_folder
 from qft_ds.checkpoint_io import CheckpointError
 from qft_ds.nn.layout import weights_by_prefix
+from qft_ds.quant.momentum import check_checkpoint_momentum
 
 QKEYS = ("codes", "scales", "outlier_idx", "outlier_val", "residual")
 SHARD_DIR = "zero"
@@ -218,6 +219,7 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     ckpt = io.resolve(path)
     meta = io.read_meta(ckpt, verify=verify)
     io.check_config(meta, ds_config)
+    check_checkpoint_momentum(meta, optimizer)  # by name, before the pieces' dtype checks
     model = engine.module if hasattr(engine, "module") else engine
     weights = weights_by_prefix(model)
     io.check_layout(ckpt, meta, model)
@@ -241,7 +243,8 @@ def load(path, engine, optimizer, *, ds_config: dict | None = None, verify: bool
     state = {}
     for prefix, w in weights.items():
         lo, hi = optimizer.sharding.owned_range(w)
-        state[index[id(w)]] = {"m_codes": pieces.read(prefix, "m_codes", lo, hi).to(device),
+        state[index[id(w)]] = {"m_codes": pieces.read(prefix, "m_codes", lo, hi,  # int4: 2 elements a byte
+                                                      optimizer.momentum.elements_per_code).to(device),
                                "m_scales": pieces.read(prefix, "m_scales", lo, hi, optimizer.block_size).to(device)}
     osd = io.optimizer_state(ckpt, meta, device)
     osd["state"] = {k: v for k, v in osd["state"].items() if k not in state} | state
@@ -270,7 +273,8 @@ def _load_weight(pieces: Pieces, prefix: str, w, optimizer, device) -> None:
 
 def _check_pieces(pieces: Pieces, prefix: str, w, optimizer) -> None:
     """Every saved piece of weight `prefix` has the dtype and length its slice needs (headers only)."""
-    kinds = {"codes": (w.codes.dtype, 1), "scales": (w.scales.dtype, w.group), "m_codes": (torch.int8, 1),
+    kinds = {"codes": (w.codes.dtype, 1), "scales": (w.scales.dtype, w.group),
+             "m_codes": (optimizer.momentum.dtype, optimizer.momentum.elements_per_code),
              "m_scales": (torch.float32, optimizer.block_size)}
     if w.residual is not None:
         if not pieces.has(prefix, "residual"):

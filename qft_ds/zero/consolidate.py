@@ -17,6 +17,7 @@ import torch
 
 from qft_ds import checkpoint_io as io
 from qft_ds.checkpoint_io import CheckpointError
+from qft_ds.quant.momentum import MomentumFormat, saved_momentum_bits
 from qft_ds.zero.checkpoint import DTYPES as _DTYPES, QKEYS, Pieces, shard_file
 
 def write_streaming(path: Path, specs: list, produce) -> None:
@@ -115,15 +116,16 @@ def _write_model(pieces: Pieces, meta: dict, tmp: Path) -> None:
 
 def _write_optimizer(pieces: Pieces, meta: dict, tmp: Path) -> None:
     zero = meta["zero"]
+    fmt = MomentumFormat(saved_momentum_bits(meta["optimizer"].get("qft")), zero["block_size"])
     rep = pieces.open("optimizer.safetensors")
     specs = [(name, *_spec(pieces, "optimizer.safetensors", name)) for name in rep.keys()]
     keys = {}
     for prefix, idx in zero["anchor_index"].items():
         lay = meta["quant"][prefix]
         n = lay["shape"][0] * lay["shape"][1]
-        specs.append((f"state.{idx}.m_codes", torch.int8, [n]))
+        specs.append((f"state.{idx}.m_codes", fmt.dtype, [fmt.codes_len(n)]))
         specs.append((f"state.{idx}.m_scales", torch.float32, [-(-n // zero["block_size"])]))
-        keys[f"state.{idx}.m_codes"] = (prefix, "m_codes", n, 1)
+        keys[f"state.{idx}.m_codes"] = (prefix, "m_codes", n, fmt.elements_per_code)
         keys[f"state.{idx}.m_scales"] = (prefix, "m_scales", n, zero["block_size"])
 
     def produce(name):
