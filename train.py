@@ -278,7 +278,8 @@ def main(argv=None):
             textdata.prepare_shakespeare()
     comm.barrier()
 
-    model, tokenizer = hub.load_model_and_tokenizer(args.model)
+    model, tokenizer = hub.load_model_and_tokenizer(  # a sharded qft checkpoint converts as it is read
+        args.model, stream=hub.stream_for(qft_ds.config.load_ds_config(args.deepspeed)))
     data = load_data(args, tokenizer)
 
     ds_config = qft_ds.config.load_ds_config(args.deepspeed)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from qft_ds.config import QFTConfig
 from qft_ds.nn import streaming
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -202,6 +203,12 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float
             f"Pre-download it where the hub is reachable (`huggingface-cli download {name_or_path}` or "
             f"`hf download {name_or_path}`), or pass --model PATH with a local model folder.") from e
     return model, _ensure_pad(tok)
+
+
+def stream_for(ds_config: dict) -> bool:
+    """Whether a run of this DeepSpeed config takes a streamed skeleton (see load_model_and_tokenizer): the qft
+    method converts as it reads; PEQA and QST need the whole model."""
+    return str((ds_config.get("qft") or {}).get("method", QFTConfig.method)) == "qft"
 
 
 def _skeleton_or_none(folder: Path, dtype: torch.dtype):

@@ -206,3 +206,36 @@ def test_only_the_qft_method_takes_a_skeleton(tmp_path):
     cfg = json.loads((ROOT / "ds_configs" / "peqa.json").read_text())
     with pytest.raises(ValueError, match="needs a whole model"):
         qft_ds.initialize(model=streaming.load_skeleton(path), config=cfg)
+
+
+def test_train_py_streams_a_sharded_model_and_trains_as_the_whole_one(tmp_path, tiny_text_file, monkeypatch):
+    import sys
+    sys.path.insert(0, str(ROOT))
+    import train
+    from conftest import WORDS, make_word_tokenizer
+
+    sharded, whole = tmp_path / "sharded", tmp_path / "whole"
+    for path, shard in ((sharded, "30KB"), (whole, "10GB")):
+        make_tiny_llama(vocab=len(WORDS) + 2).save_pretrained(path, max_shard_size=shard)
+        make_word_tokenizer().save_pretrained(path)
+    assert streaming.is_sharded_checkpoint(sharded) and not streaming.is_sharded_checkpoint(whole)
+    cfg = _ds_config()
+    cfg_path = tmp_path / "qft.json"
+    cfg_path.write_text(json.dumps(cfg))
+    skeletons = []  # whether each load gave a skeleton (initialize converts it right after)
+    real = hub.load_model_and_tokenizer
+
+    def spy(*a, **k):
+        model, tok = real(*a, **k)
+        skeletons.append(streaming.is_skeleton(model))
+        return model, tok
+    monkeypatch.setattr(hub, "load_model_and_tokenizer", spy)
+    losses = []
+    for path in (sharded, whole):
+        out = tmp_path / f"run-{path.name}"
+        train.main(["--deepspeed", str(cfg_path), "--model", str(path), "--dataset", str(tiny_text_file),
+                    "--output_dir", str(out), "--max_steps", "3", "--seq_len", "16", "--eval_blocks", "2",
+                    "--no-save_final"])
+        losses.append([json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()])
+    assert skeletons == [True, False]
+    assert losses[0] == losses[1] and len(losses[0]) == 3
