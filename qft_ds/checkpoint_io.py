@@ -82,8 +82,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable read of the umask is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def save_tensors(tensors: dict, path: Path) -> None:
     save_file({k: v.cpu().contiguous() for k, v in tensors.items()}, str(path))
+    os.chmod(path, 0o666 & ~_umask())  # safetensors creates 0600 files: give them the mode any file gets here
 
 
 def write_text_atomic(path: Path, text: str) -> None:
