@@ -310,7 +310,8 @@ def main(argv=None):
         except run_folder.RunFolderError as e:
             sys.exit(f"--output_dir: {e}")
         state = model_state(engine, optimizer)
-        how = (f"flow: {optimizer.flow.mode}  rounding: {cfg.rounding}" if cfg.method == "qft" else
+        how = (f"flow: {optimizer.flow.mode}  rounding: {cfg.rounding}  momentum: int{cfg.momentum_bits}"
+               if cfg.method == "qft" else
                f"method: {cfg.method}  trainable params: {state['trainable_params']:,}")
         # QFT: per quantized param and over every param, fp32 ones (MoE experts, ...) with their momentum
         from qft_ds.nn.coverage import state_line
