@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,10 @@ def parse_args(argv=None):
                    help="on SIGINT/SIGTERM, finish the step and save before exiting (default on)")
     p.add_argument("--save_final", action=argparse.BooleanOptionalAction, default=True,
                    help="save a checkpoint after the last step (default on)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="torch's RNG (dropout, QST's side network init): seeded before the model loads and with "
+                        "(seed, step) at each step, so two runs, or a run and its resumption, draw alike (default 0; "
+                        "the data order and stochastic rounding follow the config's qft.seed)")
     p.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     args = p.parse_args(argv)
     if args.save_every < 0:
@@ -257,8 +262,30 @@ def peak_memory_gib(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+@contextmanager
+def user_input(flag: str, *values):
+    """A ValueError or OSError from reading the user's `flag` input ends the run with one line naming it and the
+    reason, no traceback (QFT_DS_TRACEBACK=1 shows it), and exit status 1. Errors after the inputs are read are
+    not caught here: they are ours, and their traceback is wanted."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        if os.environ.get("QFT_DS_TRACEBACK"):
+            raise
+        msg = str(e) or type(e).__name__
+        named = [str(v) for v in values if v is not None]
+        sys.exit(msg if any(v in msg for v in named) else f"{flag} {named[0]}: {msg}")
+
+
+def step_seed(seed: int, step: int) -> int:
+    """torch's seed for optimizer step `step`: a function of (seed, step) alone, so a resumed run draws the
+    dropout masks an unbroken one does (torch's RNG state is not in checkpoints)."""
+    return (seed * 1_000_003 + step) % (1 << 63)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    torch.manual_seed(args.seed)  # before the model loads: anything initialised at random (QST) is reproducible
     from qft_ds.launch_env import prepare_process
     prepare_process()  # `python train.py`: rank 0 of 1 on a free port; one CPU process skips the shm op build
     import deepspeed
@@ -267,8 +294,9 @@ def main(argv=None):
     import qft_ds
     from qft_ds import comm, hub, textdata
 
-    if not Path(args.deepspeed).is_file():
-        sys.exit(f"--deepspeed: config file not found: {args.deepspeed}")
+    with user_input("--deepspeed", args.deepspeed):  # the whole config, before minutes of model loading
+        ds_config = qft_ds.config.load_ds_config(args.deepspeed)
+        qft_ds.engine.split_config(ds_config, int(os.environ["WORLD_SIZE"]))
     deepspeed.init_distributed()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if rank == 0:  # fetch and convert the default model and data once, before the others read them
@@ -278,11 +306,12 @@ def main(argv=None):
             textdata.prepare_shakespeare()
     comm.barrier()
 
-    model, tokenizer = hub.load_model_and_tokenizer(  # a sharded qft checkpoint converts as it is read
-        args.model, stream=hub.stream_for(qft_ds.config.load_ds_config(args.deepspeed)))
-    data = load_data(args, tokenizer)
+    with user_input("--model", args.model):
+        model, tokenizer = hub.load_model_and_tokenizer(  # a sharded qft checkpoint converts as it is read
+            args.model, stream=hub.stream_for(qft_ds.config.load_ds_config(args.deepspeed)))
+    with user_input("--dataset", args.dataset, args.eval_dataset):
+        data = load_data(args, tokenizer)
 
-    ds_config = qft_ds.config.load_ds_config(args.deepspeed)
     saved = saved_horizon(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     steps, schedule_note = schedule_steps(ds_config, args.max_steps, saved)  # rewrites the schedule's horizon
     end = steps if args.stop_at is None else args.stop_at
@@ -349,6 +378,7 @@ def main(argv=None):
         bar = tqdm(range(start_step, end), desc="qft", unit="step", disable=rank != 0, initial=start_step,
                    total=end)
         for step in bar:
+            torch.manual_seed(step_seed(args.seed, step))
             loss_sum, lr = 0.0, optimizer.param_groups[0]["lr"]  # the lr this step uses
             step_tokens = 0
             for _ in range(gas):

@@ -79,3 +79,103 @@ def test_max_steps_above_the_config_sets_the_schedule_horizon(tiny_model_dir, ti
 def test_missing_config_is_a_clear_exit(tmp_path):
     with pytest.raises(SystemExit, match="config file not found"):
         train.main(["--deepspeed", str(tmp_path / "nope.json")])
+
+
+# --- bad input: one line naming it, no traceback (issue 18 item 9, issue 17) -------------------------------
+
+def _config(tmp_path, edit=None) -> Path:
+    cfg = json.loads((ROOT / "ds_configs" / "qft.json").read_text())
+    cfg["scheduler"]["params"].update(total_num_steps=2, warmup_num_steps=1)
+    if edit:
+        edit(cfg)
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _set(section: str, key: str, value):
+    def edit(cfg):
+        (cfg[section] if section else cfg)[key] = value
+    return edit
+
+
+@pytest.mark.parametrize("edit, says", [
+    (_set("optimizer", "param", {"lr": 1e-3}), "unknown key 'optimizer.param'; did you mean 'optimizer.params'?"),
+    (_set("bf16", "enabled", "false"), "'bf16.enabled' is the string 'false'"),
+    (_set("", "gradient_accumulation_steps", "2"), "'gradient_accumulation_steps' must be a valid integer"),
+    (_set("", "qft", ["method"]), "'qft' must be a JSON object"),
+    (_set("", "zero_optimization", {"stage": 1, "offload_param": {"device": "cpu"}}), "offloading is not supported"),
+])
+def test_a_bad_config_is_one_line_naming_file_and_key(edit, says, tiny_model_dir, tiny_text_file, tmp_path):
+    cfg = _config(tmp_path, edit)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--deepspeed", str(cfg), "--model", str(tiny_model_dir), "--dataset", str(tiny_text_file)])
+    assert str(cfg) in str(e.value.code) and says in str(e.value.code)  # one line: SystemExit's message
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("make_args, says", [
+    (lambda d, m: ["--dataset", str(_write(d / "l1.txt", "the king\n\ncaf\xe9".encode("latin-1")))],
+     "l1.txt: line 3: not UTF-8 text"),
+    (lambda d, m: ["--dataset", str(_write(d / "s.jsonl", b'{"text": "the king"}\n{"text": "\\ud800"}\n'))],
+     "s.jsonl: row 2: field \"text\": an unpaired surrogate"),
+    (lambda d, m: ["--dataset", str(d / "missing.txt")], "missing.txt: no such file or folder"),
+    (lambda d, m: ["--model", str(d / "no_model")], "--model " + "{d}/no_model: not a model folder"),
+    (lambda d, m: (d / "empty").mkdir() or ["--model", str(d / "empty")], "--model {d}/empty: "),
+])
+def test_bad_data_or_model_is_one_line_naming_it(make_args, says, tiny_model_dir, tiny_text_file, tmp_path):
+    argv = ["--deepspeed", str(_config(tmp_path)), "--model", str(tiny_model_dir), "--dataset", str(tiny_text_file),
+            "--output_dir", str(tmp_path / "run"), *make_args(tmp_path, tiny_model_dir)]
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    assert says.format(d=tmp_path) in str(e.value.code), e.value.code
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_a_bad_data_row_reaches_the_user_without_a_traceback(tiny_model_dir, tmp_path):
+    """As a user runs it (`python train.py`, no launcher variables): one line on stderr, exit status non-zero,
+    no `[rank0]: Traceback` (torch.distributed prefixes an uncaught exception's lines with the rank)."""
+    import os
+    import subprocess
+    data = _write(tmp_path / "d.jsonl", b'{"prompt": "the", "completion": " king"}\n' * 5 +
+                  b'{"prompt": "the", "completion": "\\udfff"}\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                              "MASTER_PORT")}
+    env["QFT_DS_CACHE"] = str(tmp_path / "cache")
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--deepspeed", str(_config(tmp_path)), "--model",
+                        str(tiny_model_dir), "--dataset", str(data), "--output_dir", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode != 0
+    assert "Traceback" not in p.stderr and "[rank0]" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1] == (f'{data}: row 6: field "completion": an unpaired surrogate escape '
+                                                 "'\\udfff' (\\udfff without its pair) is not valid Unicode text")
+
+
+# --- --seed ------------------------------------------------------------------------------------------------
+
+def test_seed_makes_dropout_runs_repeat_and_resume_alike(tmp_path, tiny_text_file, monkeypatch):
+    """Two identical invocations with dropout agree (torch's RNG was never seeded); another --seed draws other
+    masks; a run stopped and resumed draws what the unbroken run drew (torch's RNG is reseeded per step)."""
+    from conftest import WORDS, make_tiny_llama, make_word_tokenizer
+    model = tmp_path / "dropout-llama"
+    m = make_tiny_llama(vocab=len(WORDS) + 2)
+    m.config.attention_dropout = 0.5
+    m.save_pretrained(model)
+    make_word_tokenizer().save_pretrained(model)
+    monkeypatch.setenv("QFT_DS_CACHE", str(tmp_path / "cache"))
+    cfg = _config(tmp_path, _set("optimizer", "params", {"lr": 3e-3, "betas": [0.9, 0.99], "weight_decay": 0.1}))
+
+    def losses(name, *extra):
+        train.main(["--deepspeed", str(cfg), "--model", str(model), "--dataset", str(tiny_text_file), "--seq_len",
+                    "16", "--eval_blocks", "2", "--max_steps", "4", "--output_dir", str(tmp_path / name), *extra])
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    first = losses("a")
+    assert losses("b") == first
+    assert losses("c", "--seed", "1") != first  # dropout is on, and the seed picks its masks
+    losses("d", "--stop_at", "2")
+    assert losses("d", "--resume_from_checkpoint", str(tmp_path / "d")) == first
