@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qft_ds.nn import experts
 from qft_ds.nn.layout import quant_layout
 from qft_ds.ops import reference as ref
 from qft_ds.quant.hybrid import HybridWeight
@@ -74,10 +75,11 @@ def qft_dense(model: nn.Module, state_dict: dict, dtype: torch.dtype) -> dict:
             internal.update(f"{name}.{k}" for k in _QKEYS)
     if not internal.intersection(state_dict):
         return state_dict  # already dense (or a subset without quantized weights)
-    out = {}
+    out, expert_slices = {}, []
     for prefix, lay in layout.items():
-        names = {k: next((f"{mod}.qweight.{k}" for mod in lay["modules"] if f"{mod}.qweight.{k}" in state_dict),
-                         None) for k in ("codes", "scales", "outlier_idx", "outlier_val")}
+        bases = [f"{mod}.qweight" for mod in lay["modules"]] or [prefix]  # an expert slice has no reader module
+        names = {k: next((f"{b}.{k}" for b in bases if f"{b}.{k}" in state_dict), None)
+                 for k in ("codes", "scales", "outlier_idx", "outlier_val")}
         if names["codes"] is None:
             continue
         codes = state_dict[names["codes"]]
@@ -90,9 +92,12 @@ def qft_dense(model: nn.Module, state_dict: dict, dtype: torch.dtype) -> dict:
         w = ref.dequantize_hybrid(codes, state_dict[names["scales"]].float(), lay["group"],
                                   state_dict[names["outlier_idx"]].long(), state_dict[names["outlier_val"]])
         w = w.view(rows, cols).to(device="cpu", dtype=dtype)
+        if "expert" in lay:  # one expert's slice of a 3-D Parameter: stacked below
+            expert_slices.append((lay["expert"], w))
         for mod in lay["modules"]:
             r = lay.get("rows", {}).get(mod)
             out[f"{mod}.weight"] = w if r is None else w[r[0]:r[1]].clone()  # tied: one tensor, stored once
+    out.update(experts.stack(expert_slices))
     for name, v in state_dict.items():
         if name in internal:
             continue

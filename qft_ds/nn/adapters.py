@@ -6,6 +6,8 @@
   word embedding: `super().forward(ids) * embed_scale`) becomes a ScaledQEmbedding with that constant.
 - transformers' Conv1D (GPT-2: a Linear with the weight stored transposed, [in, out]) becomes a QConv1D
   over a HybridWeight in the same [in, out] layout, so exports write the weight as GPT-2 reads it.
+- transformers' MoE experts (3-D Parameters, one slice per expert) become a QExperts over one HybridWeight
+  per slice (qft_ds.nn.experts), if its maths reproduces the module's forward on a probe.
 - Anything else (a forward with other inputs, such as OPT's learned positions, or other maths, or its
   own trainable parameters) stays fp32, with the reason: `classify` says why, and conversion lists it.
 
@@ -21,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from qft_ds.flow import deliver
+from qft_ds.nn import experts
 from qft_ds.nn.qmodules import KEEP, NO_KEEP, RECOMPUTE, QEmbedding, QLinear, _DeliverGrad
 from qft_ds.quant.hybrid import HybridWeight
 
 LINEAR, EMBEDDING, CONV1D, KEPT = "linear", "embedding", "conv1d", "kept"
+EXPERTS = experts.EXPERTS
 
 
 def _conv1d_type():
@@ -63,8 +67,11 @@ def _own_parameters(module: nn.Module, allowed: tuple) -> list[str]:
 @torch.no_grad()
 def classify(module: nn.Module):
     """(kind, detail) for a module conversion would quantize, else None (not a weight layer):
-    kind LINEAR / EMBEDDING (detail: the embedding's output scale, or None) / CONV1D, or KEPT with the
-    reason (a sentence) as detail."""
+    kind LINEAR / EMBEDDING (detail: the embedding's output scale, or None) / CONV1D / EXPERTS, or KEPT with
+    the reason (a sentence) as detail."""
+    verdict = experts.classify(module)
+    if verdict is not None:
+        return verdict
     conv1d = _conv1d_type()
     if conv1d is not None and type(module) is conv1d:
         w = getattr(module, "weight", None)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from qft_ds import hf_save
-from qft_ds.nn import adapters
+from qft_ds.nn import adapters, experts
 from qft_ds.nn.coverage import fp32_matrices, fp32_report, logger, mark_no_decay
 from qft_ds.nn.qmodules import FusedProjections, QEmbedding, QLinear
 from qft_ds.quant.hybrid import HybridWeight
@@ -58,6 +58,8 @@ def _fusable(model: nn.Module, targets: list) -> dict:
     linear = {t.name: t.module for t in targets if t.kind == adapters.LINEAR}
     weight_users: dict[int, int] = {}
     for t in targets:
+        if t.kind == adapters.EXPERTS:
+            continue
         weight_users[id(t.module.weight)] = weight_users.get(id(t.module.weight), 0) + 1
     out = {}
     for parent_name, _ in model.named_modules():
@@ -78,7 +80,7 @@ def _fusable(model: nn.Module, targets: list) -> dict:
 class _Target:
     name: str
     module: nn.Module
-    kind: str                   # adapters.LINEAR, EMBEDDING or CONV1D
+    kind: str                   # adapters.LINEAR, EMBEDDING, CONV1D or EXPERTS
     scale: float | None = None  # an embedding's output scale (Gemma)
 
 
@@ -105,6 +107,8 @@ def plan(model: nn.Module) -> tuple[list[_Target], dict[str, str]]:
         for _, p in m.named_parameters(recurse=False):
             holders.setdefault(id(p), []).append(name)
     for t in targets:
+        if t.kind == adapters.EXPERTS:  # its 3-D Parameters are read by its own forward only
+            continue
         names = holders[id(t.module.weight)]
         others = [n for n in names if n not in kinds]
         if others:
@@ -166,6 +170,13 @@ def convert_model(model: nn.Module, *, group_size: int = 128, outlier_frac: floa
 
     for t in it:
         name, mod = t.name, t.module
+        if t.kind == adapters.EXPERTS:  # one HybridWeight per expert slice (qft_ds.nn.experts)
+            new[name] = experts.quantize(mod, group_size, outlier_frac, offset, error_feedback, device,
+                                         compute_dtype, on_weight)
+            for _, _, qw in new[name].slices():
+                by_param[id(qw)] = qw
+                offset += qw.numel
+            continue
         if name in fusable:
             names, member = fusable[name]
             if names[0] not in groups:  # the first member quantizes the stacked weight for all

@@ -1,9 +1,10 @@
 """What conversion left in fp32, said at start-up; which parameters get weight decay; the state line.
 
-Conversion quantizes nn.Linear, nn.Embedding, transformers' Conv1D and the subclasses it can reproduce
-(qft_ds.nn.adapters). Every other weight matrix stays an fp32 Parameter, trained by fp32 Lion with an fp32
-momentum (8 bytes per parameter instead of ~2): MoE experts stored as 3-D Parameters, routers read by
-their own forward, OPT's learned positions, convolutions. `fp32_matrices` lists each with its reason and
+Conversion quantizes nn.Linear, nn.Embedding, transformers' Conv1D, the subclasses it can reproduce
+(qft_ds.nn.adapters) and transformers' MoE experts, per expert slice (qft_ds.nn.experts). Every other weight
+matrix stays an fp32 Parameter, trained by fp32 Lion with an fp32 momentum (8 bytes per parameter instead of
+~2): MoE routers (kept exact: top-k routing is discontinuous), experts of other shapes, OPT's learned
+positions, convolutions. `fp32_matrices` lists each with its reason and
 bytes, and conversion logs that list as a warning, so that nothing is left in fp32 silently.
 """
 from __future__ import annotations
@@ -46,8 +47,8 @@ def mark_no_decay(model: nn.Module) -> None:
 def _reason(module: nn.Module, module_name: str, pname: str, p: torch.Tensor) -> str:
     kind = type(module).__name__
     if p.dim() >= 3 and "expert" in f"{kind}.{pname}".lower():
-        return (f"MoE experts stored as one {p.dim()}-D Parameter in {kind}: qft_ds quantizes 2-D weights of "
-                "linear and embedding layers only")
+        return (f"MoE experts stored as one {p.dim()}-D Parameter in {kind}, not a transformers experts module "
+                "(use_experts_implementation) that qft_ds.nn.experts converts")
     leaf = module_name.rsplit(".", 1)[-1].lower()
     if "router" in kind.lower() or leaf in ("gate", "router"):
         return f"a MoE router ({kind}): read by its own forward, kept exact"

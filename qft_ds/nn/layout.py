@@ -1,10 +1,12 @@
 """The int8 layout of a converted model, as checkpoints, exports and save_pretrained record it: each
 HybridWeight under the state-dict prefix of its first reader, with its shape, group, global offset and
-the modules that read it (and their rows, for fused projections)."""
+the modules that read it (and their rows, for fused projections), or the MoE experts Parameter it is one
+expert's slice of ("expert": [name, expert, number of experts]; qft_ds.nn.experts)."""
 from __future__ import annotations
 
 from torch import nn
 
+from qft_ds.nn.experts import layout_entries
 from qft_ds.nn.qmodules import QEmbedding, QLinear
 from qft_ds.quant.hybrid import HybridWeight
 
@@ -31,4 +33,6 @@ def quant_layout(model: nn.Module) -> dict:
             layout[prefix_of[id(m.qweight)]]["modules"][name] = kind
             if isinstance(m, QLinear) and m.fused is not None:  # fused projections: this module's rows
                 layout[prefix_of[id(m.qweight)]].setdefault("rows", {})[name] = list(m.rows)
+    for prefix, entry in layout_entries(model, prefix_of).items():
+        layout[prefix]["expert"] = entry
     return layout

@@ -13,7 +13,6 @@ import torch
 V, H = 128, 64
 BASE = dict(vocab_size=V, hidden_size=H, intermediate_size=2 * H, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-MOE = r"\.mlp\.experts\.(gate_up_proj|down_proj)$"
 ROUTER = r"\.mlp\.gate\.weight$"
 
 FAMILIES = {
@@ -29,9 +28,15 @@ FAMILIES = {
     "falcon": ("FalconConfig", dict(num_kv_heads=2), []),
     "opt": ("OPTConfig", dict(ffn_dim=2 * H, word_embed_proj_dim=H), [r"\.embed_positions\.weight$"]),
     "gpt_neox": ("GPTNeoXConfig", {}, []),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), [MOE, ROUTER]),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), [ROUTER]),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         head_dim=16), [MOE, ROUTER]),
+                                         head_dim=16), [ROUTER]),
+    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
+                                             topk_group=1), [ROUTER]),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),
+                [r"\.mlp\.router\.weight$"]),
     "qwen3_5": ("Qwen3_5TextConfig", dict(head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16,
                                           linear_num_key_heads=2, linear_num_value_heads=4,
                                           layer_types=["linear_attention", "full_attention"]),
@@ -52,19 +57,13 @@ MORE = {
     "granite": ("GraniteConfig", {}, [], 0.02),
     "smollm3": ("SmolLM3Config", {}, [], 0.02),
     "qwen2_moe": ("Qwen2MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                         shared_expert_intermediate_size=32), [MOE, ROUTER], 0.02),
-    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2), [MOE, ROUTER], 0.02),
-    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                             first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
-                                             qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
-                                             topk_group=1), [MOE, ROUTER], 0.02),
-    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16),
-                [MOE, r"\.mlp\.router\.weight$"], 0.02),
+                                         shared_expert_intermediate_size=32), [ROUTER], 0.02),
+    "olmoe": ("OlmoeConfig", dict(num_experts=4, num_experts_per_tok=2), [ROUTER], 0.02),
     "qwen3_next": ("Qwen3NextConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                            head_dim=16, linear_key_head_dim=16, linear_value_head_dim=16,
                                            linear_num_key_heads=2, linear_num_value_heads=4,
                                            layer_types=["linear_attention", "full_attention"]),
-                   [MOE, ROUTER, r"\.linear_attn\.conv1d\.weight$"], 0.02),
+                   [ROUTER, r"\.linear_attn\.conv1d\.weight$"], 0.02),
     # random-init Gemma 4 turns the int8 weights' 0.5% error into ~7% on the logits (its embedding alone: 6%;
     # Gemma 3 with the same weights: 1.6%): the model's sensitivity, not a conversion error
     "gemma4": ("Gemma4TextConfig", dict(head_dim=16, vocab_size_per_layer_input=V, hidden_size_per_layer_input=16),

@@ -1,7 +1,8 @@
 """Every popular architecture, converted fully (issue 17): tiny random models of each family (tests/nn/families.py).
 
 Per family: every weight matrix is quantized or listed at start-up with its reason (and only the expected
-ones are listed), tied embeddings stay one HybridWeight, the logits at conversion are within ~2%, fp32
+ones are listed; MoE experts' 3-D Parameters are quantized per expert slice, only routers stay fp32), tied
+embeddings stay one HybridWeight, the state line counts every parameter, the logits at conversion are within ~2%, fp32
 matrices get weight decay, the loss falls over a few steps, `generate` runs, and `save_pretrained` writes a
 folder that plain transformers loads with the converted model's logits. A family this transformers lacks
 is skipped, with the reason.
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 import qft_ds
+from qft_ds.nn.experts import QExperts, is_experts_module
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from families import FAMILIES, MORE, V, expected_fp32, make  # noqa: E402
@@ -40,6 +42,8 @@ def _check_complete_and_tied(family, model, cfg, log: str) -> None:
     and head read one HybridWeight."""
     listed = {e["name"]: e for e in model._qft_fp32}
     assert {n for n, p in model.named_parameters() if _is_matrix(n, p)} == set(listed)
+    # MoE experts: every transformers experts module became a QExperts (int8 per expert slice)
+    assert [n for n, m in model.named_modules() if is_experts_module(m) and not isinstance(m, QExperts)] == []
     assert [n for n in listed if not expected_fp32(family, n)] == []
     for pattern in (FAMILIES.get(family) or MORE[family])[2]:
         assert any(re.search(pattern, n) for n in listed), pattern
@@ -77,6 +81,7 @@ def test_family_converts_fully_trains_generates_and_exports(family, tmp_path, ca
     from transformers import AutoModelForCausalLM
     model, cfg = make(family)
     ref = copy.deepcopy(model).eval()
+    n_params = sum(p.numel() for p in ref.parameters())
     with torch.no_grad():
         want = ref(input_ids=IDS).logits
     with caplog.at_level(logging.WARNING, logger="qft_ds"):
@@ -84,6 +89,8 @@ def test_family_converts_fully_trains_generates_and_exports(family, tmp_path, ca
 
     # complete: every matrix left is listed (loudly, with its reason), and only the expected ones are
     _check_complete_and_tied(family, model, cfg, caplog.text)
+    state = opt.state_nbytes()  # what train.py's state line reports: every parameter, once
+    assert state["quantized_params"] + state["float_params"] == n_params
 
     # fp32 matrices are decayed like the quantized ones; norms and biases are not
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -121,10 +128,11 @@ def test_family_converts_fully_trains_generates_and_exports(family, tmp_path, ca
         assert hf.get_input_embeddings().weight is hf.get_output_embeddings().weight
 
 
-@pytest.mark.parametrize("family", ["gpt2", "gemma3", "falcon"])
+@pytest.mark.parametrize("family", ["gpt2", "gemma3", "falcon", "gpt_oss"])
 def test_checkpoint_exports_reload_with_the_same_logits(family, tmp_path):
     """`qft_ds export` of a checkpoint: the dense folder loads in plain transformers (GPT-2's Conv1D weights in
-    their [in, out] layout, Gemma's tied scaled embedding), and the int8 export rebuilds the same modules."""
+    their [in, out] layout, Gemma's tied scaled embedding, GPT-OSS's expert slices stacked back into their
+    transposed 3-D Parameters beside the experts' biases), and the int8 export rebuilds the same modules."""
     from transformers import AutoModelForCausalLM
 
     from qft_ds import checkpoint

@@ -1,0 +1,165 @@
+"""MoE experts quantized per expert slice (qft_ds.nn.experts): QExperts against transformers' own experts
+forward (eager, grouped_mm, batched_mm), its gradients, the flow's view of them, what it dequantizes, what it
+refuses, and training through the DeepSpeed glue with gradient accumulation and checkpointing."""
+import copy
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+import qft_ds
+from qft_ds.nn import convert_model
+from qft_ds.nn.adapters import KEPT, classify
+from qft_ds.nn.experts import EXPERTS, QExperts
+from qft_ds.quant.hybrid import HybridWeight
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from families import V, make  # noqa: E402
+
+E, K, T = 4, 2, 9
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def _routing(unused=(3,), seed=3):
+    """Top-2 routing of T tokens over E experts that sends no token to the experts in `unused`."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = [e for e in range(E) if e not in unused]
+    index = torch.stack([torch.tensor(allowed)[torch.randperm(len(allowed), generator=g)[:K]] for _ in range(T)])
+    return index, torch.rand(T, K, generator=g).softmax(-1)
+
+
+def _converted_pair(family):
+    """(the first layer's QExperts, the original experts module holding the QExperts' dequantized weights)."""
+    model, _ = make(family)
+    ref = copy.deepcopy(model)
+    convert_model(model)
+    q, src = model.model.layers[0].mlp.experts, ref.model.layers[0].mlp.experts
+    with torch.no_grad():
+        for name, e, w in q.slices():
+            getattr(src, name)[e].copy_(w.dequantize())
+    return q, src
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])  # [out, in] slices; GPT-OSS: [in, out], biases, clamped GLU
+def test_forward_and_gradients_match_transformers(family, impl):
+    q, src = _converted_pair(family)
+    src.config._experts_implementation = impl
+    index, routing = _routing()
+    hidden = torch.randn(T, src.down_proj.shape[1 if not src.is_transposed else 2], generator=torch.Generator().manual_seed(4))
+    h1, r1 = hidden.clone().requires_grad_(), routing.clone().requires_grad_()
+    h2, r2 = hidden.clone().requires_grad_(), routing.clone().requires_grad_()
+    y1, y2 = q(h1, index, r1), src(h2, index, r2)
+    assert _rel(y1, y2) < 1e-5
+    gy = torch.randn(y1.shape, generator=torch.Generator().manual_seed(5))
+    y1.backward(gy)
+    y2.backward(gy)
+    assert _rel(h1.grad, h2.grad) < 1e-5 and _rel(r1.grad, r2.grad) < 1e-5
+    for name, e, w in q.slices():  # no optimizer attached: the flow leaves each slice's gradient in w.grad
+        want = getattr(src, name).grad[e]
+        if e == 3:
+            assert want.abs().max() == 0 and w.grad.abs().max() == 0  # no tokens: a zero gradient, delivered
+        else:
+            assert _rel(w.grad, want) < 1e-5, (name, e)
+    floats = dict(q.float_params())
+    assert set(floats) == ({"gate_up_proj_bias", "down_proj_bias"} if family == "gpt_oss" else set())
+    for name, p in floats.items():
+        assert _rel(p.grad, getattr(src, name).grad) < 1e-5
+
+
+class _Recorder:
+    """A flow that records what arrives, and checks that each gradient handed over before is freed."""
+
+    def __init__(self, names):
+        self.names, self.seen, self.alive = names, [], []
+
+    def push(self, weight, grad, uses=1):
+        assert all(ref() is None for ref in self.alive), "an earlier expert gradient is still alive"
+        self.seen.append((self.names[id(weight)], bool(grad.abs().max() > 0)))
+        self.alive.append(weakref.ref(grad))
+
+
+def test_every_slice_delivers_once_in_a_fixed_order_and_is_freed():
+    q, _ = _converted_pair("mixtral")
+    names = {id(w): (name, e) for name, e, w in q.slices()}
+    want = [(n, e) for e in reversed(range(E)) for n in ("down_proj", "gate_up_proj")]
+    for unused in ((3,), (0, 1)):  # another routing, another set of experts without tokens: the same order
+        rec = _Recorder(names)
+        for _, _, w in q.slices():
+            w._qft_flow = rec
+        index, routing = _routing(unused, seed=len(unused))
+        hidden = torch.randn(T, 64, requires_grad=True)
+        q(hidden, index, routing).sum().backward()
+        assert [s for s, _ in rec.seen] == want
+        assert [nonzero for _, nonzero in rec.seen] == [e not in unused for e in reversed(range(E)) for _ in "du"]
+
+
+def test_forward_dequantizes_only_the_routed_experts(monkeypatch):
+    q, _ = _converted_pair("mixtral")
+    names = {id(w): (name, e) for name, e, w in q.slices()}
+    calls = []
+    real = HybridWeight.dequantize
+
+    def spy(self, *args, **kwargs):
+        calls.append(names.get(id(self)))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(HybridWeight, "dequantize", spy)
+    index, routing = _routing(unused=(1, 3))
+    with torch.no_grad():
+        q(torch.randn(T, 64), index, routing)
+    assert sorted(calls) == sorted((n, e) for e in (0, 2) for n in ("gate_up_proj", "down_proj"))
+
+
+def test_experts_it_cannot_reproduce_stay_fp32_with_the_reason(caplog):
+    model, _ = make("mixtral")
+    experts = model.model.layers[0].mlp.experts
+    assert classify(experts) == (EXPERTS, None)
+
+    class Doubled(type(experts)):  # other maths than the decorator's forward
+        def forward(self, *args):
+            return 2 * super().forward(*args)
+
+    experts.__class__ = Doubled
+    kind, reason = classify(experts)
+    assert kind == KEPT and "differs from its forward" in reason
+    model.model.layers[1].mlp.experts._is_expert_parallel = True
+    assert "expert parallelism" in classify(model.model.layers[1].mlp.experts)[1]
+    with caplog.at_level("WARNING", logger="qft_ds"):
+        convert_model(model)
+    listed = {e["name"]: e["reason"] for e in model._qft_fp32}
+    assert "differs from its forward" in listed["model.layers.0.mlp.experts.gate_up_proj"]
+    assert "expert parallelism" in listed["model.layers.1.mlp.experts.down_proj"]
+    assert "model.layers.0.mlp.experts.gate_up_proj [4, 256, 64]" in caplog.text
+    assert not any(isinstance(m, QExperts) for m in model.modules())
+
+
+@pytest.mark.parametrize("qft", [{"flow": "stack"}, {"gradient_checkpointing": True}, {"rounding": "ef"}])
+def test_moe_trains_with_accumulation_checkpointing_and_error_feedback(qft):
+    """The stack flow (int8 accumulation buffers, popped at the boundary), HF gradient checkpointing (the
+    experts' node runs again in the recompute) and error feedback's carry, per expert slice."""
+    model, _ = make("qwen3_moe")
+    accumulate = 2 if qft.get("flow") == "stack" else 1
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulate,
+              "optimizer": {"type": "QFTLion", "params": {"lr": 5e-3, "weight_decay": 0.1}},
+              "qft": dict(qft), "bf16": {"enabled": False}}
+    engine, opt, _, _ = qft_ds.initialize(model=model, config=config)
+    slices = [w for m in model.modules() if isinstance(m, QExperts) for _, _, w in m.slices()]
+    assert slices and all(w in opt.weights for w in slices)
+    if qft.get("rounding") == "ef":
+        assert all(w.residual is not None for w in slices)
+    before = [w.codes.clone() for w in slices]
+    ids = torch.randint(3, V, (2, 16), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(4 * accumulate):
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3, losses
+    assert all(not torch.equal(b, w.codes) for b, w in zip(before, slices))  # every expert stepped
