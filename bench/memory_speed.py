@@ -52,17 +52,34 @@ SHAPES = {
 METHODS = ["qft", "qft_noclip", "qft_two_pass", "qft_unfused", "qft_2pass", "qft_sync", "qft_jit", "qft_nonreentrant", "qft_torch", "fp32_adamw", "fp32_adamw_reentrant", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
 
 
-def build(shape, dtype, device, reentrant=False):
-    """A random-init LLaMA of `shape`, checkpointed as HF does by default (non-reentrant) unless `reentrant`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def llama_config(shape):
+    from transformers import LlamaConfig
     dims = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "seq")}
-    cfg = LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg).to(dtype)
+    return LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False)
+
+
+def _checkpointed(model, reentrant):
     from qft_ds.nn.qmodules import enable_checkpointing
     enable_checkpointing(model, reentrant)
     model.config.use_cache = False
     return model
+
+
+def build(shape, dtype, device, reentrant=False):
+    """A random-init LLaMA of `shape`, checkpointed as HF does by default (non-reentrant) unless `reentrant`."""
+    from transformers import LlamaForCausalLM
+    with torch.device(device):
+        model = LlamaForCausalLM(llama_config(shape)).to(dtype)
+    return _checkpointed(model, reentrant)
+
+
+def build_quantized(shape, device, fuse=True):
+    """The same shape for qft: each weight is drawn in bf16 on the device and quantized at once, so no
+    full-precision copy of more than one layer exists (a 70B shape in bf16 fits neither GPU nor host memory)."""
+    from qft_ds.nn.streaming import build_random
+    model, _ = build_random(llama_config(shape), device, dtype=torch.bfloat16, compute_dtype=torch.bfloat16,
+                            fuse_projections=fuse)
+    return _checkpointed(model, False)
 
 
 def qft_config(backend, batch, fuse=True, reentrant=True, clip=1.0, clip_mode="budget"):
@@ -91,10 +108,8 @@ def setup(method, shape, dev):
     import qft_ds
     batch = SHAPES[shape]["batch"]
     if method.startswith("qft"):
-        # weights are created on the CPU and quantized one by one straight onto the GPU
-        model = build(shape, torch.bfloat16, "cpu")
         fuse = method != "qft_unfused"
-        qft_ds.convert_model(model, compute_dtype=torch.bfloat16, device=dev, fuse_projections=fuse)
+        model = build_quantized(shape, dev, fuse)
         engine, opt, _, _ = qft_ds.initialize(model=model, config=qft_config(
             "torch" if method == "qft_torch" else "auto", batch, fuse, reentrant=method != "qft_nonreentrant",
             clip=0.0 if method == "qft_noclip" else 1.0, clip_mode="two_pass" if method == "qft_two_pass" else "budget"))
