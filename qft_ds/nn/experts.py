@@ -134,15 +134,18 @@ def _biases(module, e: int):
     return getattr(module, f"{w1}_bias")[e], getattr(module, f"{w2}_bias")[e]
 
 
-def _forward(module, hidden, index, routing, weight_of, cdt) -> torch.Tensor:
+def _forward(module, hidden, index, routing, weight_of, cdt, every_expert: bool = False) -> torch.Tensor:
     """The experts' output for hidden [T, H] routed by index/routing [T, k]; `weight_of(name, e)` gives
-    expert e's slice of weight `name` (dequantized once, dropped after the expert)."""
+    expert e's slice of weight `name` (dequantized once, dropped after the expert). `every_expert`: ask for
+    the weights of experts without tokens too (ZeRO-3: each is a gather every rank must make)."""
     out = torch.zeros_like(hidden)
     token, kpos, counts = _routes(index, module.num_experts)
     w1n, w2n = _weight_names(module)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
+            if every_expert:
+                weight_of(w1n, e), weight_of(w2n, e)
             continue
         tok, pos = token[start:start + n], kpos[start:start + n]
         start += n
@@ -168,8 +171,7 @@ class _ExpertsFn(torch.autograd.Function):
     def forward(ctx, hidden, index, routing, module, n_float, *params):
         ctx.module, ctx.n_float = module, n_float
         ctx.save_for_backward(hidden, index, routing)
-        cdt = module.compute_dtype
-        return _forward(module, hidden, index, routing, lambda name, e: module.slice(name, e).dequantize(cdt), cdt)
+        return module.run(hidden, index, routing)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -291,12 +293,18 @@ class QExperts(nn.Module):
         bound = dict(zip(self._arg_names, args))
         bound.update(kwargs)
         hidden, index, routing = (bound[n] for n in self._arg_names)
-        cdt = self.compute_dtype
         anchors = [w.anchor for _, _, w in self.slices()]
         if not torch.is_grad_enabled():
-            return _forward(self, hidden, index, routing, lambda name, e: self.slice(name, e).dequantize(cdt), cdt)
+            return self.run(hidden, index, routing)
         floats = [p for _, p in self.float_params()]
         return _ExpertsFn.apply(hidden, index, routing, self, len(floats), *floats, *anchors)
+
+    def run(self, hidden, index, routing) -> torch.Tensor:
+        """The output, dequantizing the routed experts only (every expert under ZeRO-3, in the same order on
+        every rank)."""
+        cdt = self.compute_dtype
+        return _forward(self, hidden, index, routing, lambda name, e: self.slice(name, e).dequantize(cdt), cdt,
+                        every_expert=_sharded(self.slice(_weight_names(self)[0], 0)))
 
     def extra_repr(self) -> str:
         return (f"{self.source_class}: num_experts={self.num_experts}, weights={list(_weight_names(self))}, "
