@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from qft_ds.nn.convert import convert_model
+from qft_ds.nn.experts import is_experts_module
 
 logger = logging.getLogger("qft_ds")
 INDEX = "model.safetensors.index.json"
@@ -135,6 +136,10 @@ def why_not_streamable(model: nn.Module, source: CheckpointSource) -> str | None
     if missing:
         return (f"{len(missing)} parameter(s) are not stored under their own names in the checkpoint "
                 f"(first: {missing[0]})")
+    moe = next((n for n, m in model.named_modules() if is_experts_module(m)), None)
+    if moe is not None:
+        return (f"{type(model.get_submodule(moe)).__name__} ({moe}) holds MoE experts: conversion runs their forward "
+                "on real weights to check that QExperts reproduces it")
     probed = [n for n, m in model.named_modules()
               if (isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward)
               or (isinstance(m, nn.Embedding) and type(m).forward is not nn.Embedding.forward)]

@@ -163,3 +163,18 @@ def test_moe_trains_with_accumulation_checkpointing_and_error_feedback(qft):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.3, losses
     assert all(not torch.equal(b, w.codes) for b, w in zip(before, slices))  # every expert stepped
+
+
+def test_a_moe_checkpoint_loads_whole_instead_of_streaming():
+    """Streaming conversion builds the model on the meta device; QExperts' probe needs real weights, so a MoE
+    checkpoint loads whole (hub warns with this reason) instead of failing or keeping its experts fp32."""
+    from qft_ds.nn import streaming
+    _, cfg = make("mixtral")
+    model = streaming.skeleton(cfg)
+
+    class EveryName:  # a checkpoint that stores every parameter under its own name
+        def keys(self):
+            return {n for n, _ in model.named_parameters(remove_duplicate=False)}
+
+    why = streaming.why_not_streamable(model, EveryName())
+    assert why is not None and "MoE experts" in why and "model.layers.0.mlp.experts" in why
