@@ -64,7 +64,8 @@ class CheckpointSource:
         # never leaves it resident in this process
         with safe_open(self.folder / self.files[key], "pt", device="cpu") as f:
             t = f.get_tensor(key)
-        return t.to(device=device, dtype=self.dtype if t.is_floating_point() else t.dtype)
+        # moved first, then cast: a bf16 checkpoint crosses to the GPU at 2 bytes/param, never fp32 on the host
+        return t.to(device).to(self.dtype if t.is_floating_point() else t.dtype)
 
 
 class RandomSource:
@@ -168,6 +169,10 @@ def convert_streamed(model: nn.Module, source, device, *, on_weight=None, census
         return w
 
     weights = convert_model(model, device=device, fetch=fetch, on_weight=on_weight, **convert_kwargs)
+    unread = [i for i, w in enumerate(weights) if w.codes.is_meta]
+    if unread:  # a layer type that quantizes its own parameters instead of asking `fetch`
+        raise RuntimeError(f"streaming conversion: {len(unread)} quantized weight(s) were made from meta tensors "
+                           f"(first: #{unread[0]} of shape {weights[unread[0]].shape}); load this model whole")
     _materialise_rest(model, source, device, census)
     return weights
 

@@ -239,3 +239,15 @@ def test_train_py_streams_a_sharded_model_and_trains_as_the_whole_one(tmp_path, 
         losses.append([json.loads(r)["loss"] for r in (out / "metrics.jsonl").read_text().splitlines()])
     assert skeletons == [True, False]
     assert losses[0] == losses[1] and len(losses[0]) == 3
+
+
+def test_a_weight_quantized_from_meta_tensors_is_an_error():
+    """A layer that quantizes its own (meta) parameters instead of asking the source must not pass unnoticed."""
+    model = streaming.skeleton(make_tiny_llama().config)
+
+    class Unread(streaming.RandomSource):
+        def weight(self, module, device):
+            return module.weight.detach()  # the skeleton's meta tensor, as such a layer would read it
+
+    with pytest.raises(RuntimeError, match="made from meta tensors"):
+        streaming.convert_streamed(model, Unread(model), "cpu", **CONVERT)
