@@ -75,8 +75,6 @@ class _DeepSpeedConfig(BaseModel):
     train_micro_batch_size_per_gpu: PositiveInt = 1
     gradient_accumulation_steps: PositiveInt = 1
     gradient_clipping: NonNegative = 0.0  # -1 and NaN were accepted
-    steps_per_print: PositiveInt = 1
-    wall_clock_breakdown: StrictBool = False
     bf16: _Precision = _Precision()
     bfloat16: _Precision = _Precision()
     fp16: _Precision = _Precision()
