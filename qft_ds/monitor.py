@@ -1,4 +1,5 @@
-"""Per-step metrics: DeepSpeed's monitor (CSV / TensorBoard / W&B from the config) and `qft_ds plot`.
+"""Per-step metrics: DeepSpeed's monitor (CSV / TensorBoard / W&B from the config), and reading metrics.jsonl
+for `qft_ds plot` (drawn by qft_ds.plotting).
 
 train.py writes one metrics row per optimizer step to metrics.jsonl; `write_events` sends the same
 numbers to whatever monitors the config's "csv_monitor" / "tensorboard" / "wandb" sections enabled.
@@ -41,27 +42,6 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 def plot(run_dir, out: str | None = None) -> Path:
-    """PNG of loss and peak memory over steps (skipped steps marked) from RUN_DIR/metrics.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_metrics(run_dir)
-    steps = [r["step"] for r in rows]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    ax1.plot(steps, [r["loss"] for r in rows], lw=1.2)
-    skipped = [r["step"] for r in rows if r.get("skipped")]
-    if skipped:
-        ax1.scatter(skipped, [r["loss"] for r in rows if r.get("skipped")], color="red", s=12,
-                    label="skipped step", zorder=3)
-        ax1.legend()
-    ax1.set_ylabel("train loss")
-    ax1.set_title(str(run_dir))
-    ax2.plot(steps, [r.get("peak_gib", float("nan")) for r in rows], color="tab:orange", lw=1.2)
-    ax2.set_ylabel("peak memory (GiB)")
-    ax2.set_xlabel("optimizer step")
-    fig.tight_layout()
-    path = Path(out) if out else Path(run_dir) / "metrics.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    """The run's PNG (qft_ds.plotting): loss with its smoothed curve and held-out points, lr, tok/s, memory."""
+    from qft_ds import plotting  # matplotlib only when plotting
+    return plotting.plot(run_dir, out)

@@ -32,3 +32,56 @@ def test_csv_monitor_and_plot(tiny_model_dir, tiny_text_file, tmp_path, monkeypa
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert main(["plot", str(tmp_path / "nothing")]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err
+
+
+def write_run(run, n=40, summary=True):
+    """A metrics.jsonl (and summary.json) as train.py writes them: a falling, noisy loss, a warm-up then decay."""
+    rows, tokens, seconds = [], 0, 0.0
+    for s in range(1, n + 1):
+        tokens, seconds = tokens + 512, seconds + (9.0 if s == 1 else 1.0)  # step 1 pays for compilation
+        rows.append({"step": s, "loss": 4.0 - 0.02 * s + (0.3 if s % 2 else -0.3), "lr": 1e-5 * min(s, 5) / 5,
+                     "tokens": tokens, "seconds": seconds, "tok_s": tokens / seconds, "peak_gib": 1.5,
+                     "skipped": s == 7, "skipped_steps": int(s >= 7), "partial_steps": 0, "grad_norm": 1.0})
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if summary:
+        (run / "summary.json").write_text(json.dumps({"steps": n, "start_step": 0, "eval_start": 4.1,
+                                                      "eval_end": 3.4}))
+    return rows
+
+
+def test_plot_draws_smoothed_loss_heldout_points_and_zero_based_rates(tmp_path):
+    from qft_ds import plotting
+    rows = write_run(tmp_path / "run")
+    fig = plotting.draw(rows, json.loads((tmp_path / "run" / "summary.json").read_text()))
+    loss_ax, lr_ax, tok_ax, mem_ax = fig.axes
+    lines = {ln.get_label(): ln for ln in loss_ax.get_lines()}
+    smoothed = next(ln for label, ln in lines.items() if label.startswith("train loss (EMA"))
+    raw = [r["loss"] for r in rows]
+    ys = list(smoothed.get_ydata())
+    # past its first steps (bias-corrected, they follow the raw points), the +-0.3 zig-zag is averaged away
+    half = len(rows) // 2
+    assert max(abs(a - b) for a, b in zip(ys[half + 1:], ys[half:])) < 0.3 * 0.6
+    held = lines["held-out loss"]
+    assert list(held.get_xdata()) == [0, 40] and list(held.get_ydata()) == [4.1, 3.4]
+    for ax in (lr_ax, tok_ax, mem_ax):
+        assert ax.get_ylim()[0] == 0
+    rates = plotting.step_rates(rows)
+    assert rates[0] == rows[0]["tok_s"] and rates[1] == 512.0  # each step's own rate, not the running mean
+    marks = [ln for ln in loss_ax.get_lines() if ln.get_color() == "red"]
+    assert [ln.get_xdata()[0] for ln in marks] == [7]  # the skipped step
+
+
+def test_plot_writes_the_png_from_metrics_alone(tmp_path, capsys):
+    write_run(tmp_path / "run", summary=False)  # a run still going: no summary.json yet
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "p.png")]) == 0
+    png = tmp_path / "p.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"wrote {png}" in capsys.readouterr().out
+
+
+def test_smooth_is_unbiased_at_the_start_and_skips_non_finite():
+    from qft_ds.plotting import smooth
+    assert smooth([2.0, 2.0, 2.0], span=10) == [2.0, 2.0, 2.0]  # no pull towards 0
+    out = smooth([1.0, float("nan"), 1.0], span=3)
+    assert out == [1.0, 1.0, 1.0]
