@@ -2,8 +2,9 @@
 
 - `qft_ds report`: which kernel backends can run here, like `ds_report`;
 - `qft_ds export CHECKPOINT OUT_DIR [--dtype bf16|fp16|fp32] [--int8 | --lowbit]`: an HF folder from a
-  checkpoint (`--lowbit`: a PEQA checkpoint kept 3/4-bit);
-- `qft_ds plot RUN_DIR [--out PNG]`: loss and peak memory over steps from RUN_DIR/metrics.jsonl;
+  checkpoint (`--lowbit`: a PEQA checkpoint kept 3/4-bit; a QST checkpoint: qft_ds's QST format);
+- `qft_ds plot RUN_DIR [--out PNG]`: loss (smoothed, held-out points), lr, tok/s and peak memory over steps
+  from RUN_DIR/metrics.jsonl;
 - `qft_ds consolidate CHECKPOINT OUT_DIR`: a plain (one-device) checkpoint from a sharded ZeRO one.
 """
 from __future__ import annotations
@@ -11,16 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from qft_ds.checkpoint_io import CheckpointError
-from qft_ds.export import export as run_export
-from qft_ds.monitor import plot as run_plot
-from qft_ds.ops import get_ops, report as ops_report
-from qft_ds.zero.consolidate import consolidate as run_consolidate
+# Each command imports what it needs when it runs: torch and the package take seconds to import, and
+# `qft_ds --help` or `qft_ds plot` need neither.
 
 
 def report() -> int:
+    import torch
+
+    from qft_ds.ops import get_ops, report as ops_report
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     print(f"qft_ds ops report (torch {torch.__version__})")
     print(f"{'backend':<10} {'device':<6} {'ok':<4} reason")
@@ -31,8 +30,11 @@ def report() -> int:
     return 0
 
 
-def _user_errors(tool: str, run, errors=(CheckpointError, FileExistsError)):
+def _user_errors(tool: str, run, errors=None):
     """run(), or None after one line on stderr when it fails for a reason the user can fix (exit status 2)."""
+    if errors is None:
+        from qft_ds.checkpoint_io import CheckpointError
+        errors = (CheckpointError, FileExistsError)
     try:
         return run()
     except errors as e:
@@ -41,11 +43,13 @@ def _user_errors(tool: str, run, errors=(CheckpointError, FileExistsError)):
 
 
 def export(args) -> int:
+    from qft_ds.export import export as run_export
     out = _user_errors("export", lambda: run_export(args.checkpoint, args.out_dir, dtype=args.dtype, int8=args.int8,
                                                     max_shard_gb=args.max_shard_gb, lowbit=args.lowbit))
     if out is None:
         return 2
-    what = ("int8 (load with qft_ds.export.load_int8)" if args.int8 else
+    what = ("QST (load with qft_ds.methods.load_qst; plain transformers refuses it)" if (out / "qst.json").is_file()
+            else "int8 (load with qft_ds.export.load_int8)" if args.int8 else
             "PEQA low-bit (load with qft_ds.methods.load_peqa)" if args.lowbit else f"{args.dtype} (AutoModelForCausalLM)")
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"exported {args.checkpoint} -> {out}: {what}, {size:.1f} MiB")
@@ -53,6 +57,7 @@ def export(args) -> int:
 
 
 def consolidate(args) -> int:
+    from qft_ds.zero.consolidate import consolidate as run_consolidate
     out = _user_errors("consolidate", lambda: run_consolidate(args.checkpoint, args.out_dir))
     if out is None:
         return 2
@@ -61,6 +66,7 @@ def consolidate(args) -> int:
 
 
 def plot(args) -> int:
+    from qft_ds.monitor import plot as run_plot
     path = _user_errors("plot", lambda: run_plot(args.run_dir, args.out), (FileNotFoundError, ValueError))
     if path is None:
         return 2
@@ -80,7 +86,7 @@ def main(argv=None) -> int:
     e.add_argument("--lowbit", action="store_true",
                    help="PEQA checkpoints: keep packed 3/4-bit codes + zero points + scales (qft_ds loader)")
     e.add_argument("--max_shard_gb", type=float, default=5.0, help="safetensors shard size (default 5)")
-    pl = sub.add_parser("plot", help="PNG of loss and peak memory over steps of a train.py run")
+    pl = sub.add_parser("plot", help="PNG of loss, lr, tok/s and peak memory over steps of a train.py run")
     pl.add_argument("run_dir", help="a train.py output_dir (holds metrics.jsonl)")
     pl.add_argument("--out", default=None, help="PNG path (default RUN_DIR/metrics.png)")
     c = sub.add_parser("consolidate", help="a plain checkpoint from a sharded ZeRO one, one weight at a time")

@@ -23,7 +23,7 @@ import torch
 
 from qft_ds import comm
 from qft_ds.config import QFTConfig, load_ds_config, take_deepspeed_sections, wants_qft
-from qft_ds.launch_env import prepare_process
+from qft_ds.launch_env import prepare_process, skip_cpu_shm_build
 from qft_ds.methods import setup as methods_setup
 from qft_ds.nn import streaming
 from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
@@ -245,3 +245,8 @@ def install_deepspeed_hook() -> bool:
     initialize.__doc__ = _ds_initialize.__doc__
     deepspeed.initialize = initialize
     return True
+
+
+# importing the glue installs it (DeepSpeed's import runs this module: qft_ds.import_hooks)
+install_deepspeed_hook()
+skip_cpu_shm_build()  # decides when DeepSpeed would build it: see launch_env
