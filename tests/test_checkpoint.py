@@ -6,9 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-import qft_ds
 from qft_ds import checkpoint, checkpoint_io, textdata
 from qft_ds.checkpoint import CheckpointError, state_hash
 
