@@ -170,6 +170,8 @@ class _ExpertsFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, index, routing, module, n_float, *params):
         ctx.module, ctx.n_float = module, n_float
+        dev = hidden.device.type  # backward recomputes under the forward's autocast state (bf16 compute)
+        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         ctx.save_for_backward(hidden, index, routing)
         return module.run(hidden, index, routing)
 
@@ -187,11 +189,12 @@ class _ExpertsFn(torch.autograd.Function):
         for e in reversed(range(module.num_experts)):  # a fixed order: every rank delivers alike
             tok, pos = token[starts[e]:starts[e + 1]], kpos[starts[e]:starts[e + 1]]
             _backward_expert(module, e, hidden[tok], routing[tok, pos], grad_out[tok], floats, grad_f,
-                             need_x, need_r, tok, grad_x, pos, grad_r)
+                             need_x, need_r, tok, grad_x, pos, grad_r, ctx.autocast)
         return (grad_x, None, grad_r, None, None, *grad_f, *([None] * (len(ctx.needs_input_grad) - 5 - len(floats))))
 
 
-def _backward_expert(module, e, x, r, gy, floats, grad_f, need_x, need_r, tok, grad_x, pos, grad_r) -> None:
+def _backward_expert(module, e, x, r, gy, floats, grad_f, need_x, need_r, tok, grad_x, pos, grad_r,
+                     autocast) -> None:
     """Expert e's backward: recompute its output for its tokens, hand its two weight gradients to the flow
     (down first, as a layer-by-layer backward would), add its input, routing and float gradients."""
     cdt = module.compute_dtype
@@ -204,7 +207,8 @@ def _backward_expert(module, e, x, r, gy, floats, grad_f, need_x, need_r, tok, g
         deliver(q1, torch.zeros(q1.shape, dtype=cdt, device=x.device))
         return
     bias_pos = module.bias_positions()
-    with torch.enable_grad():
+    dev, on, dtype = autocast
+    with torch.enable_grad(), torch.autocast(dev, dtype=dtype, enabled=on):
         x = x.detach().requires_grad_(need_x)
         r = r.detach().requires_grad_(need_r)
         w1 = q1.dequantize(cdt).requires_grad_()

@@ -139,18 +139,22 @@ def test_experts_it_cannot_reproduce_stay_fp32_with_the_reason(caplog):
     assert not any(isinstance(m, QExperts) for m in model.modules())
 
 
-@pytest.mark.parametrize("qft", [{"flow": "stack"}, {"gradient_checkpointing": True}, {"rounding": "ef"}])
+@pytest.mark.parametrize("qft", [{"flow": "stack"}, {"gradient_checkpointing": True}, {"rounding": "ef"}, "bf16"])
 def test_moe_trains_with_accumulation_checkpointing_and_error_feedback(qft):
     """The stack flow (int8 accumulation buffers, popped at the boundary), HF gradient checkpointing (the
-    experts' node runs again in the recompute) and error feedback's carry, per expert slice."""
+    experts' node runs again in the recompute), error feedback's carry, per expert slice, and bf16 compute."""
+    bf16 = qft == "bf16"
+    qft = {} if bf16 else qft
     model, _ = make("qwen3_moe")
     accumulate = 2 if qft.get("flow") == "stack" else 1
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": accumulate,
               "optimizer": {"type": "QFTLion", "params": {"lr": 5e-3, "weight_decay": 0.1}},
-              "qft": dict(qft), "bf16": {"enabled": False}}
+              "qft": dict(qft), "bf16": {"enabled": bf16}}
     engine, opt, _, _ = qft_ds.initialize(model=model, config=config)
     slices = [w for m in model.modules() if isinstance(m, QExperts) for _, _, w in m.slices()]
     assert slices and all(w in opt.weights for w in slices)
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, QExperts)} == {torch.bfloat16 if bf16
+                                                                                    else torch.float32}
     if qft.get("rounding") == "ef":
         assert all(w.residual is not None for w in slices)
     before = [w.codes.clone() for w in slices]
@@ -178,3 +182,33 @@ def test_a_moe_checkpoint_loads_whole_instead_of_streaming():
 
     why = streaming.why_not_streamable(model, EveryName())
     assert why is not None and "MoE experts" in why and "model.layers.0.mlp.experts" in why
+
+
+def test_bf16_autocast_backward_recomputes_as_the_forward_ran(monkeypatch):
+    """bf16 compute (the forward under autocast): the backward's recompute runs under the same autocast state,
+    so the gradients are those of the bf16 forward, as torch's autograd of the dense experts gives them."""
+    from qft_ds.nn import experts
+    states, real = [], experts._expert
+    monkeypatch.setattr(experts, "_expert", lambda *a: states.append(torch.is_autocast_enabled("cpu")) or real(*a))
+    model, _ = make("mixtral")
+    ref = copy.deepcopy(model)
+    convert_model(model, compute_dtype=torch.bfloat16)
+    q, src = model.model.layers[0].mlp.experts, ref.model.layers[0].mlp.experts
+    with torch.no_grad():
+        for name, e, w in q.slices():
+            getattr(src, name)[e].copy_(w.dequantize())
+    src.config._experts_implementation = "eager"
+    index, routing = _routing()
+    hidden = torch.randn(T, 64, generator=torch.Generator().manual_seed(4))
+    h1, h2 = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    states.clear()  # conversion's probe ran the experts' maths too
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, y2 = q(h1, index, routing), src(h2, index, routing)
+    gy = torch.randn(y1.shape, generator=torch.Generator().manual_seed(5))
+    y1.float().backward(gy)
+    y2.float().backward(gy)
+    assert len(states) == 2 * 3 and all(states)  # 3 routed experts: forward, then the recompute in backward
+    assert _rel(y1, y2) < 1e-2 and _rel(h1.grad, h2.grad) < 2e-2
+    for name, e, w in q.slices():
+        if e != 3:
+            assert w.grad.dtype == torch.bfloat16 and _rel(w.grad, getattr(src, name).grad[e]) < 2e-2, (name, e)
