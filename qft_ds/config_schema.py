@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import re
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, ValidationError
@@ -131,6 +132,7 @@ def _first_error(e: ValidationError) -> str:
     if err["type"] in ("model_type", "dict_type", "model_attributes_type"):
         return f"'{key}' must be a JSON object, got {err['input']!r}"
     msg = err["msg"].replace("Input should be", "must be").replace("List should have", "must have")
+    msg = re.sub(r" after validation, not \d+", "", msg)  # pydantic's wording for a list's length
     hint = (" (a JSON string: remove the quotes)" if isinstance(err["input"], str)
             and err["type"] in ("int_type", "float_type", "bool_type") else "")
     return f"'{key}' {msg}, got {err['input']!r}{hint}"

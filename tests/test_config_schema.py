@@ -41,7 +41,7 @@ BAD = {  # edit of ds_configs/qft.json -> what the error must say
     "lr string": (setting("optimizer.params.lr", "abc"), r"'optimizer\.params\.lr' must be a valid number, got 'abc'"),
     "lr NaN": (setting("optimizer.params.lr", math.nan), r"'optimizer\.params\.lr' must be a finite number"),
     "lr 1e999": (setting("optimizer.params.lr", math.inf), r"'optimizer\.params\.lr' must be a finite number"),
-    "betas one": (setting("optimizer.params.betas", [0.9]), r"'optimizer\.params\.betas' must have at least 2"),
+    "betas one": (setting("optimizer.params.betas", [0.9]), r"'optimizer\.params\.betas' must have at least 2 items, got \[0\.9\]"),
     "betas above 1": (setting("optimizer.params.betas", [0.9, 1.5]), r"'optimizer\.params\.betas\.1' must be less"),
     "weight_decay string": (setting("optimizer.params.weight_decay", "0.1"),
                             r"'optimizer\.params\.weight_decay' must be a valid number.*remove the quotes"),
