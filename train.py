@@ -180,11 +180,12 @@ class Data:
     heldout: object
     pad_id: int
     summary: str
+    heldout_desc: str = ""  # which part is held out, and how much of it the held-out loss reads (qft_ds.startup)
 
 
 def load_data(args, tokenizer) -> Data:
     """Text: blocks (held-out: textdata's split). Instruction data: examples (held-out: sftdata.sft_splits)."""
-    from qft_ds import sftdata, textdata
+    from qft_ds import sftdata, startup, textdata
     fmt = sftdata.dataset_format(args.dataset)
     if fmt == "text":
         if args.eval_dataset:
@@ -194,13 +195,15 @@ def load_data(args, tokenizer) -> Data:
         held = textdata.tokenize_blocks(tokenizer, splits.heldout, args.seq_len, max_blocks=args.eval_blocks,
                                         split="held-out")
         return Data(fmt, train, held, tokenizer.pad_token_id,
-                    f"{len(train)} train blocks x {args.seq_len} tokens, {len(held)} held-out blocks")
+                    f"{len(train)} train blocks x {args.seq_len} tokens, {len(held)} held-out blocks",
+                    startup.text_heldout(splits, len(held), args.seq_len))
     train_rows, held_rows = sftdata.sft_splits(args.dataset, args.eval_dataset)
     train = sftdata.encode_sft(tokenizer, train_rows, args.seq_len, where=args.dataset)
     held = sftdata.encode_sft(tokenizer, held_rows, args.seq_len,
                               where=args.eval_dataset or f"{args.dataset} (held-out rows)")
     return Data(fmt, train, held, tokenizer.pad_token_id,
-                f"{len(train)} train examples ({fmt}, up to {args.seq_len} tokens), {len(held)} held-out examples")
+                f"{len(train)} train examples ({fmt}, up to {args.seq_len} tokens), {len(held)} held-out examples",
+                startup.sft_heldout(args.dataset, args.eval_dataset, len(train_rows), len(held_rows), held))
 
 
 def train_batches(data: Data, micro: int, seed: int, start_step: int, rank: int, world: int):
@@ -272,7 +275,7 @@ def user_input(flag: str, *values):
     except (ValueError, OSError) as e:
         if os.environ.get("QFT_DS_TRACEBACK"):
             raise
-        msg = str(e) or type(e).__name__
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever a library wrote
         named = [str(v) for v in values if v is not None]
         sys.exit(msg if any(v in msg for v in named) else f"{flag} {named[0]}: {msg}")
 
@@ -284,6 +287,7 @@ def step_seed(seed: int, step: int) -> int:
 
 
 def main(argv=None):
+    started = time.time()
     args = parse_args(argv)
     torch.manual_seed(args.seed)  # before the model loads: anything initialised at random (QST) is reproducible
     from qft_ds.launch_env import prepare_process
@@ -299,6 +303,8 @@ def main(argv=None):
         qft_ds.engine.split_config(ds_config, int(os.environ["WORLD_SIZE"]))
     deepspeed.init_distributed()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    from qft_ds.startup import StartupClock
+    clock = StartupClock(rank == 0, started)  # a line per start-up phase: the first step is minutes away
     if rank == 0:  # fetch and convert the default model and data once, before the others read them
         if args.model == hub.DEFAULT_MODEL:
             hub.prepare_default_model()
@@ -306,10 +312,12 @@ def main(argv=None):
             textdata.prepare_shakespeare()
     comm.barrier()
 
+    clock.say(f"loading the model {args.model}")
     with user_input("--model", args.model):
         model, tokenizer = hub.load_model_and_tokenizer(  # a sharded qft checkpoint converts as it is read
             args.model, stream=hub.stream_for(qft_ds.config.load_ds_config(args.deepspeed)))
     with user_input("--dataset", args.dataset, args.eval_dataset):
+        clock.say(f"reading and tokenising {args.dataset}")
         data = load_data(args, tokenizer)
 
     saved = saved_horizon(args.resume_from_checkpoint) if args.resume_from_checkpoint else None
@@ -317,6 +325,7 @@ def main(argv=None):
     end = steps if args.stop_at is None else args.stop_at
     if end > steps:
         sys.exit(f"--stop_at {end} is beyond the run's {steps} steps")
+    clock.say("setting up: converting the weights (qft_ds.initialize)")
     engine, optimizer, _, scheduler = qft_ds.initialize(model=model, config=ds_config, progress=True)
     cfg = engine.qft_config
     micro, gas = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
@@ -349,6 +358,7 @@ def main(argv=None):
         print(f"model: {args.model}  quantized params: {state['quantized_params']:,}  {line}  {how}  "
               f"compute: {'bf16' if cfg.compute_bf16 else 'fp32'}")
         print(f"data: {data.summary}")
+        print(f"held-out: {data.heldout_desc}")
         if start_step:
             print(f"resumed at step {start_step} from {args.resume_from_checkpoint}")
         print(f"steps: {steps} (the LR schedule's horizon)" + (f", stopping at {end}" if end < steps else "") +
@@ -356,6 +366,8 @@ def main(argv=None):
                if start_step and saved and saved != steps else ""))
         if schedule_note:
             print(f"note: {schedule_note}")
+    clock.say(f"measuring the held-out loss before training ({len(data.heldout)} "
+              f"{'blocks' if data.format == 'text' else 'examples'})")
     eval_start = evaluate(engine, data, micro)
     if rank == 0:
         print(f"held-out loss before: {eval_start:.4f}")
@@ -375,6 +387,8 @@ def main(argv=None):
     session_tokens, t0, step, skipped_before = 0, time.time(), start_step, 0
     stop = StopFlag()
     try:
+        clock.say(f"training from step {start_step + 1} (the first step is slower: one-time allocations, and "
+                  "Triton kernels compile on a GPU)")
         bar = tqdm(range(start_step, end), desc="qft", unit="step", disable=rank != 0, initial=start_step,
                    total=end)
         for step in bar:
@@ -420,7 +434,7 @@ def main(argv=None):
     if rank == 0:
         metrics.close()
         summary = {"model": args.model, "dataset": args.dataset, "steps": end, "eval_start": eval_start,
-                   "eval_end": eval_end, "tokens": tokens, "seconds": prior_s + time.time() - t0,
+                   "start_step": start_step, "eval_end": eval_end, "tokens": tokens, "seconds": prior_s + time.time() - t0,
                    "peak_gib": peak_memory_gib(engine.device), "state": model_state(engine, optimizer),
                    **{k: v for k, v in step_stats(engine, optimizer, skipped_before).items()
                       if k in ("skipped_steps", "partial_steps")},

@@ -33,11 +33,15 @@ def test_train_writes_metrics_and_learns(tiny_model_dir, tiny_text_file, tmp_pat
 
 
 def schedule_lrs(cfg: dict, total: int) -> list[float]:
-    """The lr of each step of the config's WarmupCosineLR over `total` steps."""
+    """The lr of each step of the config's WarmupCosineLR over `total` steps, as qft_ds builds it (its first
+    step above 0: qft_ds.schedule)."""
     import torch
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from qft_ds.schedule import build_warmup_schedule
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg["optimizer"]["params"]["lr"])
-    sched = WarmupCosineLR(opt, **{**cfg["scheduler"]["params"], "total_num_steps": total})
+    sched = build_warmup_schedule({"scheduler": {"type": "WarmupCosineLR",
+                                                 "params": {**cfg["scheduler"]["params"], "total_num_steps": total}}},
+                                  opt)
     lrs = []
     for _ in range(total):
         lrs.append(opt.param_groups[0]["lr"])
@@ -125,15 +129,24 @@ def _write(path: Path, data: bytes) -> Path:
      "s.jsonl: row 2: field \"text\": an unpaired surrogate"),
     (lambda d, m: ["--dataset", str(d / "missing.txt")], "missing.txt: no such file or folder"),
     (lambda d, m: ["--model", str(d / "no_model")], "--model " + "{d}/no_model: not a model folder"),
-    (lambda d, m: (d / "empty").mkdir() or ["--model", str(d / "empty")], "--model {d}/empty: "),
+    (lambda d, m: (d / "empty").mkdir() or ["--model", str(d / "empty")],
+     "--model {d}/empty: a folder without config.json"),  # was: "You need to have sentencepiece ..."
+    (lambda d, m: _config_only(m, d / "cfgonly"), "no file named model.safetensors"),
 ])
 def test_bad_data_or_model_is_one_line_naming_it(make_args, says, tiny_model_dir, tiny_text_file, tmp_path):
     argv = ["--deepspeed", str(_config(tmp_path)), "--model", str(tiny_model_dir), "--dataset", str(tiny_text_file),
             "--output_dir", str(tmp_path / "run"), *make_args(tmp_path, tiny_model_dir)]
     with pytest.raises(SystemExit) as e:
         train.main(argv)
-    assert says.format(d=tmp_path) in str(e.value.code), e.value.code
+    assert says.format(d=tmp_path) in str(e.value.code) and "\n" not in str(e.value.code), e.value.code
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def _config_only(model: Path, out: Path) -> list[str]:
+    """A model folder with its config and tokenizer but no weights."""
+    import shutil
+    shutil.copytree(model, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    return ["--model", str(out)]
 
 
 def test_a_bad_data_row_reaches_the_user_without_a_traceback(tiny_model_dir, tmp_path):
