@@ -183,6 +183,8 @@ def load_model_and_tokenizer(name_or_path: str, dtype: torch.dtype = torch.float
         model, tok = load_gguf(local, dtype)
         return model, _ensure_pad(tok)
     elif local.is_dir():
+        if not (local / "config.json").is_file():  # else transformers blames a missing tokenizer library
+            raise FileNotFoundError(f"--model {name_or_path}: a folder without config.json, not an HF model folder")
         src = str(local)
         if stream and streaming.is_sharded_checkpoint(local):
             model = _skeleton_or_none(local, dtype)

@@ -40,7 +40,7 @@ def jsonl_rows(path) -> Iterator[tuple[int, object]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: row {row}: invalid JSON ({e.msg})") from None
+                raise ValueError(f"{path}: row {row}: invalid JSON ({e.msg}, column {e.colno})") from None
             _check_unicode(obj, f"{path}: row {row}")
             yield row, obj
 
