@@ -434,7 +434,8 @@ def main(argv=None):
     if rank == 0:
         metrics.close()
         summary = {"model": args.model, "dataset": args.dataset, "steps": end, "eval_start": eval_start,
-                   "start_step": start_step, "eval_end": eval_end, "tokens": tokens, "seconds": prior_s + time.time() - t0,
+                   "start_step": start_step, "eval_end": eval_end, "tokens": tokens,
+                   "seconds": prior_s + time.time() - t0,
                    "peak_gib": peak_memory_gib(engine.device), "state": model_state(engine, optimizer),
                    **{k: v for k, v in step_stats(engine, optimizer, skipped_before).items()
                       if k in ("skipped_steps", "partial_steps")},
