@@ -256,3 +256,37 @@ def test_moe_checkpoint_resumes_bit_exact(tmp_path):
     got = state(model, opt)
     assert len(got) == len(want) == 2 * 2 * 4  # layers x weights x experts
     assert all(torch.equal(a, b) for g, w in zip(got, want) for a, b in zip(g, w))
+
+
+def test_train_py_state_line_counts_every_moe_parameter(tmp_path, capsys, monkeypatch):
+    """train.py on a saved tiny Mixtral: its start-up line counts every parameter (experts int8, routers fp32)
+    and the training state is int8's ~2 bytes per parameter, not fp32 Lion's 8."""
+    import json
+
+    from conftest import WORDS, make_word_tokenizer
+    import transformers
+    root = Path(__file__).resolve().parents[2]
+    sys.path.insert(0, str(root))
+    import train
+    monkeypatch.setenv("QFT_DS_CACHE", str(tmp_path / "cache"))
+    cfg = transformers.MixtralConfig(vocab_size=len(WORDS) + 2, hidden_size=64, intermediate_size=128,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                     num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    n_params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(tmp_path / "moe")
+    make_word_tokenizer().save_pretrained(tmp_path / "moe")
+    g = torch.Generator().manual_seed(0)
+    (tmp_path / "corpus.txt").write_text("\n\n".join(
+        " ".join(WORDS[i] for i in torch.randint(0, len(WORDS), (40,), generator=g).tolist()) for _ in range(40)))
+    ds = json.loads((root / "ds_configs" / "qft.json").read_text())
+    ds["scheduler"]["params"].update(total_num_steps=2, warmup_num_steps=1)
+    (tmp_path / "qft.json").write_text(json.dumps(ds))
+    train.main(["--deepspeed", str(tmp_path / "qft.json"), "--model", str(tmp_path / "moe"), "--dataset",
+                str(tmp_path / "corpus.txt"), "--output_dir", str(tmp_path / "out"), "--seq_len", "16",
+                "--eval_blocks", "2", "--max_steps", "2"])
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("model:"))
+    assert f"over all {n_params:,} (" in line
+    per_param = float(line.split(" bytes/param over all")[0].rsplit(" ", 1)[1])
+    assert per_param < 3, line
