@@ -31,10 +31,11 @@ def report() -> int:
 
 
 def _user_errors(tool: str, run, errors=None):
-    """run(), or None after one line on stderr when it fails for a reason the user can fix (exit status 2)."""
+    """run(), or None after one line on stderr when it fails for a reason the user can fix (exit status 2): a bad
+    checkpoint, or an OSError writing OUT_DIR (an existing folder, a read-only path, a full disk)."""
     if errors is None:
         from qft_ds.checkpoint_io import CheckpointError
-        errors = (CheckpointError, FileExistsError)
+        errors = (CheckpointError, OSError)
     try:
         return run()
     except errors as e:
