@@ -37,16 +37,21 @@ from qft_ds.zero import checkpoint as zero_checkpoint
 def save(out_dir, engine, optimizer, *, step: int, data: dict | None = None, ds_config: dict | None = None,
          tokenizer=None) -> Path:
     """Write `out_dir/checkpoint-STEP` atomically and point `out_dir/latest` at it. Rank 0 writes;
-    every rank returns after the write (a barrier when distributed)."""
+    every rank returns after the write, or raises if it failed."""
     if getattr(optimizer, "zero_stage", 0):  # ZeRO: every rank writes its own slices
         return zero_checkpoint.save(out_dir, engine, optimizer, step=step, data=data, ds_config=ds_config,
                                     tokenizer=tokenizer)
     out_dir = Path(out_dir)
     final = out_dir / f"{PREFIX}{step}"
+    error = None
     if comm.rank() == 0:
-        with run_folder.locked(out_dir):
-            _write(out_dir, final, engine, optimizer, step, data or {}, ds_config, tokenizer)
-    comm.barrier()
+        try:
+            with run_folder.locked(out_dir):  # refused if another live run writes here
+                _write(out_dir, final, engine, optimizer, step, data or {}, ds_config, tokenizer)
+        except BaseException as e:  # the other ranks learn of it below rather than wait forever
+            error = e
+    if comm.max_over_ranks(error is not None):  # also the barrier: every rank returns after the write
+        raise error if error is not None else CheckpointError(f"rank 0 could not save {final} (see its error)")
     return final
 
 
