@@ -87,6 +87,12 @@ def at_chosen(path, methods=SECOND_SEED, seeds=(1,)) -> list[str]:
     return [f"{m}:{chosen[m]:g}:{s}" for m in methods for s in seeds]
 
 
+def done_runs(paths) -> set[str]:
+    """The METHOD:LR:SEED specs of the finished runs in result JSONs (their `rows`)."""
+    return {f"{r['method']}:{r['lr']:g}:{r['seed']}" for path in paths
+            for r in json.loads(Path(path).read_text())["rows"]}
+
+
 def part(runs: list[str], spec: str) -> list[str]:
     """Part ``I/N`` of the runs: the costliest run goes to the least loaded part first (COST), so that the
     parts end at about the same time; deterministic, and the parts together hold every run once."""
@@ -292,6 +298,9 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, metavar="METHOD",
                    help="with --grid or --at_chosen: only these methods (default: all; --at_chosen: those of "
                         f"{', '.join(SECOND_SEED)})")
+    p.add_argument("--skip_done", nargs="+", default=[], metavar="RESULT.json",
+                   help="leave out the runs (method, lr, seed) that these results already hold (a grid finished "
+                        "over several calls; --merge them all afterwards)")
     p.add_argument("--part", default=None, metavar="I/N", help="run only part I of N of the runs (0-based)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--warmup", type=int, default=20)
@@ -316,6 +325,8 @@ def main(argv=None):
     else:
         runs = fidelity.check_runs(fidelity.grid_runs(args.lrs, args.seeds, METHODS, DEFAULT_GRID) if args.lrs
                                    else args.runs, METHODS)
+    if args.skip_done:
+        runs = [r for r in runs if r not in done_runs(args.skip_done)]
     if args.part:
         runs = part(runs, args.part)
     if not runs:  # more parts than runs (a small --methods): this part has nothing to do
@@ -359,7 +370,10 @@ def main(argv=None):
 def merge(paths) -> dict:
     """The parts of one experiment (bench/fidelity_report.merge checks they share the setup), failed runs kept."""
     result = report.merge(paths, same=SAME)
-    result["failed"] = [f for path in paths for f in json.loads(Path(path).read_text()).get("failed", [])]
+    failed = [f for path in paths for f in json.loads(Path(path).read_text()).get("failed", [])]
+    # a run that failed in one call and finished in a later one (PREVIOUS in qa_grid.sh) is not a failure
+    done = {f"{r['method']}:{r['lr']:g}:{r['seed']}" for r in result["rows"]}
+    result["failed"] = [f for f in failed if f["run"] not in done]
     return result
 
 

@@ -11,6 +11,8 @@
 # env QFT_DS_SMOLLM2_GGUF or the PyPI wheel). Environment: PROCS=10,
 # STEPS=300, LIMIT=500 (seconds for both phases; phase 2 gets what phase 1 leaves, at least 100), PORT_BASE=29700
 # (never DeepSpeed's default 29500), PYTHON=python3, EXTRA (more qa_fidelity.py arguments for every run).
+# A grid finished over several calls: PREVIOUS="A.json B.json" (results of the earlier calls) skips the runs
+# they hold (--skip_done) and merges them in, so the lrs are chosen over all of them.
 # OUT_DIR ends with 4 files: the merged qa_fidelity_TASK_*.json and .png, log.txt (every process's log) and
 # parts.tar.gz (the parts' JSONs and logs, and phase 1's merged result).
 set -u
@@ -31,7 +33,9 @@ fi
 common=(--task "$task" --steps "$steps" --commit "$commit" --model "$model")
 mkdir -p "$out"
 failed=0
-results=()
+results=(${PREVIOUS:-})
+skip=()
+if [ -n "${PREVIOUS:-}" ]; then skip=(--skip_done ${PREVIOUS}); fi
 
 # run_parts PREFIX N SECONDS PORT ARGS...: N processes, part i of N each on MASTER_PORT PORT+i, stopped after
 # SECONDS; their result files (final, else partial) are appended to results
@@ -58,7 +62,7 @@ run_parts() {
   done
 }
 
-run_parts part "$procs" "$((limit - 100))" "$port_base" --grid
+run_parts part "$procs" "$((limit - 100))" "$port_base" --grid "${skip[@]}"
 echo "phase 1 (seed-0 grid) done in ${SECONDS}s"
 if [ ${#results[@]} -eq 0 ]; then echo "no run finished"; exit 1; fi
 mkdir -p "$out/phase1"
@@ -67,7 +71,8 @@ mkdir -p "$out/phase1"
 phase1=$(ls "$out"/phase1/qa_fidelity_"$task"_2*.json 2>/dev/null | head -1)
 if [ -n "$phase1" ]; then
   left=$((limit - SECONDS))
-  run_parts seed1_ 2 "$((left > 100 ? left : 100))" "$((port_base + procs))" --at_chosen "$phase1" --seeds 1
+  run_parts seed1_ 2 "$((left > 100 ? left : 100))" "$((port_base + procs))" --at_chosen "$phase1" --seeds 1 \
+    "${skip[@]}"
   echo "phase 2 (second seeds) done in ${SECONDS}s"
 fi
 "$py" "$here/qa_fidelity.py" --merge "${results[@]}" --out "$out" || failed=1
