@@ -275,6 +275,11 @@ def user_input(flag: str, *values):
     except (ValueError, OSError) as e:
         if os.environ.get("QFT_DS_TRACEBACK"):
             raise
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            # the ranks of one node read the same inputs: its local rank 0 says it, once. The launcher kills
+            # every rank when one exits, so this one waits to let rank 0 reach the same error and print it
+            time.sleep(10)
+            sys.exit(1)
         msg = " ".join(str(e).split()) or type(e).__name__  # one line, whatever a library wrote
         named = [str(v) for v in values if v is not None]
         sys.exit(msg if any(v in msg for v in named) else f"{flag} {named[0]}: {msg}")
@@ -387,8 +392,8 @@ def main(argv=None):
     session_tokens, t0, step, skipped_before = 0, time.time(), start_step, 0
     stop = StopFlag()
     try:
-        clock.say(f"training from step {start_step + 1} (the first step is slower: one-time allocations, and "
-                  "Triton kernels compile on a GPU)")
+        clock.say(f"training from step {start_step + 1} (the first step can take longer: one-time set-up, and on "
+                  "a GPU the Triton kernels compile)")
         bar = tqdm(range(start_step, end), desc="qft", unit="step", disable=rank != 0, initial=start_step,
                    total=end)
         for step in bar:
