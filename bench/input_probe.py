@@ -252,7 +252,7 @@ def main(argv=None):
             t0 = time.time()
             rc, out = run_train(argv, d)
             outcome = classify(rc, out, names)
-            last = last_line(out)
+            last = last_line(out).replace(str(tmp), "TMP")  # the result file names no machine path
             results.append({"category": category, "name": name, "rc": rc, "outcome": outcome,
                             "rank_prefix": "[rank0]:" in out, "message": last[:400],
                             "seconds": round(time.time() - t0, 1)})
