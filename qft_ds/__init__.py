@@ -12,6 +12,7 @@ from pathlib import Path as _Path
 if _ilu.find_spec("qft_ds.ops") is None:  # a source checkout on PYTHONPATH: map the top-level ops/ folder
     _ops = _Path(__file__).resolve().parent.parent / "ops" / "__init__.py"
     _spec = _ilu.spec_from_file_location("qft_ds.ops", _ops, submodule_search_locations=[str(_ops.parent)])
+    _spec.loader = _ilu.LazyLoader(_spec.loader)  # runs on first use: ops/ imports torch
     _sys.modules["qft_ds.ops"] = _mod = _ilu.module_from_spec(_spec)
     _spec.loader.exec_module(_mod)
     ops = _mod
