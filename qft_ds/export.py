@@ -151,8 +151,7 @@ def export(ckpt, out_dir, dtype: str = "bf16", int8: bool = False, max_shard_gb:
 
 def _share(folder: Path) -> None:
     """The modes a plain `cp` would give: mkdtemp made the folder 0700, and safetensors writes files 0600."""
-    umask = os.umask(0)  # the only way to read it
-    os.umask(umask)
+    umask = checkpoint_io._umask()  # checkpoints get the same modes (checkpoint_io)
     os.chmod(folder, 0o777 & ~umask)
     for f in folder.iterdir():
         os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
