@@ -95,3 +95,17 @@ def tiny_text_file(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(paras))
     return path
+
+
+@pytest.fixture(scope="module")
+def tb():
+    """The triton backend of the kernel tests: compiled on CUDA, else interpreted (TRITON_INTERPRET=1, set
+    above). Here rather than in a tests/ops/conftest.py: a second conftest module would shadow this one for
+    the tests that `from conftest import make_tiny_llama`."""
+    pytest.importorskip("triton")
+    from qft_ds.ops import triton_backend
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ok, why = triton_backend.is_compatible(dev)
+    if not ok:
+        pytest.skip(why)
+    return triton_backend, dev
