@@ -48,7 +48,7 @@ DEFAULT_GRID = {"fp32_adamw": [1e-4, 3e-4, 1e-3], "fp32_lion": [2e-5, 5e-5, 1e-4
 METHODS = ("fp32_adamw", "fp32_lion", "qft", "qft_rtn", "qft_ef", "peqa", "qst", "lora")
 # qft's "qft" config section per variant (qft: the defaults; qft_stack is bench/qa_fidelity.py's)
 QFT_VARIANTS = {"qft": {"rounding": "sr"}, "qft_rtn": {"rounding": "rtn"}, "qft_ef": {"rounding": "ef"},
-                "qft_stack": {"rounding": "sr", "flow": "stack"}}
+                "qft_stack": {"rounding": "sr", "flow": "stack"}, "qft_m4": {"rounding": "sr", "momentum_bits": 4}}
 VALIDATION_PLAY = "as_you_like_it"
 
 

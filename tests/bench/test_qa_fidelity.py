@@ -177,8 +177,9 @@ def test_at_chosen_runs_second_seeds(tmp_path):
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"chosen": [{"method": "qft", "chosen_lr": 2e-5}, {"method": "fp32_lion",
                                                                                  "chosen_lr": 5e-5},
-                                           {"method": "qft_ef", "chosen_lr": 1e-4}]}))
-    assert qa_fidelity.at_chosen(path) == ["qft:2e-05:1", "qft_ef:0.0001:1", "fp32_lion:5e-05:1"]
+                                           {"method": "qft_ef", "chosen_lr": 1e-4},
+                                           {"method": "qft_m4", "chosen_lr": 5e-5}]}))
+    assert qa_fidelity.at_chosen(path) == ["qft:2e-05:1", "qft_ef:0.0001:1", "qft_m4:5e-05:1", "fp32_lion:5e-05:1"]
     path.write_text(json.dumps({"chosen": [{"method": "qft", "chosen_lr": 2e-5}]}))
     with pytest.raises(SystemExit, match="fp32_lion"):
         qa_fidelity.at_chosen(path)
