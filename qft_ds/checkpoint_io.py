@@ -27,7 +27,7 @@ from qft_ds.run_folder import LATEST, PREFIX, CheckpointError  # noqa: F401  (re
 from qft_ds.version import __version__
 
 FORMAT = "qft_ds-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json is itself hashed, into meta.sha256 (1 had no such file)
 
 # -- tensors ---------------------------------------------------------------------------------------
 def model_tensors(model: torch.nn.Module):
@@ -213,6 +213,10 @@ def read_meta(ckpt, verify: bool = True) -> dict:
     meta = parse_meta(ckpt)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{ckpt} is not a qft_ds checkpoint (meta.json has no \"format\": \"{FORMAT}\")")
+    if meta.get("format_version") == 1:  # same tensors and fields; only meta.sha256 is new
+        raise CheckpointError(f"{ckpt} has checkpoint format version 1, written before checkpoints hashed their own "
+                              "meta.json; this qft_ds reads version 2. If you trust it, set \"format_version\": 2 "
+                              "in its meta.json, then run `sha256sum meta.json > meta.sha256` in that folder")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{ckpt} has checkpoint format version {meta.get('format_version')}; this qft_ds "
                               f"({__version__}) reads version {FORMAT_VERSION}. Use the qft_ds version that wrote "

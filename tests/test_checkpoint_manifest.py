@@ -1,5 +1,7 @@
 """The manifest (meta.json) is hashed and validated, and a load checks everything before it writes anything
 (issue 18, items 2 and 5)."""
+import subprocess
+
 import pytest
 import torch
 
@@ -118,3 +120,15 @@ def test_an_optimizer_that_refuses_its_state_is_put_back(saved, tiny_llama):
     edit_meta(ckpt, lambda m: m["optimizer"]["qft"]["clip"].update(refs=[1.0]))
     reseal(ckpt)
     refused_and_unchanged(ckpt, cfg, tiny_llama, "the optimizer state does not load .*reference norms")
+
+
+def test_a_version_1_checkpoint_says_how_to_vouch_for_it(saved, tiny_llama):
+    """Version 1 had no meta.sha256: refused, with the two steps that make it version 2 by the user's word."""
+    ckpt, cfg = saved
+    edit_meta(ckpt, lambda m: m.update(format_version=1))
+    (ckpt / "meta.sha256").unlink()
+    refused_and_unchanged(ckpt, cfg, tiny_llama, "format version 1, written before .*sha256sum meta.json > meta.sha256")
+    edit_meta(ckpt, lambda m: m.update(format_version=2))
+    subprocess.run("sha256sum meta.json > meta.sha256", shell=True, cwd=ckpt, check=True)
+    engine, opt, _ = small_engine(tiny_llama)
+    assert checkpoint.load(ckpt, engine, opt, ds_config=cfg)["step"] == 1
