@@ -1,6 +1,7 @@
 """Copy bandwidth and the int8 Lion kernel's achieved bandwidth on one LLaMA-7B MLP weight, measured in
-the same process, over a sweep of launch configurations. `memory_speed.py` records it with every run
-(`--skip-bandwidth` leaves it out)."""
+the same process, over a sweep of launch configurations, and the int4-momentum kernel's (momentum_bits 4)
+at the default configuration. `memory_speed.py` records it with every run (`--skip-bandwidth` leaves it
+out)."""
 from __future__ import annotations
 
 import torch
@@ -19,34 +20,37 @@ SWEEP = [dict(layout="3d", chunk=2048, num_warps=4, philox_rounds=10),
          dict(layout="3d", chunk=2048, num_warps=4, philox_rounds=4)]
 
 
-def bandwidths(dev):
+def bandwidths(dev, n=4096 * 11008, copy_numel=2**28):
     """Copy bandwidth (read + write) and the int8 Lion kernel's, on a 4096 x 11008 weight.
 
-    Bytes counted per param: int8 w and m read + written (4), the gradient read (2 in bf16, as training
-    passes it; 4 in fp32), plus the fp32 group/block scales read + written. The triton kernel is also run
-    over a few launch configurations (`sweep`); `lion_kernel_gbs` is the default one, used in training.
+    Bytes counted per param: int8 w and m read + written (4; int4 momentum: 3), the gradient read (2 in
+    bf16, as training passes it; 4 in fp32), plus the fp32 group/block scales read + written. The triton
+    kernel is also run over a few launch configurations (`sweep`); `lion_kernel_gbs` is the default one,
+    used in training; `lion_m4_*` the same with int4 momentum.
     """
     from qft_ds.ops import get_ops, reference as ref
     from triton.testing import do_bench
-    x = torch.randn(2**28, device=dev)
+    x = torch.randn(copy_numel, device=dev)
     y = torch.empty_like(x)
     copy_gbs = 2 * x.numel() * 4 / do_bench(lambda x=x, y=y: y.copy_(x), return_mode="median") / 1e6
     del x, y
-    n = 4096 * 11008
     out = {"copy_gbs": copy_gbs, "lion_sweep": []}
     w, ws = ref.quantize_blockwise(torch.randn(n, device=dev) * 0.02, 128)
     m, ms = ref.quantize_blockwise(torch.randn(n, device=dev) * 1e-3, 256)
+    m4 = ref.quantize_momentum(torch.randn(n, device=dev) * 1e-3, 256, 1, 0, bits=4)  # packed int4, scales
     grads = {"bf16": (torch.randn(n, device=dev) * 1e-2).bfloat16()}
     grads["fp32"] = grads["bf16"].float()
     step = [0]
 
-    def timed(ops, g, **knobs):
+    def timed(ops, g, momentum_bits=8, **knobs):
+        mc, mscales = (m, ms) if momentum_bits == 8 else m4
+
         def run():
             step[0] += 1
-            ops.lion_step(w, ws, 128, m, ms, 256, g, lr=1e-5, beta1=0.9, beta2=0.99, weight_decay=0.1,
-                          rounding="sr", seed=0, step=step[0], offset=0, **knobs)
+            ops.lion_step(w, ws, 128, mc, mscales, 256, g, lr=1e-5, beta1=0.9, beta2=0.99, weight_decay=0.1,
+                          rounding="sr", seed=0, step=step[0], offset=0, momentum_bits=momentum_bits, **knobs)
         ms_ = do_bench(run, return_mode="median")
-        nbytes = n * (4 + g.element_size()) + 2 * (n // 128 + n // 256) * 4
+        nbytes = n * (2 + 2 * momentum_bits / 8 + g.element_size()) + 2 * (n // 128 + n // 256) * 4
         return ms_, nbytes / ms_ / 1e6
 
     triton_ops, torch_ops = get_ops("triton", dev), get_ops("torch", dev)
@@ -64,13 +68,21 @@ def bandwidths(dev):
         out["lion_sweep"].append({"grad": "bf16", "outliers": 0.01, **knobs, "ms": ms_, "gbs": gbs})
         print(f"  lion triton with 1% outliers {knobs}: {ms_:.3f} ms", flush=True)
     out["lion_triton_ms"], out["lion_triton_gbs"] = timed(triton_ops, grads["bf16"])
+    # int4 momentum (issue 15: >= 80% of copy bandwidth too), alone and with 1% outliers fused
+    out["lion_m4_ms"], out["lion_m4_gbs"] = timed(triton_ops, grads["bf16"], momentum_bits=4)
+    out["lion_m4_outliers_ms"], out["lion_m4_outliers_gbs"] = timed(
+        triton_ops, grads["bf16"], momentum_bits=4, outlier_idx=o_idx, outlier_val=o_val)
+    out["lion_m4_frac_of_copy"] = out["lion_m4_gbs"] / copy_gbs
+    print(f"  lion triton int4 momentum: {out['lion_m4_ms']:.3f} ms {out['lion_m4_gbs']:.0f} GB/s; with 1% "
+          f"outliers {out['lion_m4_outliers_ms']:.3f} ms", flush=True)
     out["lion_torch_ms"], out["lion_torch_gbs"] = timed(torch_ops, grads["bf16"])
     out["lion_kernel_gbs"] = out["lion_triton_gbs"]
     out["lion_kernel_frac_of_copy"] = out["lion_triton_gbs"] / copy_gbs
-    x = torch.randn(2**28, device=dev)  # again at the end: the clocks drift over a sweep
+    x = torch.randn(copy_numel, device=dev)  # again at the end: the clocks drift over a sweep
     y = torch.empty_like(x)
     out["copy_gbs_end"] = 2 * x.numel() * 4 / do_bench(lambda x=x, y=y: y.copy_(x), return_mode="median") / 1e6
     out["lion_bytes_per_param"] = round(4 + 2 + 2 * (1 / 128 + 1 / 256) * 4, 3)
+    out["lion_m4_bytes_per_param"] = round(3 + 2 + 2 * (1 / 128 + 1 / 256) * 4, 3)
     return out
 
 

@@ -1,0 +1,29 @@
+"""bench/lion_bandwidth.py's code paths on the CPU (kernels interpreted, each timing one call): the GPU run
+must not be the first to execute them. The speeds here mean nothing; the keys and byte counts do."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+
+def test_the_sweep_and_the_int4_momentum_timings_run(monkeypatch):
+    import triton.testing
+    import lion_bandwidth as lb
+    from qft_ds.ops import triton_backend
+    if not triton_backend.is_compatible("cpu")[0]:
+        pytest.skip("the triton interpreter is off (TRITON_INTERPRET)")
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode=None: (calls.append(fn()), 1.0)[1])
+    monkeypatch.setattr(lb, "SWEEP", lb.SWEEP[:1])
+    out = lb.bandwidths(torch.device("cpu"), n=4096 * 4, copy_numel=1024)
+    for key in ("lion_triton_ms", "lion_m4_ms", "lion_m4_outliers_ms", "lion_m4_frac_of_copy", "copy_gbs_end"):
+        assert out[key] > 0, key
+    assert out["lion_m4_bytes_per_param"] == pytest.approx(out["lion_bytes_per_param"] - 1)
+    # the same time over fewer bytes: the int4 kernel's GB/s is int8's times 5/6 (bf16 gradient)
+    assert out["lion_m4_gbs"] / out["lion_triton_gbs"] == pytest.approx(out["lion_m4_bytes_per_param"]
+                                                                        / out["lion_bytes_per_param"], rel=1e-3)
+    assert len(calls) == 2 + 2 + 2 + 1 + 1 + 2  # copies, sweep (bf16, fp32), outliers, int8, torch, int4 (+ outliers)
