@@ -29,14 +29,18 @@ def corpus(tmp_path):
     return path
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Trainer and Accelerator share process-wide singletons; each test gets its own."""
+def reset_accelerate_state():
+    """Trainer and Accelerator share process-wide singletons: reset them between trainers."""
     from accelerate.state import AcceleratorState, GradientState, PartialState
-    yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    yield
+    reset_accelerate_state()
 
 
 def mean(xs):
@@ -148,3 +152,46 @@ def test_trl_sft_trainer_save_model_loads(tiny_model_dir, corpus, tmp_path):
     hf = _load_plain(tmp_path / "final")
     err = (_logits(hf) - _logits(trainer.model.eval())).abs().max().item()
     assert err < 1e-4, err
+
+
+def test_hf_trainer_resume_from_its_own_checkpoint_is_exact(tiny_model_dir, corpus, tmp_path):
+    """Trainer's save_steps checkpoint (DeepSpeed's format, which holds QFTLion's int8 state through its
+    state_dict) resumed with `train(resume_from_checkpoint=...)`: the same losses, lrs, int8 weights and
+    momentum as the unbroken run."""
+    import hf_trainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainerCallback, TrainingArguments
+
+    class StopAt(TrainerCallback):  # the first session ends after step 2 of a 4-step schedule
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 2
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    data = hf_trainer.Blocks(tok, corpus.read_text(), 16)
+
+    def run(out, stop=False, resume=None):
+        reset_accelerate_state()
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        targs = TrainingArguments(output_dir=str(out), deepspeed=str(HF_CONFIG), max_steps=4, learning_rate=3e-3,
+                                  per_device_train_batch_size=4, lr_scheduler_type="cosine", warmup_steps=1,
+                                  weight_decay=0.1, logging_steps=1, save_strategy="steps", save_steps=2,
+                                  report_to=[], seed=0)
+        trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[StopAt()] if stop else None)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    def logged(trainer, key):
+        return [h[key] for h in trainer.state.log_history if key in h and "train_runtime" not in h]
+
+    straight = run(tmp_path / "a")
+    run(tmp_path / "b", stop=True)
+    assert (tmp_path / "b" / "checkpoint-2").is_dir() and not (tmp_path / "b" / "checkpoint-4").exists()
+    resumed = run(tmp_path / "b", resume=str(tmp_path / "b" / "checkpoint-2"))
+    assert logged(resumed, "loss") == logged(straight, "loss") and len(logged(straight, "loss")) == 4
+    assert logged(resumed, "learning_rate") == logged(straight, "learning_rate")
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    oa, ob = straight.model_wrapped.optimizer, resumed.model_wrapped.optimizer
+    assert isinstance(ob, qft_ds.QFTLion) and oa.step_count == ob.step_count == 4
+    ma = [s["m_codes"] for s in oa.state.values() if "m_codes" in s]
+    mb = [s["m_codes"] for s in ob.state.values() if "m_codes" in s]
+    assert ma and len(ma) == len(mb) and all(torch.equal(x, y) for x, y in zip(ma, mb))
