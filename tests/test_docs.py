@@ -183,3 +183,14 @@ def test_readme_instruction_command_runs_as_written(tiny_model_dir, tmp_path, mo
     out = capsys.readouterr().out
     assert "36 train examples (prompt_completion, up to 512 tokens), 4 held-out examples" in out
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+
+
+def test_readme_help_command_runs_as_written():
+    """`python train.py --help`, from the repo root: every option the README names is listed."""
+    import subprocess
+    cmd = next(c for _, c in _commands() if c.startswith("python train.py --help"))
+    res = subprocess.run(shlex.split(cmd), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for flag in ("--model", "--dataset", "--max_steps", "--output_dir", "--save_every", "--resume_from_checkpoint",
+                 "--seed", "--eval_dataset"):
+        assert flag in res.stdout, flag
