@@ -195,3 +195,45 @@ def test_hf_trainer_resume_from_its_own_checkpoint_is_exact(tiny_model_dir, corp
     ma = [s["m_codes"] for s in oa.state.values() if "m_codes" in s]
     mb = [s["m_codes"] for s in ob.state.values() if "m_codes" in s]
     assert ma and len(ma) == len(mb) and all(torch.equal(x, y) for x, y in zip(ma, mb))
+
+
+def test_accelerate_save_state_and_load_state_resume_exactly(tiny_model_dir, corpus, tmp_path):
+    """accelerate's save_state/load_state under the DeepSpeed plugin (DeepSpeed's checkpoint, holding
+    QFTLion's int8 state): 2 steps, save, a fresh Accelerator and model load it, 2 more steps: the unbroken
+    4-step run's losses, int8 weights and momentum."""
+    import hf_trainer
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import DummyOptim
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = hf_trainer.Blocks(AutoTokenizer.from_pretrained(tiny_model_dir), corpus.read_text(), 16)
+    batches = [{k: torch.stack([data[i][k] for i in range(4 * s, 4 * s + 4)]) for k in data[0]} for s in range(4)]
+
+    def session(steps, save=None, load=None):
+        reset_accelerate_state()
+        acc = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=str(HF_CONFIG), gradient_clipping=1.0))
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        loader = torch.utils.data.DataLoader(data, batch_size=4)  # accelerate reads the micro-batch size here
+        model, opt, _ = acc.prepare(model, DummyOptim(model.parameters(), lr=3e-3, weight_decay=0.1), loader)
+        if load:
+            acc.load_state(str(load))
+        losses = []
+        for batch in steps:
+            loss = model(**batch).loss
+            acc.backward(loss)
+            losses.append(loss.item())
+        if save:
+            acc.save_state(str(save))
+        return losses, model
+
+    straight, a = session(batches)
+    first, _ = session(batches[:2], save=tmp_path / "state")
+    second, b = session(batches[2:], load=tmp_path / "state")
+    assert first + second == straight
+    sa, sb = a.module.state_dict(), b.module.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    oa, ob = a.optimizer, b.optimizer
+    assert isinstance(ob, qft_ds.QFTLion) and oa.step_count == ob.step_count == 4
+    ma = [s["m_codes"] for s in oa.state.values() if "m_codes" in s]
+    mb = [s["m_codes"] for s in ob.state.values() if "m_codes" in s]
+    assert ma and all(torch.equal(x, y) for x, y in zip(ma, mb))
