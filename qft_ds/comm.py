@@ -141,6 +141,31 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
     return buf.to(t.device)
 
 
+class PendingMean:
+    """An all-reduce in flight: wait() gives the mean over ranks (fp32, on the input's device)."""
+
+    def __init__(self, work, buf: torch.Tensor, world: int, back: torch.device):
+        self.work, self.buf, self.world, self.back = work, buf, world, back
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()  # NCCL: the current stream waits for the collective's; no host block
+            self.buf /= self.world
+        return self.buf.to(self.back)
+
+
+def all_reduce_mean_async(t: torch.Tensor) -> PendingMean:
+    """all_reduce_mean_, started now and collected with .wait(): data parallel's fused flow overlaps it with
+    the next layer's backward. Same arithmetic (fp32 SUM, then / world), so the same bits as the blocking
+    form. One rank: `t` itself, nothing launched."""
+    world = world_size()
+    if world == 1:
+        return PendingMean(None, t, 1, t.device)
+    buf = t.to(device(t), torch.float32)
+    work = _collective("all_reduce", buf, async_op=True)
+    return PendingMean(work, buf, world, t.device)
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks, in place; returns `t`."""
     if is_distributed():

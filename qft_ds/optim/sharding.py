@@ -18,7 +18,9 @@ shards):
 - `shard(weights, block)`, `stage`, `describe()`: setup, the ZeRO stage (0 here), state_nbytes extras.
 
 `NoSharding` is one device or plain data parallel: each gradient is all-reduced (mean) and every rank
-applies the same update. It must cost the one-device path nothing: no launch, no host sync.
+applies the same update; under data parallel the fused flow's all-reduce runs during the next layer's
+backward (one more gradient alive), as ZeRO's reduce-scatter does. It must cost the one-device path
+nothing: no launch, no host sync, no deferred update.
 ZeRO stages 1-3 are `qft_ds.zero.ZeroSharding`.
 """
 from __future__ import annotations
@@ -57,8 +59,11 @@ def mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
 class NoSharding:
     """Every rank holds and updates whole weights (one device, or plain data parallel)."""
     stage = 0
-    overlaps = False
     reduce_on_push = None  # the stack keeps whole buffers, reduced at the boundary
+
+    @property
+    def overlaps(self) -> bool:
+        return comm.is_distributed()
 
     def shard(self, weights, block_size: int) -> None:
         pass
@@ -70,8 +75,10 @@ class NoSharding:
         return 0, w.numel
 
     def reduce(self, w, grad: torch.Tensor):
-        grad = mean_over_ranks(grad)  # NaN on any rank is NaN on all: every rank skips alike
-        return lambda: (grad, None)
+        if not comm.is_distributed():
+            return lambda: (grad, None)
+        pending = comm.all_reduce_mean_async(grad)  # NaN on any rank is NaN on all: every rank skips alike
+        return lambda: (pending.wait(), None)
 
     def grad_norm(self, grad: torch.Tensor, finite) -> torch.Tensor:
         """The gradient's fp32 norm (one launch). It is also the finite flag the kernel reads (a gradient
