@@ -58,6 +58,9 @@ def parse_args(argv=None):
                    help="optimizer steps of the run, and the LR schedule's horizon (the config's "
                         "scheduler.params.total_num_steps is replaced; its warm-up is kept). Default: the config's "
                         "total_num_steps; resuming: the checkpoint's run's")
+    p.add_argument("--eval_every", type=int, default=0, metavar="N",
+                   help="also measure the held-out loss after every N steps (0: only before and after the run); "
+                        "written to metrics.jsonl as eval_loss and drawn by `qft_ds plot`")
     p.add_argument("--stop_at", type=int, default=None, metavar="STEP",
                    help="end this session after step STEP (and save), the schedule still spanning --max_steps: "
                         "resume later to finish")
@@ -352,6 +355,10 @@ def main(argv=None):
                    "grad_norm": stats["grad_norm"], "peak_gib": round(peak_memory_gib(engine.device), 3),
                    "skipped": stats["skipped"], "skipped_steps": stats["skipped_steps"],
                    "partial_steps": stats["partial_steps"]}
+            if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < end:
+                eval_started = time.time()  # no RNG drawn: a resumed run is unchanged
+                row["eval_loss"] = evaluate(engine, data, micro)
+                t0 += time.time() - eval_started  # tok/s and seconds count training, not evaluation
             if metrics:
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()

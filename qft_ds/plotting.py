@@ -2,7 +2,7 @@
 
 - loss: every step's training loss (faint), a smoothed curve (an exponential moving average with bias
   correction, TensorBoard's kind, spanning 10% of the steps, at least 5), and the held-out loss as points (at
-  the session's start and the run's end, from summary.json); skipped steps as red vertical lines. Its y axis is
+  the session's start and the run's end, from summary.json, and every `eval_loss` row of train.py --eval_every); skipped steps as red vertical lines. Its y axis is
   not pinned at 0: a loss has no meaningful 0 for text, and the change is what the panel shows;
 - lr, throughput (tokens per second of each step, and the session's running average) and peak memory,
   each with its y axis from 0, so that a dip reads at its true size.
@@ -40,12 +40,14 @@ def step_rates(rows: list[dict]) -> list[float]:
     return rates
 
 
-def heldout_points(summary: dict | None) -> list[tuple[int, float]]:
-    """(step, held-out loss) at the session's start and the run's end, from train.py's summary.json."""
-    if not summary:
-        return []
-    points = [(summary.get("start_step", 0), summary.get("eval_start")), (summary.get("steps"), summary.get("eval_end"))]
-    return [(s, v) for s, v in points if s is not None and v is not None]
+def heldout_points(summary: dict | None, rows: list[dict] = ()) -> list[tuple[int, float]]:
+    """(step, held-out loss), in step order: the session's start and the run's end from train.py's
+    summary.json, and every `eval_loss` of metrics.jsonl (train.py --eval_every)."""
+    points = [(r["step"], r["eval_loss"]) for r in rows if r.get("eval_loss") is not None]
+    if summary:
+        points += [(summary.get("start_step", 0), summary.get("eval_start")),
+                   (summary.get("steps"), summary.get("eval_end"))]
+    return sorted((s, v) for s, v in points if s is not None and v is not None)
 
 
 def draw(rows: list[dict], summary: dict | None = None, title: str = ""):
@@ -62,10 +64,10 @@ def draw(rows: list[dict], summary: dict | None = None, title: str = ""):
     ax.plot(steps, losses, lw=0.8, alpha=0.35, color="tab:blue", label="train loss (each step)")
     span = max(5, len(rows) // 10)
     ax.plot(steps, smooth(losses, span), lw=2, color="tab:blue", label=f"train loss (EMA, span {span})")
-    points = heldout_points(summary)
-    if points:
-        ax.plot(*zip(*points), "o", color="tab:green", ms=8, label="held-out loss")  # no line: not measured between
-        for s, v in points:
+    points = heldout_points(summary, rows)
+    if points:  # joined only when measured along the run (--eval_every); two points alone say nothing between
+        ax.plot(*zip(*points), "o-" if len(points) > 2 else "o", color="tab:green", ms=6, label="held-out loss")
+        for s, v in (points[0], points[-1]):
             ax.annotate(f"{v:.3f}", (s, v), textcoords="offset points", xytext=(4, 6), color="tab:green")
     for i, step in enumerate(r["step"] for r in rows if r.get("skipped")):  # their loss is NaN or inf: a line
         ax.axvline(step, color="red", lw=0.8, alpha=0.6, label=None if i else "skipped step (non-finite)")

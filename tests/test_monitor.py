@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 
 from qft_ds.cli import main
 
@@ -85,3 +86,20 @@ def test_smooth_is_unbiased_at_the_start_and_skips_non_finite():
     assert smooth([2.0, 2.0, 2.0], span=10) == [2.0, 2.0, 2.0]  # no pull towards 0
     out = smooth([1.0, float("nan"), 1.0], span=3)
     assert out == [1.0, 1.0, 1.0]
+
+
+def test_plot_joins_the_heldout_losses_measured_along_the_run(tmp_path):
+    """train.py --eval_every writes eval_loss into some metrics rows: drawn in step order with the start and
+    end points of summary.json, joined by a line (two points alone are not joined)."""
+    from qft_ds import plotting
+    rows = write_run(tmp_path / "run")
+    for r in rows:
+        if r["step"] in (10, 20, 30):
+            r["eval_loss"] = 4.1 - 0.02 * r["step"]
+    fig = plotting.draw(rows, json.loads((tmp_path / "run" / "summary.json").read_text()))
+    held = {ln.get_label(): ln for ln in fig.axes[0].get_lines()}["held-out loss"]
+    assert list(held.get_xdata()) == [0, 10, 20, 30, 40]
+    assert list(held.get_ydata()) == pytest.approx([4.1, 3.9, 3.7, 3.5, 3.4])
+    assert held.get_linestyle() == "-"
+    assert plotting.heldout_points(None, rows) == [(10, pytest.approx(3.9)), (20, pytest.approx(3.7)),
+                                                   (30, pytest.approx(3.5))]

@@ -32,6 +32,23 @@ def test_train_writes_metrics_and_learns(tiny_model_dir, tiny_text_file, tmp_pat
     assert "held-out loss" in capsys.readouterr().out
 
 
+def test_eval_every_measures_along_the_run_without_changing_it(tiny_model_dir, tiny_text_file, tmp_path,
+                                                               monkeypatch):
+    """--eval_every 4 of 10 steps: eval_loss in the rows of steps 4 and 8 (the end has summary.json's), and the
+    run itself is the one without it: the same losses and the same final state."""
+    monkeypatch.setenv("QFT_DS_CACHE", str(tmp_path / "cache"))
+    common = ["--model", str(tiny_model_dir), "--dataset", str(tiny_text_file), "--max_steps", "10",
+              "--seq_len", "16", "--eval_blocks", "4"]
+    train.main([*common, "--output_dir", str(tmp_path / "a")])
+    train.main([*common, "--output_dir", str(tmp_path / "b"), "--eval_every", "4"])
+    a, b = ([json.loads(line) for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in "ab")
+    assert [r["step"] for r in b if "eval_loss" in r] == [4, 8] and not any("eval_loss" in r for r in a)
+    assert all(0 < r["eval_loss"] < 20 for r in b if "eval_loss" in r)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    sa, sb = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    assert sa["state_sha256"] == sb["state_sha256"] and sa["eval_end"] == sb["eval_end"]
+
+
 def schedule_lrs(cfg: dict, total: int) -> list[float]:
     """The lr of each step of the config's WarmupCosineLR over `total` steps, as qft_ds builds it (its first
     step above 0: qft_ds.schedule)."""
