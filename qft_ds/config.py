@@ -21,7 +21,7 @@ _METHOD_KEYS = {
     "rounding": ("qft",), "flow": ("qft",), "outlier_frac": ("qft",), "block_size": ("qft",),
     "backend": ("qft",), "outlier_refresh": ("qft",), "gradient_checkpointing": ("qft", "peqa"),
     "reuse_recomputed_weight": ("qft",), "fuse_projections": ("qft",), "fuse_norms": ("qft",),
-    "checkpoint_reentrant": ("qft",), "clip_mode": ("qft",), "momentum_bits": ("qft",),
+    "checkpoint_reentrant": ("qft",), "clip_mode": ("qft",), "momentum_bits": ("qft",), "chunked_loss": ("qft",),
     "bits": ("peqa", "qst"), "r": ("qst",), "downsample": ("qst",), "adapter_rank": ("qst",),
 }
 
@@ -44,6 +44,7 @@ class QFTConfig:
     reuse_recomputed_weight: bool = True  # checkpointed layers: backward reuses the recompute's weight
     fuse_projections: bool = True   # q/k/v_proj and gate/up_proj: one stacked weight, one matmul each
     fuse_norms: bool = True         # LLaMA-style RMSNorms run as one torch op (qft_ds.nn.norms)
+    chunked_loss: int = 0           # causal-LM loss over chunks of N tokens' logits (0: whole; qft_ds.nn.chunked_loss)
     bits: int = 4                   # peqa, qst: low-bit weight width (3 or 4)
     r: int = 16                     # qst: the side network's hidden size is d / r
     downsample: str = "adapter"     # qst: adapter (low-rank) | linear | maxpool | avgpool
@@ -107,6 +108,8 @@ class QFTConfig:
                              f"'{where}.block_size' must be even, got {self.block_size}")
         if self.bits not in (3, 4):
             raise ValueError(f"'{where}.bits' must be 3 or 4, got {self.bits}")
+        if self.chunked_loss < 0:
+            raise ValueError(f"'{where}.chunked_loss' must be >= 0 tokens per chunk (0: off), got {self.chunked_loss}")
         if self.outlier_refresh < 0:
             raise ValueError(f"'{where}.outlier_refresh' must be >= 0, got {self.outlier_refresh}")
 

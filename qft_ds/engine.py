@@ -27,6 +27,7 @@ from qft_ds.launch_env import prepare_process, skip_cpu_shm_build
 from qft_ds.methods import setup as methods_setup
 from qft_ds.nn import streaming
 from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
+from qft_ds.nn.chunked_loss import install_chunked_loss
 from qft_ds.nn.coverage import decays
 from qft_ds.nn.norms import fuse_rms_norms
 from qft_ds.nn.precision import autocast_forward
@@ -144,6 +145,8 @@ def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False
                                 fuse_projections=cfg.fuse_projections)
     if cfg.fuse_norms:
         fuse_rms_norms(model)
+    if cfg.chunked_loss:  # inside the autocast wrapper: the loss runs under the same precision as the model
+        install_chunked_loss(model, cfg.chunked_loss)
     if cfg.compute_bf16:
         autocast_forward(model, torch.bfloat16)
     if cfg.gradient_checkpointing:
