@@ -1,0 +1,72 @@
+"""The chunked loss's memory bound, counted by bench/logits_probe.py: during forward and backward no fp32
+tensor of shape [*, vocab] has more than chunk rows, where the unchunked loss makes [tokens, vocab] ones.
+And bench/chunked_loss_memory.py runs at a tiny size and writes what its docstring says."""
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from qft_ds.nn.chunked_loss import install_chunked_loss
+from qft_ds.nn.convert import convert_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+import chunked_loss_memory  # noqa: E402
+from logits_probe import LogitsProbe  # noqa: E402
+
+VOCAB = 300  # not the hidden size (64), so [*, vocab] tensors are logits, not weights
+
+
+def forward_backward(model, ids, labels) -> LogitsProbe:
+    probe = LogitsProbe(VOCAB)
+    with probe:
+        model(input_ids=ids, labels=labels).loss.backward()
+    return probe
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("chunk", [4, 7])
+def test_no_fp32_logits_beyond_one_chunk(tie, chunk):
+    ref = make_tiny_llama(vocab=VOCAB, tie=tie)
+    convert_model(ref)
+    model = install_chunked_loss(copy.deepcopy(ref), chunk)
+    ids = torch.randint(0, VOCAB, (3, 16))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    tokens = ids.numel()
+    whole = forward_backward(ref, ids, labels)
+    # the probe sees the unchunked logits whole: it can see what it is asked to bound
+    assert whole.largest_fp32 >= tokens * VOCAB
+    chunked = forward_backward(model, ids, labels)
+    assert 0 < chunked.largest_fp32 <= chunk * VOCAB, chunked.largest_shape
+    # every logits-sized tensor alive at once, of any dtype: a few chunks' worth, not a few sequences'
+    assert chunked.peak_bytes <= 6 * chunk * VOCAB * 4 < whole.peak_bytes  # 5 here (fp32 compute)
+    assert not chunked.live and not whole.live  # all freed after backward: the count is not stuck
+
+
+def test_probe_counts_saved_tensors_until_backward():
+    """A tensor autograd saves stays counted after its Python name is gone, until backward frees it."""
+    x = torch.randn(8, 16, requires_grad=True)
+    w = torch.randn(VOCAB, 16)
+    probe = LogitsProbe(VOCAB)
+    with probe:
+        loss = torch.nn.functional.cross_entropy(x @ w.t(), torch.zeros(8, dtype=torch.long))
+        alive = probe.live_bytes  # the log-softmax output, saved for backward
+        loss.backward()
+    assert alive == 8 * VOCAB * 4
+    assert probe.live_bytes == 0 and probe.largest_fp32 == 8 * VOCAB  # w.t() [16, vocab] is not logits
+
+
+def test_bench_script_writes_its_result(tmp_path):
+    path = chunked_loss_memory.main(["--vocab", "500", "--hidden", "64", "--seq", "32", "--chunk", "8",
+                                     "--steps", "1", "--no-bf16", "--out", str(tmp_path)])
+    result = json.loads(path.read_text())
+    whole, chunked = result["runs"]
+    assert (whole["chunk"], chunked["chunk"]) == (0, 8)
+    assert chunked["largest_fp32_logits_elements"] <= 8 * 500 < whole["largest_fp32_logits_elements"]
+    assert result["logits_peak_ratio"] == chunked["logits_peak_bytes"] / whole["logits_peak_bytes"] < 1
+    assert result["step_time_ratio"] > 0 and result["kept_tokens"] == 2 * (32 - 32 // 4)
+    assert result["max_loss_rel_diff"] < 1e-5
