@@ -2,7 +2,8 @@
 
 At a 128k vocabulary the fp32 logits [tokens, vocab] and their gradient outweigh every other activation
 (2048 tokens: 1.05 GB each, more with the loss's temporaries). Here they exist N tokens at a time, in
-forward and again in backward, which recomputes each chunk's logits from the saved hidden states.
+forward only: the loss is a scalar, so forward computes its gradients too, chunk by chunk, and backward
+only scales them (no logits recomputed).
 
 How it hooks in (install_chunked_loss): the model's forward, called with labels, runs with labels=None and
 `logits_to_keep` an empty index (its head projects no position), a forward hook on the decoder catches the
@@ -15,9 +16,9 @@ nothing to the loss or to any gradient.
 
 The head's weight gradient: QLinear delivers one gradient per matmul to the flow, and the fused flow
 updates a weight when all its uses have delivered. Per chunk deliveries would update after the first
-chunk, so `_ChunkedHeadLoss` does the head's matmuls itself, dequantizes the int8 weight once per pass (not
-per chunk), sums the chunks' weight gradients in fp32, rounds once to the compute dtype (as the unchunked
-matmul does) and delivers once, like one QLinear call. Against the unchunked loss: each token's logits,
+chunk, so `_ChunkedHeadLoss` does the head's matmuls itself, dequantizes the int8 weight once (not per
+chunk), sums the chunks' weight gradients in fp32, rounds once to the compute dtype (as the unchunked
+matmul does) and delivers in backward, once, like one QLinear call. Against the unchunked loss: each token's logits,
 loss and input gradient come from the same ops; the loss and the weight gradient are summed in another
 order, so they agree to fp32 rounding (tests/nn/test_chunked_loss.py).
 """
@@ -39,44 +40,52 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     """sum over tokens of cross_entropy(x @ W^T, target) / denom, with x [n, hidden] and W the head's
-    HybridWeight, for n tokens that all have a target. Saves x only."""
+    HybridWeight, for n tokens that all have a target.
+
+    The loss is a scalar, so its gradients are those of a unit upstream gradient times the one that comes:
+    forward computes them chunk by chunk (no logits recomputed in backward, as a fused linear cross-entropy
+    does) and keeps x's gradient [n, hidden] and W's [vocab, hidden] in the compute dtype; backward scales
+    them and delivers W's. W's gradient is needed at the start of backward anyway, with every activation
+    still alive, so holding it from the end of forward adds nothing to the peak."""
 
     @staticmethod
-    def forward(ctx, x, anchor, weight, cdt, targets, denom, chunk: int):
+    def forward(ctx, x, anchor, weight, cdt, targets, denom, chunk: int, want_grad: bool):
         w = weight.dequantize(cdt)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
+        # each token's loss gets the upstream gradient / count from the mean's backward: the same division
+        scale = 1.0 / denom
+        gx = torch.empty_like(x) if want_grad else None
+        # W's gradient is summed in fp32 from fp32 products, then rounded once to the compute dtype, as the
+        # unchunked matmul (fp32 accumulation inside) rounds once: a bf16 sum, or bf16 partials, would add a
+        # bf16 rounding per chunk. Costs an fp32 [vocab, hidden] for the duration of the loss.
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if want_grad else None
         for i in range(0, x.shape[0], chunk):
-            logits = F.linear(x[i:i + chunk].to(cdt), w).float()  # as ForCausalLMLoss: upcast to fp32
-            total += F.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
-        ctx.save_for_backward(x, targets, denom)
-        ctx.weight, ctx.cdt, ctx.chunk = weight, cdt, chunk
+            xc = x[i:i + chunk].to(cdt)
+            with torch.enable_grad():
+                logits = F.linear(xc, w).float().requires_grad_(want_grad)  # as ForCausalLMLoss: fp32
+                loss = F.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
+                total += loss.detach()
+                if not want_grad:
+                    continue
+                (gy,) = torch.autograd.grad(loss, logits, scale)
+            gy = gy.to(cdt)  # QLinear's backward takes the logits' gradient in the compute dtype too
+            del logits, loss
+            gx[i:i + chunk] = (gy @ w).to(x.dtype)
+            add_mm_fp32(gw, gy.t(), xc)
+        if want_grad:
+            del w  # before the rounded copy: the fp32 sum and one [vocab, hidden] in the compute dtype at a time
+            ctx.save_for_backward(gx, gw.to(cdt))
+        ctx.weight = weight
         return total / denom
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, targets, denom = ctx.saved_tensors
-        weight, cdt, chunk = ctx.weight, ctx.cdt, ctx.chunk
-        w = weight.dequantize(cdt)
-        # the mean's backward hands each token's loss grad_loss / count: the same division here
-        scale = grad_loss.float() / denom
-        gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        # summed in fp32 from fp32 products, then rounded once to the compute dtype, as the unchunked
-        # matmul (fp32 accumulation inside) rounds once: a bf16 sum, or bf16 partials, would add a bf16
-        # rounding per chunk. Costs an fp32 [vocab, hidden] against the unchunked path's bf16 one.
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=x.device)
-        for i in range(0, x.shape[0], chunk):
-            xc = x[i:i + chunk].to(cdt)
-            with torch.enable_grad():
-                logits = F.linear(xc, w).float().requires_grad_()
-                loss = F.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
-                (gy,) = torch.autograd.grad(loss, logits, scale)
-            gy = gy.to(cdt)  # QLinear's backward takes the logits' gradient in the compute dtype too
-            del logits, loss
-            if gx is not None:
-                gx[i:i + chunk] = (gy @ w).to(x.dtype)
-            add_mm_fp32(gw, gy.t(), xc)
-        deliver(weight, gw.to(cdt))  # once per pass, as one QLinear matmul would: the flow counts it as one use
-        return gx, None, None, None, None, None, None
+        gx, gw = ctx.saved_tensors
+        # fresh tensors: the flow may sum into or sanitise what it gets, and a retained graph (clipping's
+        # norm pass) runs this backward twice
+        # (a 0-dim fp32 factor keeps the tensors' dtypes and is applied in fp32)
+        deliver(ctx.weight, gw * grad_loss)  # once per pass, as one QLinear call: one use
+        return gx * grad_loss, None, None, None, None, None, None, None
 
 
 def add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -106,8 +115,9 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor | None, he
         denom = torch.tensor(float(keep.numel()), device=hidden.device)  # 0 tokens: 0/0 = nan, as HF's mean
     else:
         denom = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
+    want_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.qweight.anchor.requires_grad)
     return _ChunkedHeadLoss.apply(flat.index_select(0, keep), head.qweight.anchor, head.qweight,
-                                  head.compute_dtype, targets.index_select(0, keep), denom, chunk)
+                                  head.compute_dtype, targets.index_select(0, keep), denom, chunk, want_grad)
 
 
 def _check_head(head: nn.Module) -> None:
