@@ -141,6 +141,15 @@ def train(tie: bool, chunk: int, gas: int, steps: int = 3):
     return losses, state, opt
 
 
+def differing_codes(got, want) -> tuple[int, int]:
+    """(int8 weight and momentum codes that differ, codes in all) between two [(codes, m_codes)] lists."""
+    differ = total = 0
+    for (w_got, m_got), (w_want, m_want) in zip(got, want, strict=True):
+        differ += int((w_got != w_want).sum() + (m_got != m_want).sum())
+        total += w_got.numel() + m_got.numel()
+    return differ, total
+
+
 @pytest.mark.parametrize("gas", [1, 2], ids=["fused", "stack"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_training_steps_give_the_unchunked_int8_state(gas, tie):
@@ -154,9 +163,52 @@ def test_training_steps_give_the_unchunked_int8_state(gas, tie):
     assert chunked_opt.flow.mode == opt.flow.mode == ("fused" if gas == 1 else "stack")
     assert chunked_opt.step_count == opt.step_count == 3
     torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
-    differ = total = 0
-    for (w_got, m_got), (w_want, m_want) in zip(got, want):
-        differ += int((w_got != w_want).sum() + (m_got != m_want).sum())
-        total += w_got.numel() + m_got.numel()
+    differ, total = differing_codes(got, want)
     assert differ <= total * 1e-4, f"{differ} of {total} int8 codes differ"
     assert any(not torch.equal(a[0], b[0]) for a, b in zip(got, train(tie, 5, gas, steps=1)[1]))  # it trained
+
+
+def test_hf_trainer_with_chunked_loss_trains_as_unchunked(tiny_model_dir, tmp_path, monkeypatch):
+    """HF Trainer through DeepSpeed (qft_hf.json): it passes num_items_in_batch to the model, which the
+    chunked loss uses as HF's loss does; the logged losses and the int8 state match the unchunked run."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    import qft_ds.nn.chunked_loss as chunked
+    seen = []
+    real = chunked.chunked_causal_lm_loss
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("num_items_in_batch"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunked, "chunked_causal_lm_loss", spy)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 12, (8, 16), generator=g)
+    data = [{"input_ids": x, "labels": torch.where(torch.arange(16) < 4, -100, x)} for x in ids]
+
+    def run(chunk):
+        for state in (AcceleratorState, GradientState, PartialState):  # process-wide singletons
+            state._reset_state(*(True,) if state is AcceleratorState else ())
+        cfg = json.loads((ROOT / "ds_configs" / "qft_hf.json").read_text())
+        cfg["qft"]["chunked_loss"] = chunk
+        path = tmp_path / f"ds{chunk}.json"
+        path.write_text(json.dumps(cfg))
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        targs = TrainingArguments(output_dir=str(tmp_path / f"out{chunk}"), deepspeed=str(path), max_steps=3,
+                                  learning_rate=3e-3, per_device_train_batch_size=4, logging_steps=1,
+                                  save_strategy="no", report_to=[], seed=0)
+        trainer = Trainer(model=model, args=targs, train_dataset=data)
+        trainer.train()
+        opt = trainer.model_wrapped.optimizer
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+        return losses, [(w.codes.clone(), opt.state[w.anchor]["m_codes"].clone()) for w in opt.weights]
+
+    want_losses, want = run(0)
+    assert not seen
+    got_losses, got = run(5)
+    assert len(seen) == 3 and all(n is not None for n in seen)  # one call per step, with Trainer's count
+    assert len(got_losses) == 3
+    torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
+    differ, total = differing_codes(got, want)
+    assert differ <= total * 1e-4, f"{differ} of {total} int8 codes differ"  # 1 of 75k here: a momentum tie
