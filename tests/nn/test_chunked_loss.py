@@ -212,3 +212,19 @@ def test_hf_trainer_with_chunked_loss_trains_as_unchunked(tiny_model_dir, tmp_pa
     torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
     differ, total = differing_codes(got, want)
     assert differ <= total * 1e-4, f"{differ} of {total} int8 codes differ"  # 1 of 75k here: a momentum tie
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_head_gradient_sums_in_fp32():
+    """CUDA's bf16 path (addmm with an fp32 out_dtype, which the CPU cannot run) against exact products of
+    the same bf16 values: equal to fp32 rounding, in fp32, summed in place."""
+    from qft_ds.nn.chunked_loss import add_mm_fp32
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.randn(4096, 256, device="cuda", generator=g).to(torch.bfloat16) for _ in range(2))
+    acc = torch.zeros(4096, 4096, device="cuda")
+    exact = torch.zeros_like(acc)
+    for i in range(0, 256, 64):  # four chunks of tokens
+        add_mm_fp32(acc, a[:, i:i + 64], b[:, i:i + 64].t())
+        exact += (a[:, i:i + 64].double() @ b[:, i:i + 64].t().double()).float()
+    assert acc.dtype == torch.float32
+    torch.testing.assert_close(acc, exact, rtol=1e-5, atol=1e-4)
