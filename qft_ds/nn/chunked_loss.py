@@ -44,8 +44,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     The loss is a scalar, so its gradients are those of a unit upstream gradient times the one that comes:
     forward computes them chunk by chunk (no logits recomputed in backward, as a fused linear cross-entropy
-    does) and keeps x's gradient [n, hidden] and W's [vocab, hidden] in the compute dtype; backward scales
-    them and delivers W's. W's gradient is needed at the start of backward anyway, with every activation
+    does) and keeps x's gradient [n, hidden] (x's dtype) and W's [vocab, hidden] (the compute dtype);
+    backward scales them and delivers W's. Without grad (evaluation) it computes the loss only. W's gradient is needed at the start of backward anyway, with every activation
     still alive, so holding it from the end of forward adds nothing to the peak."""
 
     @staticmethod

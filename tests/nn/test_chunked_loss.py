@@ -76,6 +76,9 @@ def test_positional_labels_and_calls_without_labels():
     torch.testing.assert_close(got.loss, ref(input_ids=ids, labels=labels).loss, rtol=1e-6, atol=0)
     plain = model(input_ids=ids)  # no labels: the model's own forward, logits and all
     assert torch.equal(plain.logits, ref(input_ids=ids).logits) and plain.loss is None
+    with torch.no_grad():  # evaluation (train.py's held-out loss): the forward's loss-only branch
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref(input_ids=ids, labels=labels).loss,
+                                   rtol=1e-6, atol=0)
 
 
 def test_num_items_in_batch_and_shift_labels_as_hf():
