@@ -122,17 +122,18 @@ def test_refusals_name_the_problem():
         QFTConfig.from_dict({"method": "peqa", "chunked_loss": 8})
 
 
-def ds_config(chunk: int, gas: int):
+def ds_config(chunk: int, gas: int, **qft):
     cfg = json.loads((ROOT / "ds_configs" / "qft.json").read_text())  # bf16 compute, clipping 1.0
     cfg["optimizer"]["params"]["lr"] = 2e-3
     cfg["scheduler"]["params"].update(total_num_steps=20, warmup_num_steps=1)
     cfg["gradient_accumulation_steps"] = gas
-    cfg["qft"]["chunked_loss"] = chunk
+    cfg["qft"].update(chunked_loss=chunk, **qft)
     return cfg
 
 
-def train(tie: bool, chunk: int, gas: int, steps: int = 3):
-    engine, opt, _, _ = qft_ds.initialize(model=make_tiny_llama(vocab=VOCAB, tie=tie), config=ds_config(chunk, gas))
+def train(tie: bool, chunk: int, gas: int, steps: int = 3, **qft):
+    engine, opt, _, _ = qft_ds.initialize(model=make_tiny_llama(vocab=VOCAB, tie=tie),
+                                          config=ds_config(chunk, gas, **qft))
     ids, labels = batch(True)
     losses = []
     for _ in range(steps * gas):
@@ -231,3 +232,15 @@ def test_cuda_bf16_head_gradient_sums_in_fp32():
         exact += (a[:, i:i + 64].double() @ b[:, i:i + 64].t().double()).float()
     assert acc.dtype == torch.float32
     torch.testing.assert_close(acc, exact, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_with_gradient_checkpointing(reentrant):
+    """Checkpointed decoder layers: the hidden state the decoder hook catches is the checkpointed model's,
+    and the recompute in backward runs after the chunked loss's gradients are made."""
+    qft = dict(gradient_checkpointing=True, checkpoint_reentrant=reentrant)
+    want_losses, want, _ = train(True, 0, 1, **qft)
+    got_losses, got, _ = train(True, 5, 1, **qft)
+    torch.testing.assert_close(torch.tensor(got_losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
+    differ, total = differing_codes(got, want)
+    assert differ <= total * 1e-4, f"{differ} of {total} int8 codes differ"
