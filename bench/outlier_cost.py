@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -199,35 +200,40 @@ def measure(model, blocks, fracs, value_fracs, group_size, bsz, logit_blocks, lo
     return {"fp32": fp32, "rows": rows}
 
 
-PLOTTED = {"fp32": "-", "fp16": "--", "bf16": ":"}
+PLOTTED = {"fp32": "-", "fp16": "--", "bf16": ":"}  # line style per value dtype
 
 
 def plot(result: dict, path: Path) -> Path:
+    """Held-out loss (left) and KL to the fp32 model (right) against state bytes/param, a line per storage."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     colors = dict(zip(enc.POSITIONS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for scheme in enc.POSITIONS:
-        for value, style in PLOTTED.items():
-            pts = [(r["storage"][f"{scheme}+{value}"]["state_bytes_per_param"], r["eval"][value]["loss"])
-                   for r in result["rows"] if value in r["eval"]]
-            if len(pts) > 1 or (pts and value != "fp32"):
-                ax.plot(*zip(*pts), style, marker="o", ms=4, color=colors[scheme],
-                        label=f"{scheme} + {value}" if value == "fp32" or scheme == "flat_int32" else None)
-    today = next((r for r in result["rows"] if r["outlier_frac"] == 0.01), None)
-    if today is not None:
-        ax.plot(today["today_state_bytes_per_param"], today["eval"]["fp32"]["loss"], "k*", ms=12, label="today (1%)")
-    ax.axhline(result["fp32"]["loss"], color="grey", lw=0.8, label="fp32 model")
-    for r in result["rows"]:
-        x = r["storage"]["flat_int32+fp32"]["state_bytes_per_param"]
-        ax.annotate(f"{100 * r['outlier_frac']:g}%", (x, r["eval"]["fp32"]["loss"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("model state bytes / quantized param (int8 w + scales + outliers + int8 momentum)")
-    ax.set_ylabel("held-out loss at conversion")
-    ax.set_title(f"Outlier storage: {result['settings']['model']} (solid fp32, dashed fp16, dotted bf16 values)",
-                 fontsize=9)
-    ax.legend(fontsize=7)
+    for ax, metric in zip(axes, ("loss", "kl_per_token")):
+        for scheme in enc.POSITIONS:
+            for value, style in PLOTTED.items():
+                pts = [(r["storage"][f"{scheme}+{value}"]["state_bytes_per_param"], r["eval"][value][metric])
+                       for r in result["rows"] if value in r["eval"]]
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o" if value == "fp32" else "x", ms=5, color=colors[scheme],
+                            label=f"{scheme} + {value}" if value == "fp32" or scheme == "code_marker" else None)
+        today = next((r for r in result["rows"] if r["outlier_frac"] == 0.01), None)
+        if today is not None:
+            ax.plot(today["today_state_bytes_per_param"], today["eval"]["fp32"][metric], "k*", ms=12,
+                    label="today (1%, flat_int32 + fp32)")
+        for r in result["rows"]:
+            x = r["storage"]["flat_int32+fp32"]["state_bytes_per_param"]
+            ax.annotate(f"{100 * r['outlier_frac']:g}%", (x, r["eval"]["fp32"][metric]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+        ax.set_xlabel("model state bytes / quantized param (int8 w + scales + outliers + int8 momentum)")
+    axes[0].axhline(result["fp32"]["loss"], color="grey", lw=0.8, label="fp32 model")
+    axes[0].set_ylabel("held-out loss at conversion")
+    axes[1].set_ylabel(f"KL(fp32 || converted) per token, first {result['settings']['logit_blocks']} blocks")
+    axes[1].set_ylim(bottom=0)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"Outlier storage, {result['settings']['model']}: points are outlier_frac (labels on today's "
+                 "storage); x marks: 16-bit values", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -245,7 +251,11 @@ def main(argv=None):
     p.add_argument("--logit_blocks", type=int, default=4, help="blocks compared with the fp32 logits")
     p.add_argument("--bsz", type=int, default=8)
     p.add_argument("--out_dir", type=Path, default=None)
+    p.add_argument("--plot", type=Path, help="only redraw the PNG of this result file")
     args = p.parse_args(argv)
+    if args.plot:
+        print(f"wrote {plot(json.loads(args.plot.read_text()), args.plot.with_suffix('.png'))}")
+        return
     from qft_ds import hub, textdata
     from qft_ds.config import QFTConfig
     torch.manual_seed(0)
