@@ -14,7 +14,7 @@ plays (the first 64 blocks of 256 tokens, as train.py and bench/fidelity.py do):
 - the total model state per quantized parameter (int8 codes, scales, outliers, int8 momentum with its scales),
   today's 2.135 reproduced from HybridWeight.state_nbytes.
 
-    python bench/outlier_cost.py --commit $(git rev-parse HEAD)      # about 15 minutes on 2 CPU cores
+    python bench/outlier_cost.py --commit $(git rev-parse HEAD)      # about 20 minutes on 2 shared CPU cores
 
 Writes bench/results/outlier_cost_<time>.json and a PNG of held-out loss against state bytes/param.
 """
