@@ -237,3 +237,29 @@ def test_accelerate_save_state_and_load_state_resume_exactly(tiny_model_dir, cor
     ma = [s["m_codes"] for s in oa.state.values() if "m_codes" in s]
     mb = [s["m_codes"] for s in ob.state.values() if "m_codes" in s]
     assert ma and all(torch.equal(x, y) for x, y in zip(ma, mb))
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_trl_sft_trainer_trains_the_int8_lm_head(tmp_path, corpus, tie):
+    """TRL's SFTTrainer projects with `lm_head.weight` itself (its fused LM head), not through the module: the
+    int8 head must still get its gradient (it got none: 0 of its momentum codes moved) and, tied, the
+    embedding both of its gradients."""
+    trl = pytest.importorskip("trl")
+    from conftest import WORDS, make_tiny_llama, make_word_tokenizer
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    path = tmp_path / "m"
+    make_tiny_llama(vocab=len(WORDS) + 2, tie=tie).save_pretrained(path)
+    tok = make_word_tokenizer()
+    words = corpus.read_text().split()
+    data = Dataset.from_dict({"text": [" ".join(words[i:i + 12]) for i in range(0, 480, 12)]})
+    args = trl.SFTConfig(output_dir=str(tmp_path / "sft"), deepspeed=str(HF_CONFIG), max_steps=3,
+                         per_device_train_batch_size=4, learning_rate=3e-3, bf16=False, logging_steps=1,
+                         save_strategy="no", report_to=[], max_length=16)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
+    trainer.train()  # converts the model (deepspeed.initialize) and trains 3 steps
+    head, opt = trainer.model.lm_head, trainer.model_wrapped.optimizer
+    assert isinstance(head, qft_ds.QLinear) and isinstance(opt, qft_ds.QFTLion) and opt.step_count == 3
+    m = opt.state[head.qweight.anchor]["m_codes"]
+    assert (m != 0).float().mean() > 0.3  # the head's gradients reached its momentum

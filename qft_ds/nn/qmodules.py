@@ -77,6 +77,13 @@ class _DeliverGrad(torch.autograd.Function):
         return None, None, None, None
 
 
+def _weight_view(w: torch.Tensor, weight: HybridWeight) -> torch.Tensor:
+    """`.weight` for code outside the module: with grad enabled, its gradient is delivered to the flow like
+    the module's own, so a library that projects with `module.weight` trains the int8 weight rather than
+    a copy nobody reads. Without grad (generation, saving) the plain copy."""
+    return _DeliverGrad.apply(w, weight.anchor, weight) if torch.is_grad_enabled() else w
+
+
 NO_KEEP, KEEP, RECOMPUTE = 0, 1, 2
 
 
@@ -136,9 +143,13 @@ class QLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A dequantized fp32 copy, for code that reads `.weight`; writing to it changes nothing."""
+        """A dequantized fp32 copy, for code that reads `.weight` instead of calling the module (TRL's fused
+        LM head does); writing to it changes nothing. With grad enabled, its gradient reaches the int8
+        update like the module's own (a fused projection's rows: not delivered, see _weight_view)."""
         w = self.qweight.dequantize(torch.float32)
-        return w[self.rows[0]:self.rows[1]] if self.fused is not None else w
+        if self.fused is not None:
+            return w[self.rows[0]:self.rows[1]]
+        return _weight_view(w, self.qweight)
 
     def keeps_weight(self) -> int:
         """NO_KEEP, or (a checkpointed layer in training) KEEP, or RECOMPUTE: KEEP inside the recompute of
@@ -222,7 +233,9 @@ class QEmbedding(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        return self.qweight.dequantize(torch.float32)
+        """As QLinear.weight: a dequantized fp32 copy whose gradient, with grad enabled, reaches the int8
+        update (a tied LM head computed from `embed_tokens.weight`)."""
+        return _weight_view(self.qweight.dequantize(torch.float32), self.qweight)
 
     def forward(self, ids):
         # fp32 out: the residual stream stays fp32, matmuls run in the compute dtype.
