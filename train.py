@@ -293,7 +293,7 @@ def main(argv=None):
         how = (f"flow: {optimizer.flow.mode}  rounding: {cfg.rounding}  momentum: int{cfg.momentum_bits}"
                if cfg.method == "qft" else
                f"method: {cfg.method}  trainable params: {state['trainable_params']:,}")
-        # QFT: per quantized param and over every param, fp32 ones (MoE experts, ...) with their momentum
+        # QFT: per quantized param and over every param, fp32 ones (MoE routers, ...) with their momentum
         from qft_ds.nn.coverage import state_line
         line = (state_line(state) if cfg.method == "qft"
                 else f"state: {state['bytes_per_quantized_param']:.3f} bytes/param")
