@@ -132,13 +132,7 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
     itself, reduced in place, if it is fp32 on a device the group serves; else a reduced fp32 copy, made
     on `device()` and brought back to `t`'s device (`t` is left as it was).
     """
-    world = world_size()
-    if world == 1:
-        return t
-    buf = t.to(device(t), torch.float32)
-    _collective("all_reduce", buf)
-    buf /= world
-    return buf.to(t.device)
+    return all_reduce_mean_async(t).wait()
 
 
 class PendingMean:
@@ -155,9 +149,9 @@ class PendingMean:
 
 
 def all_reduce_mean_async(t: torch.Tensor) -> PendingMean:
-    """all_reduce_mean_, started now and collected with .wait(): data parallel's fused flow overlaps it with
-    the next layer's backward. Same arithmetic (fp32 SUM, then / world), so the same bits as the blocking
-    form. One rank: `t` itself, nothing launched."""
+    """The mean of all_reduce_mean_ (which is this, waited for), started now and collected with .wait():
+    data parallel's fused flow overlaps it with the next layer's backward. One rank: `t` itself, nothing
+    launched."""
     world = world_size()
     if world == 1:
         return PendingMean(None, t, 1, t.device)
