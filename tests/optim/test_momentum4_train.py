@@ -9,27 +9,15 @@ import pytest
 from qft_ds import checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from test_checkpoint import rows, run_train  # noqa: E402
+from test_checkpoint import write_config as write_base_config  # noqa: E402
 
 
 def write_config(tmp_path, bits, total=6):
-    cfg = json.loads((ROOT / "ds_configs" / "qft.json").read_text())
-    cfg["optimizer"]["params"]["lr"] = 3e-3
-    cfg["scheduler"]["params"].update(total_num_steps=total, warmup_num_steps=2)
-    cfg.setdefault("qft", {})["momentum_bits"] = bits
-    path = tmp_path / f"qft-m{bits}.json"
-    path.write_text(json.dumps(cfg))
-    return path
-
-
-def run_train(cfg, model_dir, text, out, *extra):
-    train.main(["--deepspeed", str(cfg), "--model", str(model_dir), "--dataset", str(text), "--output_dir",
-                str(out), "--seq_len", "16", "--eval_blocks", "2", *extra])
-
-
-def rows(out):
-    return {r["step"]: r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    """qft.json with momentum_bits `bits` (its other qft keys kept), through test_checkpoint's writer."""
+    base = json.loads((ROOT / "ds_configs" / "qft.json").read_text())["qft"]
+    return write_base_config(tmp_path, total, qft={**base, "momentum_bits": bits})
 
 
 def bytes_per_param(line):
