@@ -92,8 +92,12 @@ def at_chosen(path, methods=SECOND_SEED, seeds=(1,)) -> list[str]:
 
 def done_runs(paths) -> set[str]:
     """The METHOD:LR:SEED specs of the finished runs in result JSONs (their `rows`)."""
-    return {f"{r['method']}:{r['lr']:g}:{r['seed']}" for path in paths
-            for r in json.loads(Path(path).read_text())["rows"]}
+    return {run_spec(r) for path in paths for r in json.loads(Path(path).read_text())["rows"]}
+
+
+def run_spec(row: dict) -> str:
+    """A result row's METHOD:LR:SEED, as --runs writes it."""
+    return f"{row['method']}:{row['lr']:g}:{row['seed']}"
 
 
 def part(runs: list[str], spec: str) -> list[str]:
@@ -377,7 +381,7 @@ def merge(paths) -> dict:
     result = report.merge(paths, same=SAME)
     failed = [f for path in paths for f in json.loads(Path(path).read_text()).get("failed", [])]
     # a run that failed in one call and finished in a later one (PREVIOUS in qa_grid.sh) is not a failure
-    done = {f"{r['method']}:{r['lr']:g}:{r['seed']}" for r in result["rows"]}
+    done = {run_spec(r) for r in result["rows"]}
     result["failed"] = [f for f in failed if f["run"] not in done]
     return result
 
