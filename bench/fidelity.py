@@ -12,8 +12,8 @@ each method's lr, on the first 64 blocks of a third play (--validation, not trai
     bash bench/fidelity_grid.sh OUT_DIR $(git rev-parse HEAD)                     # the whole grid, one GPU call
 
 Runs are METHOD:LR:SEED with METHOD in fp32_adamw, fp32_lion, qft (stochastic rounding), qft_rtn
-(round-to-nearest, the failure mode), qft_ef (error feedback), peqa (4-bit, group 128, scales only,
-AdamW), qst (frozen 4-bit backbone + side network r=16, AdamW), lora (peft, rank 16 on every linear layer
+(round-to-nearest, the failure mode), qft_ef (error feedback), qft_m4 (int4 momentum), peqa (4-bit, group
+128, scales only, AdamW), qst (frozen 4-bit backbone + side network r=16, AdamW), lora (peft, rank 16 on every linear layer
 but the head, AdamW). `--lrs METHOD[=LR,LR,...]` runs a grid per method instead (DEFAULT_GRID when no
 lrs are given) for each of --seeds. One GPU call is limited to 10 minutes, so run the grid in parts and
 --merge them: merging checks the parts share one setup, then picks each method's lr on the validation
@@ -45,7 +45,8 @@ WEIGHT_DECAY = {"fp32_adamw": 0.01, "peqa": 0.0, "qst": 0.0, "lora": 0.0}  # Lio
 # 2026-11-23 (results/fidelity_20261123-1655.json, grids of 4-5 lrs): every optimum is inside its grid.
 DEFAULT_GRID = {"fp32_adamw": [1e-4, 3e-4, 1e-3], "fp32_lion": [2e-5, 5e-5, 1e-4], "qft": [5e-5, 1e-4, 2e-4],
                 "peqa": [2e-4, 5e-4, 1e-3], "qst": [3e-3, 1e-2, 3e-2], "lora": [1e-3, 3e-3, 1e-2]}
-METHODS = ("fp32_adamw", "fp32_lion", "qft", "qft_rtn", "qft_ef", "peqa", "qst", "lora")
+DEFAULT_GRID["qft_m4"] = DEFAULT_GRID["qft"]  # int4 momentum: the same lr scale as int8 (issue 15 compares them)
+METHODS = ("fp32_adamw", "fp32_lion", "qft", "qft_rtn", "qft_ef", "qft_m4", "peqa", "qst", "lora")
 # qft's "qft" config section per variant (qft: the defaults; qft_stack is bench/qa_fidelity.py's)
 QFT_VARIANTS = {"qft": {"rounding": "sr"}, "qft_rtn": {"rounding": "rtn"}, "qft_ef": {"rounding": "ef"},
                 "qft_stack": {"rounding": "sr", "flow": "stack"}, "qft_m4": {"rounding": "sr", "momentum_bits": 4}}

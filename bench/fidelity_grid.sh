@@ -5,6 +5,8 @@
 #   bash bench/fidelity_grid.sh OUT_DIR [COMMIT [PART ...]]    (STEPS=300 by default; SOLO_STEPS=40)
 # Split over GPUs: one call per GPU with its own PARTS, CUDA_VISIBLE_DEVICES and PORT_BASE (default 29600),
 # SOLO_STEPS=0 on all but one (no solo speed runs, no merge), then `python bench/fidelity.py --merge` the parts.
+# SEEDS="0 1" runs every part for those seeds (default 0); GPU_SHARED_BY records how many processes share the
+# GPU when several grids run on one (default: this grid's parts).
 set -u
 out=${1:?usage: bash bench/fidelity_grid.sh OUT_DIR [COMMIT]}
 commit=${2:-unknown}
@@ -22,7 +24,7 @@ for i in "${!parts[@]}"; do
   d="$out/part$i"
   mkdir -p "$d"
   MASTER_PORT=$((${PORT_BASE:-29600} + i)) OMP_NUM_THREADS=2 "$py" "$here/fidelity.py" --lrs "${parts[$i]}" --steps "$steps" \
-    --gpu_shared_by "${#parts[@]}" --commit "$commit" --out "$d" > "$d/log.txt" 2>&1 &
+    --seeds ${SEEDS:-0} --gpu_shared_by "${GPU_SHARED_BY:-${#parts[@]}}" --commit "$commit" --out "$d" > "$d/log.txt" 2>&1 &
   pids+=($!)
 done
 failed=0
