@@ -1,14 +1,25 @@
 """Memory and speed of QFT against the standard recipes, one process, methods one after the other.
 
-Random-init LLaMA shapes, bf16 compute, gradient checkpointing. For each method: peak GPU memory of
-training (torch.cuda.max_memory_allocated, reset after setup; the setup peak is recorded apart),
-tokens/s from the median of timed steps after warm-up, and model-state bytes per parameter. Also the
-copy bandwidth and the int8 Lion kernel's achieved bandwidth, measured in the same run (lion_bandwidth.py).
+Random-init LLaMA shapes (bench/shapes.py: 1.1b, 7b, llama3-8b, 13b, 70b and a CPU-sized tiny), bf16 compute,
+gradient checkpointing. For each method: peak GPU memory of training (torch.cuda.max_memory_allocated, and
+max_memory_reserved beside it, reset after setup; the setup's own peaks and seconds are recorded apart),
+tokens/s from the median of timed steps after warm-up, and model-state bytes per parameter. A method that
+runs out of memory is recorded with "status": "oom" and the error's first line, its memory is freed and the
+next method runs. Also the copy bandwidth and the int8 Lion kernel's achieved bandwidth, measured in the same
+run (lion_bandwidth.py). Writes the JSON, a bar plot per shape and <stem>_size.png, peak memory against
+model size with the card sizes 12, 16, 24, 80 and 141 GB drawn (bench/memory_plot.py).
 
     python bench/memory_speed.py --commit $(git rev-parse HEAD)                 # 1.1B and 7B shapes
     python bench/memory_speed.py --shapes 1.1b --methods qft bf16_adamw         # a subset
+    python bench/memory_speed.py --shapes llama3-8b 13b --methods qft qft_m4_chunked bf16_adamw fp32_adamw
+    python bench/memory_speed.py --shapes 70b --methods qft_m4_chunked --iters 3 --skip-bandwidth
+    python bench/memory_speed.py --shapes 7b --batch 8 --seq 512                # another batch x seq
+    python bench/memory_speed.py --plot A.json B.json --out bench/results       # one size plot of several runs
+    python bench/memory_speed.py --shapes tiny --skip-bandwidth --methods qft   # CPU: the script runs; no memory figures
 
-Methods: qft (through DeepSpeed, as users run it; Triton kernels where they run), qft_unfused (the same
+Methods: qft (through DeepSpeed, as users run it; Triton kernels where they run), qft_m4 (`qft.momentum_bits:
+4`, int4 Lion momentum), qft_chunked (`qft.chunked_loss`: the loss and the LM head's logits --chunk tokens at a
+time), qft_m4_chunked (both), qft_unfused (the same
 with `qft.fuse_projections: false` and `qft.fuse_norms: false`: one weight per projection and HF's own
 RMSNorm, the model as before those keys), qft_torch (the same
 with the PyTorch reference ops), fp32_adamw (fp32 master weights, fused torch AdamW), bf16_adamw and
@@ -38,56 +49,35 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from lion_bandwidth import bandwidths  # noqa: E402
 from fidelity import FP32Lion  # noqa: E402
+from memory_plot import merge, plot_all, plot_size  # noqa: E402
+from step_profile import cprofile, profile  # noqa: E402
+from shapes import SHAPES, batch_seq, build, build_quantized, shape_sizes  # noqa: E402
 
-SHAPES = {
-    "1.1b": dict(hidden_size=2048, num_hidden_layers=22, intermediate_size=5632, num_attention_heads=32,
-                 num_key_value_heads=4, vocab_size=32000, batch=8, seq=512),
-    "7b": dict(hidden_size=4096, num_hidden_layers=32, intermediate_size=11008, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000, batch=1, seq=512),
-    "tiny": dict(hidden_size=128, num_hidden_layers=2, intermediate_size=256, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1000, batch=2, seq=64),
+# qft's variants: the qft_config arguments each changes ("chunked": qft.chunked_loss = --chunk)
+QFT_VARIANTS = {
+    "qft": {}, "qft_m4": {"momentum_bits": 4}, "qft_chunked": {"chunked": True},
+    "qft_m4_chunked": {"momentum_bits": 4, "chunked": True}, "qft_noclip": {"clip": 0.0},
+    "qft_two_pass": {"clip_mode": "two_pass"}, "qft_unfused": {"fuse": False}, "qft_2pass": {}, "qft_sync": {},
+    "qft_jit": {}, "qft_nonreentrant": {"reentrant": False}, "qft_torch": {"backend": "torch"},
 }
-METHODS = ["qft", "qft_noclip", "qft_two_pass", "qft_unfused", "qft_2pass", "qft_sync", "qft_jit", "qft_nonreentrant", "qft_torch", "fp32_adamw", "fp32_adamw_reentrant", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
+METHODS = [*QFT_VARIANTS, "fp32_adamw", "fp32_adamw_reentrant", "bf16_adamw", "bf16_lion", "ds_fusedadam"]
+T0 = time.perf_counter()
 
 
-def llama_config(shape):
-    from transformers import LlamaConfig
-    dims = {k: v for k, v in SHAPES[shape].items() if k not in ("batch", "seq")}
-    return LlamaConfig(**dims, max_position_embeddings=2048, tie_word_embeddings=False)
+def log(msg: str) -> None:
+    """A progress line with the seconds since the run started (a 70B build takes minutes)."""
+    print(f"[{time.perf_counter() - T0:8.1f} s] {msg}", flush=True)
 
 
-def _checkpointed(model, reentrant):
-    from qft_ds.nn.qmodules import enable_checkpointing
-    enable_checkpointing(model, reentrant)
-    model.config.use_cache = False
-    return model
-
-
-def build(shape, dtype, device, reentrant=False):
-    """A random-init LLaMA of `shape`, checkpointed as HF does by default (non-reentrant) unless `reentrant`."""
-    from transformers import LlamaForCausalLM
-    with torch.device(device):
-        model = LlamaForCausalLM(llama_config(shape)).to(dtype)
-    return _checkpointed(model, reentrant)
-
-
-def build_quantized(shape, device, fuse=True):
-    """The same shape for qft: each weight is drawn in bf16 on the device and quantized at once, so no
-    full-precision copy of more than one layer exists (a 70B shape in bf16 fits neither GPU nor host memory)."""
-    from qft_ds.nn.streaming import build_random
-    model, _ = build_random(llama_config(shape), device, dtype=torch.bfloat16, compute_dtype=torch.bfloat16,
-                            fuse_projections=fuse)
-    return _checkpointed(model, False)
-
-
-def qft_config(backend, batch, fuse=True, reentrant=True, clip=1.0, clip_mode="budget"):
+def qft_config(batch, backend="auto", fuse=True, reentrant=True, clip=1.0, clip_mode="budget", momentum_bits=8,
+               chunked_loss=0):
     return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
             "bf16": {"enabled": True}, "steps_per_print": 10**9,
             "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
             "qft": {"backend": backend, "gradient_checkpointing": True, "fuse_projections": fuse,
-                    "fuse_norms": fuse, "checkpoint_reentrant": reentrant, "clip_mode": clip_mode}}
+                    "fuse_norms": fuse, "checkpoint_reentrant": reentrant, "clip_mode": clip_mode,
+                    "momentum_bits": momentum_bits, "chunked_loss": chunked_loss}}
 
 
 def method_env(method: str) -> None:
@@ -103,31 +93,70 @@ def clear_env() -> None:
     triton_launch.MODE = "direct"
 
 
-def setup(method, shape, dev):
-    """(step function, bytes/param of model state, number of params)."""
-    import qft_ds
-    batch = SHAPES[shape]["batch"]
-    if method.startswith("qft"):
-        fuse = method != "qft_unfused"
-        model = build_quantized(shape, dev, fuse)
-        engine, opt, _, _ = qft_ds.initialize(model=model, config=qft_config(
-            "torch" if method == "qft_torch" else "auto", batch, fuse, reentrant=method != "qft_nonreentrant",
-            clip=0.0 if method == "qft_noclip" else 1.0, clip_mode="two_pass" if method == "qft_two_pass" else "budget"))
+def sync(dev) -> None:
+    if torch.device(dev).type == "cuda":
+        torch.cuda.synchronize()
 
-        sync = method == "qft_sync"
+
+def peaks() -> tuple[float | None, float | None]:
+    """(max allocated, max reserved) GiB since the last reset; (None, None) without CUDA (not measured)."""
+    if not torch.cuda.is_available():
+        return None, None
+    return torch.cuda.max_memory_allocated() / 2**30, torch.cuda.max_memory_reserved() / 2**30
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def built_s(t0: float, dev) -> float:
+    """Seconds since `t0` once the device has finished (the build's kernels run asynchronously)."""
+    sync(dev)
+    return round(time.perf_counter() - t0, 2)
+
+
+def gib(x: float | None) -> str:
+    return "n/a (no CUDA)" if x is None else f"{x:.2f} GiB"
+
+
+def first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+
+
+def setup(method, shape, batch, seq, dev, chunk=1024):
+    """(step function, {"state_bytes_per_param", "params", and for qft the state's parts and settings})."""
+    import qft_ds
+    if method in QFT_VARIANTS:
+        opts = dict(QFT_VARIANTS[method])
+        chunked_loss = chunk if opts.pop("chunked", False) else 0
+        t0 = time.perf_counter()
+        model = build_quantized(shape, dev, opts.get("fuse", True), seq, log=log)
+        built = built_s(t0, dev)
+        log(f"  {method}: model built in {built:.1f} s; DeepSpeed initialize")
+        config = qft_config(batch, chunked_loss=chunked_loss, **opts)
+        engine, opt, _, _ = qft_ds.initialize(model=model, config=config)
+
+        extra_sync = method == "qft_sync"
 
         def step(x):
             loss = engine(input_ids=x, labels=x).loss
-            if sync:
+            if extra_sync:
                 bool(torch.isfinite(loss).all())
             engine.backward(loss)
             engine.step()
         st = opt.state_nbytes()
         n = st["quantized_params"] + st["float_params"]
-        return step, (st["quantized_bytes"] + st["float_bytes"]) / n, n
+        return step, {"state_bytes_per_param": (st["quantized_bytes"] + st["float_bytes"]) / n, "params": n,
+                      "quantized_params": st["quantized_params"], "float_params": st["float_params"],
+                      "momentum_bits": st["momentum_bits"], "qft": config["qft"], "build_s": built}
     if method == "ds_fusedadam":
         import deepspeed
-        model = build(shape, torch.bfloat16, dev)
+        t0 = time.perf_counter()
+        model = build(shape, torch.bfloat16, dev, seq=seq)
+        built = built_s(t0, dev)
         engine, opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config={
             "train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0, "bf16": {"enabled": True},
             "optimizer": {"type": "Adam", "params": {"lr": 1e-5, "weight_decay": 0.01}}, "steps_per_print": 10**9})
@@ -137,9 +166,12 @@ def setup(method, shape, dev):
             loss = engine(input_ids=x, labels=x).loss
             engine.backward(loss)
             engine.step()
-        return step, 2 + 4 + 8, n  # bf16 weights + fp32 master + fp32 Adam m, v (grads not counted)
+        # bf16 weights + fp32 master + fp32 Adam m, v (grads not counted)
+        return step, {"state_bytes_per_param": 2 + 4 + 8, "params": n, "build_s": built}
     dtype = torch.float32 if method.startswith("fp32_adamw") else torch.bfloat16
-    model = build(shape, dtype, dev, reentrant=method.endswith("_reentrant"))
+    t0 = time.perf_counter()
+    model = build(shape, dtype, dev, reentrant=method.endswith("_reentrant"), seq=seq)
+    built = built_s(t0, dev)
     params = list(model.parameters())
     n = sum(p.numel() for p in params)
     if "adamw" in method:
@@ -148,101 +180,68 @@ def setup(method, shape, dev):
     else:
         opt = FP32Lion(params, lr=1e-5, weight_decay=0.1)
         bpp = 2 * dtype.itemsize
+    autocast = torch.device(dev).type
 
     def step(x):
-        with torch.autocast("cuda", torch.bfloat16, enabled=dtype == torch.float32):
+        with torch.autocast(autocast, torch.bfloat16, enabled=dtype == torch.float32):
             loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-    return step, bpp, n
+    return step, {"state_bytes_per_param": bpp, "params": n, "build_s": built}
 
 
 def measure(method, shape, args, dev):
-    row = {"method": method, "model": shape, "batch": SHAPES[shape]["batch"], "seq": SHAPES[shape]["seq"],
-           "peak_gib": None, "setup_peak_gib": None, "tok_s": None, "state_bytes_per_param": None, "oom": False}
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    batch, seq = batch_seq(shape, args.batch, args.seq)
+    row = {"method": method, "model": shape, "batch": batch, "seq": seq, "status": None,
+           "params": shape_sizes(shape)["params"], "peak_gib": None, "peak_reserved_gib": None,
+           "setup_peak_gib": None, "setup_peak_reserved_gib": None, "setup_s": None, "tok_s": None,
+           "state_bytes_per_param": None, "oom": False}
+    free_memory()
     method_env(method)
+    step = None
+    phase = "setup"
+    log(f"{shape} {batch}x{seq} {method}: setup")
+    t0 = time.perf_counter()
     try:
-        step, bpp, n = setup(method, shape, dev)
-        row.update(state_bytes_per_param=round(bpp, 4), params=n)
-        row["setup_peak_gib"] = common.peak_gib()
-        torch.cuda.reset_peak_memory_stats()
+        step, state = setup(method, shape, batch, seq, dev, args.chunk)
+        row.update(state, state_bytes_per_param=round(state["state_bytes_per_param"], 4))
+        row["setup_s"] = built_s(t0, dev)
+        row["setup_peak_gib"], row["setup_peak_reserved_gib"] = peaks()
+        log(f"  {method}: set up in {row['setup_s']} s, peak {gib(row['setup_peak_gib'])}; training")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        phase = "train"
         g = torch.Generator().manual_seed(0)
         times = []
         for i in range(args.warmup + args.iters):
-            x = torch.randint(0, SHAPES[shape]["vocab_size"], (row["batch"], row["seq"]), generator=g).to(dev)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+            x = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), generator=g).to(dev)
+            sync(dev)
+            t1 = time.perf_counter()
             step(x)
-            torch.cuda.synchronize()
+            sync(dev)
             if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-        row["peak_gib"] = common.peak_gib()
+                times.append(time.perf_counter() - t1)
+        row["peak_gib"], row["peak_reserved_gib"] = peaks()
         row["step_s"] = statistics.median(times)
         if method in args.profile:
             profile(step, x, f"{method}_{shape}", args.out)
         if method in args.cprofile:
             cprofile(step, x, f"{method}_{shape}", args.out)
-        row["tok_s"] = row["batch"] * row["seq"] / row["step_s"]
-    except torch.OutOfMemoryError:
-        row["oom"] = True
-        row["peak_gib"] = common.peak_gib()
+        row["tok_s"] = batch * seq / row["step_s"]
+        row["status"] = "ok"
+    except torch.OutOfMemoryError as e:
+        row.update(status="oom", oom=True, oom_phase=phase, error=first_line(e), peak_at_oom_gib=peaks()[0])
     except Exception as e:  # record, keep going: one broken baseline must not hide the others
-        row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-    finally:
+        row.update(status="error", error_phase=phase, error=first_line(e))
+    finally:  # the exception (and its frames, which hold the model) is gone here: free what it held
         clear_env()
         step = None
-        gc.collect()
-        torch.cuda.empty_cache()
-    print(f"  {shape:>5} {method:>13}: peak {row['peak_gib'] if row['peak_gib'] is None else round(row['peak_gib'], 2)} GiB"
-          f"  tok/s {row['tok_s'] and round(row['tok_s'])}  oom={row['oom']} {row.get('error', '')}", flush=True)
+        free_memory()
+    log(f"  {shape:>5} {method:>13}: {row['status']}  peak {gib(row['peak_gib'])}  tok/s "
+        f"{row['tok_s'] and round(row['tok_s'])}  {row.get('error', '')}")
     return row
-
-
-def profile(step, x, name, out_dir):
-    """Where the time goes: top CUDA kernels and CPU ops over 2 steps, written next to the JSON."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(2):
-            step(x)
-        torch.cuda.synchronize()
-    avg = prof.key_averages()
-    n_kernels = sum(e.count for e in avg if e.device_type == torch.autograd.DeviceType.CUDA)
-    # by device time (what the GPU does) and by own host time (what keeps a host-bound step busy)
-    text = (f"{name}: {n_kernels / 2:.0f} CUDA kernel launches per step\n"
-            f"{avg.table(sort_by='cuda_time_total', row_limit=30, max_name_column_width=60)}\n"
-            f"{avg.table(sort_by='self_cpu_time_total', row_limit=40, max_name_column_width=60)}")
-    path = Path(out_dir or common.RESULTS) / f"profile_{name}.txt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    print(text[:6000], flush=True)
-
-
-def cprofile(step, x, name, out_dir):
-    """Where the host time goes (Python, launches, syncs) over 2 steps: cProfile, top 40 by own time and top
-    50 by cumulative time (tensor indexing runs through C slots that cProfile does not see as calls: its
-    cost shows in the caller's own time). Backward runs on the calling thread here: cProfile sees only it."""
-    import cProfile
-    import io
-    import pstats
-    torch.autograd.set_multithreading_enabled(False)
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(2):
-        step(x)
-    torch.cuda.synchronize()
-    prof.disable()
-    torch.autograd.set_multithreading_enabled(True)
-    buf = io.StringIO()
-    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(60)
-    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(50)
-    path = Path(out_dir or common.RESULTS) / f"cprofile_{name}.txt"
-    path.write_text(buf.getvalue())
-    print(buf.getvalue()[:5000], flush=True)
 
 
 def interleaved(shape, methods, args, dev) -> dict:
@@ -250,17 +249,17 @@ def interleaved(shape, methods, args, dev) -> dict:
     (the method order rotates each round). The host-bound steps swing by 30% between runs of this
     machine (other tenants' CPU load); a ratio of two methods is only fair when both saw the same
     moments, so the ratio is taken per round and its median reported."""
+    batch, seq = batch_seq(shape, args.batch, args.seq)
     steps = {}
     for m in methods:
         method_env(m)
         try:
-            steps[m] = setup(m, shape, dev)[0]
+            steps[m] = setup(m, shape, batch, seq, dev, args.chunk)[0]
         except torch.OutOfMemoryError:
             print(f"  interleaved: {m} does not fit next to the others; left out", flush=True)
         finally:
             clear_env()
     g = torch.Generator().manual_seed(1)
-    batch, seq = SHAPES[shape]["batch"], SHAPES[shape]["seq"]
     x = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), generator=g).to(dev)
     names = list(steps)
     tok_s = {m: [] for m in names}
@@ -270,10 +269,10 @@ def interleaved(shape, methods, args, dev) -> dict:
             method_env(m)
             times = []
             for _ in range(args.iters if r else args.warmup):
-                torch.cuda.synchronize()
+                sync(dev)
                 t0 = time.perf_counter()
                 steps[m](x)
-                torch.cuda.synchronize()
+                sync(dev)
                 times.append(time.perf_counter() - t0)
             if r:
                 tok_s[m].append(batch * seq / statistics.median(times))
@@ -291,67 +290,17 @@ def interleaved(shape, methods, args, dev) -> dict:
         print(f"  interleaved {shape} {m:>13}: median {out['tok_s_median'][m]:.0f} tok/s"
               + (f", {ratio:.3f}x fp32_adamw (median of per-round ratios)" if ratio else ""), flush=True)
     steps = None
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_memory()
     return out
-
-
-def plot(result, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    shapes = sorted({r["model"] for r in result["rows"]})
-    fig, axes = plt.subplots(2, len(shapes), figsize=(5.5 * len(shapes), 7), squeeze=False)
-    for j, shape in enumerate(shapes):
-        rows = [r for r in result["rows"] if r["model"] == shape]
-        names = [r["method"] for r in rows]
-        for i, (key, label) in enumerate((("peak_gib", "peak GiB"), ("tok_s", "tokens/s"))):
-            ax = axes[i][j]
-            vals = [0 if r["oom"] or r.get(key) is None else r[key] for r in rows]
-            bars = ax.bar(names, vals, color=["C0" if n.startswith("qft") else "C7" for n in names])
-            for b, r in zip(bars, rows):
-                if r["oom"] or r.get("error"):
-                    ax.text(b.get_x() + b.get_width() / 2, 0, "OOM" if r["oom"] else "error", ha="center",
-                            va="bottom", color="red")
-            ax.set_ylabel(label)
-            ax.set_title(f"{shape} (bsz {rows[0]['batch']}x{rows[0]['seq']})")
-            ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"qft_ds memory and speed ({result['device']})")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    if result.get("interleaved"):
-        plot_interleaved(result, path.with_name(path.stem + "_interleaved.png"))
-
-
-def plot_interleaved(result, path):
-    """Per-round tok/s of the interleaved timing (the fair comparison on a noisy host) and the median of
-    the per-round ratios to fp32 AdamW."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    runs = result["interleaved"]
-    fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4), squeeze=False)
-    for ax, run in zip(axes[0], runs):
-        for i, (m, vals) in enumerate(run["tok_s_per_round"].items()):
-            ax.plot(range(1, len(vals) + 1), vals, marker="o", color=f"C{i}",
-                    label=m + (f" ({run['ratio_to_fp32_adamw'][m]['median']:.2f}x)"
-                               if m in run.get("ratio_to_fp32_adamw", {}) else ""))
-        ax.set_xlabel("round (methods alternate within a round)")
-        ax.set_xticks(range(1, run["rounds"] + 1))
-        ax.set_ylabel("tokens/s")
-        ax.set_title(f"{run['model']}: {run['steps_per_block']} steps per block")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"interleaved speed; (median per-round ratio to fp32 AdamW)\n{result['device']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shapes", nargs="+", default=["1.1b", "7b"], choices=list(SHAPES))
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--batch", type=int, default=None, help="batch size for every shape (default: the shape's own)")
+    p.add_argument("--seq", type=int, default=None, help="sequence length for every shape (default: the shape's own)")
+    p.add_argument("--chunk", type=int, default=1024, help="qft.chunked_loss tokens for the *_chunked methods")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--profile", nargs="*", default=[], choices=METHODS, help="profile these methods (2 steps)")
@@ -359,18 +308,34 @@ def main(argv=None):
     p.add_argument("--skip-bandwidth", action="store_true")
     p.add_argument("--rounds", type=int, default=0,
                    help="then time the methods of each shape interleaved, all resident, for this many rounds")
+    p.add_argument("--plot", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: draw peak memory against model size from these results into --out")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("memory_speed.py measures GPU memory: it needs CUDA")
+    if args.plot:
+        path = Path(args.out or common.RESULTS) / f"memory_speed_size_{time.strftime('%Y%m%d-%H%M')}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        plot_size(merge(args.plot), path)
+        print(f"wrote {path}")
+        return path
+    if torch.cuda.is_available():
+        dev = "cuda"
+    else:  # the CPU checks the script end to end; memory is a GPU figure
+        big = [s for s in args.shapes if s != "tiny"]
+        if big or not args.skip_bandwidth or args.profile:
+            p.error("without CUDA only `--shapes tiny --skip-bandwidth` runs (no --profile): a check of the "
+                    f"script, no memory figures (asked: shapes {args.shapes})")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        dev = "cpu"
     common.single_process_env()
-    dev = "cuda"
     result = common.header(args.commit)
+    result.update(chunked_loss_tokens=args.chunk, warmup=args.warmup, iters=args.iters)
     if not args.skip_bandwidth:
+        from lion_bandwidth import bandwidths
         result.update(bandwidths(dev))
-        print(f"copy {result['copy_gbs']:.0f} GB/s  lion triton {result['lion_triton_gbs']:.0f} GB/s "
-              f"({result['lion_triton_ms']:.3f} ms)  lion torch {result['lion_torch_gbs']:.0f} GB/s", flush=True)
+        log(f"copy {result['copy_gbs']:.0f} GB/s  lion triton {result['lion_triton_gbs']:.0f} GB/s "
+            f"({result['lion_triton_ms']:.3f} ms)  lion torch {result['lion_torch_gbs']:.0f} GB/s")
     result["rows"] = []
     for s in args.shapes:
         for m in args.methods:
@@ -381,12 +346,14 @@ def main(argv=None):
             result.setdefault("interleaved", []).append(interleaved(s, fits, args, dev))
             common.write_partial("memory_speed", result, args.out)
     path = common.write_result("memory_speed", result, args.out)
-    plot(result, path.with_suffix(".png"))
+    plot_all(result, path)
     print(f"\nwrote {path}")
-    print(f"{'model':>5} {'method':>13} {'peak GiB':>9} {'tok/s':>8} {'B/param':>8}")
+    print(f"{'model':>9} {'method':>14} {'peak GiB':>9} {'reserved':>9} {'setup s':>8} {'tok/s':>8} {'B/param':>8}")
     for r in result["rows"]:
-        peak = "OOM" if r["oom"] else (f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "err")
-        print(f"{r['model']:>5} {r['method']:>13} {peak:>9} {r['tok_s'] or 0:8.0f} {r['state_bytes_per_param'] or 0:8.3f}")
+        peak = r["status"].upper() if r["status"] != "ok" else f"{r['peak_gib'] or float('nan'):.2f}"
+        print(f"{r['model']:>9} {r['method']:>14} {peak:>9} {r['peak_reserved_gib'] or float('nan'):9.2f} "
+              f"{r['setup_s'] or float('nan'):8.1f} {r['tok_s'] or 0:8.0f} {r['state_bytes_per_param'] or 0:8.3f}")
+    return path
 
 
 if __name__ == "__main__":
