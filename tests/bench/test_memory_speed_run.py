@@ -5,6 +5,7 @@ import json
 import sys
 import weakref
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 sys.path.insert(0, str(BENCH))
 import memory_plot  # noqa: E402
 import memory_speed  # noqa: E402
-from shapes import SHAPES, shape_sizes  # noqa: E402
+from shapes import SHAPES, BuildProgress, shape_sizes  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 ROW_KEYS = {"method", "model", "batch", "seq", "status", "params", "peak_gib", "peak_reserved_gib", "setup_peak_gib",
@@ -108,3 +109,25 @@ def test_size_plot_reads_the_committed_gpu_results(tmp_path):
              and (memory_plot.status(r) == "oom" or r.get("peak_gib") is not None)]
     assert len(drawn) + len(left_out) == len(merged["rows"])
     assert any(memory_plot.status(r) == "oom" for r in drawn)  # FusedAdam ran out at 7B (H100)
+
+
+def test_a_cuda_library_allocation_failure_counts_as_out_of_memory():
+    assert memory_speed.is_oom(torch.OutOfMemoryError("CUDA out of memory."))
+    assert memory_speed.is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert not memory_speed.is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not memory_speed.is_oom(ValueError("out of memory"))
+
+
+def test_build_progress_says_every_tenth_of_the_elements():
+    lines = []
+    progress = BuildProgress(total_elements=20 * 50, log=lines.append)
+    for _ in range(20):
+        progress(SimpleNamespace(numel=50, shape=(5, 10)))
+    assert len(lines) == 10 and "(10%" in lines[0] and "(100%" in lines[-1]
+    assert lines[-1].startswith("    built 20 weights")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU guard")
+def test_without_cuda_only_the_tiny_shape_runs():
+    with pytest.raises(SystemExit):
+        memory_speed.main(["--shapes", "7b", "--skip-bandwidth", "--methods", "qft"])
