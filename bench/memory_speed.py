@@ -66,7 +66,7 @@ T0 = time.perf_counter()
 
 
 def log(msg: str) -> None:
-    """A progress line with the seconds since the run started (a 70B build takes minutes)."""
+    """A progress line with the seconds since the run started (building a 70B shape is the slow part)."""
     print(f"[{time.perf_counter() - T0:8.1f} s] {msg}", flush=True)
 
 
