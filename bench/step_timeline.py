@@ -93,10 +93,10 @@ def analyse(trace: dict, min_gap_us: float = 200.0, top: int = 8) -> list[dict]:
 def profile_method(method: str, shape: str, steps: int, warmup: int, dev: str):
     from torch.profiler import ProfilerActivity, profile, record_function
     method_env(method)
-    step = setup(method, shape, dev)[0]
+    batch, seq = SHAPES[shape]["batch"], SHAPES[shape]["seq"]
+    step = setup(method, shape, batch, seq, dev)[0]
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, SHAPES[shape]["vocab_size"], (SHAPES[shape]["batch"], SHAPES[shape]["seq"]),
-                      generator=g).to(dev)
+    x = torch.randint(0, SHAPES[shape]["vocab_size"], (batch, seq), generator=g).to(dev)
     for _ in range(warmup):
         step(x)
     torch.cuda.synchronize()
