@@ -217,9 +217,28 @@ def reduce_scatter_mean(flat: torch.Tensor, bounds, flag: torch.Tensor):
 
 def all_gather_bytes(mine: torch.Tensor) -> torch.Tensor:
     """uint8 [P] from every rank -> uint8 [world * P] in rank order."""
-    world = world_size()
-    if world == 1:
-        return mine
-    out = torch.empty(world * mine.numel(), dtype=torch.uint8, device=mine.device)
-    _collective("all_gather_into_tensor", out, mine)
-    return out
+    return all_gather_bytes_async(mine).wait()
+
+
+class PendingGather:
+    """An all-gather in flight: wait() gives the gathered uint8 buffer. It keeps the rank's input alive
+    until then (the collective reads it asynchronously)."""
+
+    def __init__(self, work, out: torch.Tensor, mine: torch.Tensor):
+        self.work, self.out, self.mine = work, out, mine
+
+    def wait(self) -> torch.Tensor:
+        if self.work is not None:
+            self.work.wait()  # NCCL: the current stream waits for the collective's; no host block
+            self.work = self.mine = None
+        return self.out
+
+
+def all_gather_bytes_async(mine: torch.Tensor) -> PendingGather:
+    """all_gather_bytes started now and collected with .wait(): ZeRO-3 gathers the next weights while
+    the current one is used. One rank: `mine` itself, nothing launched."""
+    if world_size() == 1:
+        return PendingGather(None, mine, mine)
+    out = torch.empty(world_size() * mine.numel(), dtype=torch.uint8, device=mine.device)
+    work = _collective("all_gather_into_tensor", out, mine, async_op=True)
+    return PendingGather(work, out, mine)

@@ -112,6 +112,8 @@ class QFTLion(torch.optim.Optimizer):
         if any(self.state.get(w.anchor) for w in self.weights):
             raise RuntimeError("shard() must run before momentum exists (before init_state/step)")
         self.sharding.shard(self.weights, self.block_size)
+        # every return path of step() (a skipped step too) ends the strategy's step (ZeRO-3's prefetch trace)
+        self.register_step_post_hook(lambda opt, args, kwargs: opt.sharding.end_step())
 
     def _qstate(self, w):
         st = self.state[w.anchor]

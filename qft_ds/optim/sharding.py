@@ -13,6 +13,7 @@ shards):
   runs while the next layer's backward does;
 - `grad_norm(grad, finite)`: the whole weight's gradient norm from the owned slice (NaN if not finite);
 - `after_update(w)`: the gather that follows an owner's update; `reshard(w)` after outliers change;
+- `end_step()`: after every optimizer step (ZeRO-3's gather prefetch follows a trace of one step);
 - `reduce_on_push` / `reduce_stacked(flow)`: the stack flow's buffers, per micro-batch or at the
   boundary; the latter returns their squared norm over the whole model;
 - `shard(weights, block)`, `stage`, `describe()`: setup, the ZeRO stage (0 here), state_nbytes extras.
@@ -89,6 +90,9 @@ class NoSharding:
         pass
 
     def reshard(self, w) -> None:
+        pass
+
+    def end_step(self) -> None:
         pass
 
     def reduce_stacked(self, flow):

@@ -10,7 +10,8 @@ gradient is reduced and which slice a rank updates change:
   stages 1/2 all-gather the slices' int8 codes, fp32 scales and outlier values: lossless;
 - stack flow (gradient accumulation): stage 1 keeps whole int8 buffers and reduce-scatters them at the
   boundary; stages 2/3 reduce-scatter every micro-batch's gradient and keep only the slice's buffer;
-- stage 3 also keeps the weight itself sharded; it is gathered for each use (shards.py).
+- stage 3 also keeps the weight itself sharded; it is gathered for each use (shards.py), the next
+  weights' gathers in flight while one is used (prefetch.py).
 Float parameters (norms, biases) stay replicated: DeepSpeed all-reduces their gradients as at stage 0.
 
 The global gradient norm (clipping) is the replicated float part plus the sum over ranks of every
@@ -27,16 +28,19 @@ import torch
 from qft_ds import comm
 from qft_ds.optim.sharding import Owned
 from qft_ds.zero.partition import Partition
+from qft_ds.zero.prefetch import PREFETCH_DEPTH, GatherPrefetcher
 from qft_ds.zero.shards import WeightShard
 
 
 class ZeroSharding:
     overlaps = True  # each weight's reduce-scatter runs during the next layer's backward
 
-    def __init__(self, stage: int):
+    def __init__(self, stage: int, prefetch_depth: int = PREFETCH_DEPTH):
         if stage not in (1, 2, 3):
             raise ValueError(f"zero_optimization.stage must be 1, 2 or 3 for ZeRO sharding, got {stage}")
         self.stage = stage
+        # stage 3's gathers, in flight ahead along the traced order of uses (0: each gathered at its use)
+        self.prefetcher = GatherPrefetcher(prefetch_depth) if stage == 3 else None
         self.shards: dict[int, WeightShard] = {}
         # stages 2/3 keep only the slice's stack buffer: each micro-batch is reduce-scattered as it arrives
         self.reduce_on_push = self._slice_of_mean if stage >= 2 else None
@@ -48,7 +52,8 @@ class ZeroSharding:
             raise RuntimeError("the optimizer's int8 state was already sharded (shard() runs once)")
         world, rank = comm.world_size(), comm.rank()
         for w in weights:
-            self.shards[id(w)] = WeightShard(w, Partition(w.numel, w.group, block_size, world, rank), self.stage)
+            self.shards[id(w)] = WeightShard(w, Partition(w.numel, w.group, block_size, world, rank), self.stage,
+                                             self.prefetcher)
 
     def shard_of(self, w) -> WeightShard:
         sh = self.shards.get(id(w))
@@ -80,9 +85,19 @@ class ZeroSharding:
     def after_update(self, w) -> None:
         if self.stage < 3:
             self.shard_of(w).gather_update()
+        else:
+            self.prefetcher.forget(self.shard_of(w))  # a gather of it started before the update is stale
 
     def reshard(self, w) -> None:
-        self.shard_of(w).reshard()
+        sh = self.shard_of(w)
+        if self.prefetcher is not None:
+            self.prefetcher.forget(sh)
+        sh.reshard()
+
+    def end_step(self) -> None:
+        """After each optimizer step (every rank): stage 3's prefetch trace ends there."""
+        if self.prefetcher is not None:
+            self.prefetcher.end_step()
 
     def _slice_of_mean(self, w, grad: torch.Tensor) -> torch.Tensor:
         return self.shard_of(w).reduce_scatter(grad.float())[0]

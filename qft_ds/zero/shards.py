@@ -4,9 +4,10 @@ Stages 1 and 2 keep the whole weight on every rank: the owner updates its slice 
 the slices are all-gathered (int8 codes, fp32 scales, fp32 outlier values: bit for bit). Stage 3 keeps
 only the slice; the whole weight is gathered for each use (forward, backward) and freed after it.
 
-A gather packs each rank's pieces into one byte buffer (4-byte pieces first, so they stay aligned),
-padded to the largest rank's size, so one all_gather moves a weight. The outlier indices only change
-when outliers are re-selected, so stages 1 and 2 never send them.
+A gather packs each rank's pieces into one byte buffer with one copy and unpacks the gathered one with one
+copy (packing.py), so one all_gather moves a weight. The outlier indices only change when outliers are
+re-selected, so stages 1 and 2 never send them. Stage 3's gathers go through a GatherPrefetcher
+(prefetch.py), which starts the next weights' gathers while the current one is used.
 
 Streaming conversion at stage 3 cuts each weight as soon as it is quantized (`preshard`): a rank never holds
 the whole model's int8 state, and the WeightShard later adopts the cut it finds instead of making its own.
@@ -16,11 +17,8 @@ from __future__ import annotations
 import torch
 
 from qft_ds import comm
+from qft_ds.zero.packing import GatherLayout
 from qft_ds.zero.partition import Partition, outlier_bounds
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(-1).view(torch.uint8)
 
 
 def _keep_residual_slice(w, lo: int, hi: int) -> None:
@@ -47,10 +45,12 @@ def preshard(w, part: Partition) -> None:
 
 
 class WeightShard:
-    def __init__(self, w, part: Partition, stage: int):
+    def __init__(self, w, part: Partition, stage: int, prefetcher=None):
         if stage not in (1, 2, 3):
             raise ValueError(f"zero stage must be 1, 2 or 3, got {stage}")
         self.w, self.part, self.stage = w, part, stage
+        self.prefetcher = prefetcher  # stage 3: serves each use's gather (prefetch.py); None: gathered then
+        self._layouts = {}
         self.bounds = part.bounds
         self.lo, self.hi = self.bounds[part.rank]
         self.scale_bounds = part.scale_bounds(w.group)
@@ -81,6 +81,7 @@ class WeightShard:
         else:
             self.outlier_bounds = outlier_bounds(w.outlier_idx, self.bounds)
         self._local_idx = None
+        self._layouts = {}  # the outlier counts per rank changed
 
     def codes(self) -> torch.Tensor:
         return self.w.codes if self.stage == 3 else self.w.codes[self.lo:self.hi]
@@ -117,68 +118,45 @@ class WeightShard:
         return result
 
     # -- gathers -----------------------------------------------------------------------------------
-    def _sizes(self, with_idx: bool) -> list[int]:
-        per = 8 if with_idx else 4
-        return [4 * (sb - sa) + per * (ob - oa) + (hi - lo) for (lo, hi), (sa, sb), (oa, ob)
-                in zip(self.bounds, self.scale_bounds, self.outlier_bounds)]
-
-    def _exchange(self, pieces, with_idx: bool) -> tuple[torch.Tensor, int]:
-        width = -(-max(self._sizes(with_idx)) // 4) * 4
-        mine = torch.zeros(width, dtype=torch.uint8, device=self.w.codes.device)
-        pos = 0
-        for t in pieces:
-            b = _bytes(t)
-            mine[pos:pos + b.numel()] = b
-            pos += b.numel()
-        return comm.all_gather_bytes(mine), width
-
-    def _chunks(self, out: torch.Tensor, width: int, with_idx: bool):
-        """Per rank: (r, scales fp32, outlier values fp32, outlier indices int32 or None, codes int8)."""
-        for r, ((lo, hi), (sa, sb), (oa, ob)) in enumerate(zip(self.bounds, self.scale_bounds, self.outlier_bounds)):
-            chunk, pos = out[r * width:(r + 1) * width], 0
-            ns, no, n = sb - sa, ob - oa, hi - lo
-            scales = chunk[pos:pos + 4 * ns].view(torch.float32)
-            pos += 4 * ns
-            vals = chunk[pos:pos + 4 * no].view(torch.float32)
-            pos += 4 * no
-            idx = None
-            if with_idx:
-                idx = chunk[pos:pos + 4 * no].view(torch.int32)
-                pos += 4 * no
-            yield r, scales, vals, idx, chunk[pos:pos + n].view(torch.int8)
+    def _layout(self, with_idx: bool) -> GatherLayout:
+        """The byte layout of a gather (cached until the outliers are re-selected): per rank, fp32 scales,
+        fp32 outlier values, int32 outlier indices (with_idx: stage 3's whole-state gather), int8 codes."""
+        cached = self._layouts.get(with_idx)
+        if cached is None:
+            rows = []
+            for (lo, hi), (sa, sb), (oa, ob) in zip(self.bounds, self.scale_bounds, self.outlier_bounds):
+                rows.append([4 * (sb - sa), 4 * (ob - oa)] + ([4 * (ob - oa)] if with_idx else []) + [hi - lo])
+            cached = self._layouts[with_idx] = GatherLayout(rows)
+        return cached
 
     def gather_update(self) -> None:
         """Stages 1/2, after the owner updated its slice: every rank gets every slice (lossless)."""
         if comm.world_size() == 1:
             return
         w = self.w
-        idx, val = self.outliers()
-        out, width = self._exchange([self.scales(), val, self.codes()], with_idx=False)
-        for r, scales, vals, _, codes in self._chunks(out, width, with_idx=False):
-            if r == self.part.rank:
-                continue
-            (lo, hi), (sa, sb), (oa, ob) = self.bounds[r], self.scale_bounds[r], self.outlier_bounds[r]
-            w.codes[lo:hi] = codes
-            w.scales[sa:sb] = scales
-            w.outlier_val[oa:ob] = vals
+        layout = self._layout(with_idx=False)
+        _, val = self.outliers()
+        mine = layout.pack([self.scales(), val, self.codes()], self.part.rank)
+        layout.unpack_into(comm.all_gather_bytes(mine), [w.scales, w.outlier_val, w.codes])
 
     def gather_full(self):
-        """Stage 3: the whole (codes, scales, outlier_idx, outlier_val), fresh tensors for one use."""
-        w = self.w
+        """Stage 3: the whole (codes, scales, outlier_idx, outlier_val), fresh tensors for one use (views
+        of one buffer), through the prefetcher when one is set."""
         if comm.world_size() == 1:
+            w = self.w
             return w.codes, w.scales, w.outlier_idx, w.outlier_val
-        out, width = self._exchange([w.scales, w.outlier_val, w.outlier_idx, w.codes], with_idx=True)
-        n_scales = self.scale_bounds[-1][1]
-        n_out = self.outlier_bounds[-1][1]
-        dev = w.codes.device
-        codes = torch.empty(self.part.numel, dtype=torch.int8, device=dev)
-        scales = torch.empty(n_scales, dtype=torch.float32, device=dev)
-        o_idx = torch.empty(n_out, dtype=torch.int32, device=dev)
-        o_val = torch.empty(n_out, dtype=torch.float32, device=dev)
-        for r, sc, vals, idx, cd in self._chunks(out, width, with_idx=True):
-            (lo, hi), (sa, sb), (oa, ob) = self.bounds[r], self.scale_bounds[r], self.outlier_bounds[r]
-            codes[lo:hi] = cd
-            scales[sa:sb] = sc
-            o_idx[oa:ob] = idx
-            o_val[oa:ob] = vals
-        return codes, scales, o_idx, o_val
+        if self.prefetcher is not None:
+            return self.prefetcher.use(self)
+        return self.finish_gather(self.start_gather())
+
+    def start_gather(self):
+        """Stage 3: this rank's slice packed and its all-gather started (a collective: every rank starts
+        the same gathers in the same order)."""
+        w = self.w
+        mine = self._layout(with_idx=True).pack([w.scales, w.outlier_val, w.outlier_idx, w.codes], self.part.rank)
+        return comm.all_gather_bytes_async(mine)
+
+    def finish_gather(self, pending):
+        """The whole state from a gather started by start_gather (waits for it)."""
+        scales, vals, idx, codes = self._layout(with_idx=True).unpack(pending.wait())
+        return codes.view(torch.int8), scales.view(torch.float32), idx.view(torch.int32), vals.view(torch.float32)

@@ -73,9 +73,10 @@ def inject_steps(model, opt, steps, start=0):
         opt.zero_grad()
 
 
-def data_steps(model, opt, rank, world, steps, batch=8, seq=16):
+def data_steps(model, opt, rank, world, steps, batch=8, seq=16, backward=None):
     """Real forward/backward: a global batch of `batch` split over ranks; float-parameter gradients are
-    all-reduced as DeepSpeed's engine does. Returns the losses of rank 0's part of each step."""
+    all-reduced as DeepSpeed's engine does. Returns the losses of rank 0's part of each step.
+    `backward(loss)`: loss.backward() by default; opt.backward also runs clipping's norm-only pass."""
     g = torch.Generator().manual_seed(1)
     micro = 2 if opt.flow.mode == "stack" else 1
     losses = []
@@ -85,7 +86,7 @@ def data_steps(model, opt, rank, world, steps, batch=8, seq=16):
             per = batch // world
             xb = x[rank * per:(rank + 1) * per].to(model.device)
             loss = model(input_ids=xb, labels=xb).loss
-            (loss / micro).backward()
+            (backward or torch.Tensor.backward)(loss / micro)
             losses.append(loss.item())
         if world > 1:
             for p in model.parameters():

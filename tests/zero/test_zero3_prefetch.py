@@ -1,0 +1,79 @@
+"""ZeRO stage 3's gather prefetch on 2 gloo ranks: a tiny LLaMA trained with gradient checkpointing (each
+weight gathered for its forward, its recompute, and the LM head for its backward) gives the bits of the
+same run with every gather made at its use (prefetch depth 0): weights, outliers, momentum, float
+parameters and losses. In a normal run no use misses the traced order after the first step; when the
+order is broken on purpose (two layers swapped for one step) the misses are counted and training stays
+exact."""
+import pytest
+import torch
+
+import harness as H
+from qft_ds.nn.qmodules import mark_checkpointed
+from qft_ds.zero.prefetch import PREFETCH_DEPTH
+
+STEPS = 6
+SWAP_AT = 2  # steps 0-based: the broken run swaps layers 0 and 1 for this step only
+
+
+def _run(rank, world, depth, clip, swap):
+    model, opt = H.build(3, "fused", clip=clip)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mark_checkpointed(model)
+    pf = opt.sharding.prefetcher
+    pf.depth = depth
+    layers = model.model.layers
+    losses, misses, prefetched = [], [], []
+    for step in range(STEPS):
+        if swap and step in (SWAP_AT, SWAP_AT + 1):  # swapped for one step, then back
+            layers[0], layers[1] = layers[1], layers[0]
+        losses += H.data_steps(model, opt, rank, world, 1, backward=opt.backward)
+        misses.append(pf.misses)
+        prefetched.append(pf.prefetched - sum(prefetched))  # this step's
+    stats = pf.stats()  # before full_state, whose gathers are uses too
+    return {"state": H.full_state(model, opt), "losses": losses, "misses": misses, "prefetched": prefetched,
+            "stats": stats}
+
+
+def _worker(rank, world, out):
+    res = {}
+    for name, clip, swap in (("normal", 1.0, False), ("broken", 0.0, True)):
+        for depth in (PREFETCH_DEPTH, 0):
+            res[(name, depth)] = _run(rank, world, depth, clip, swap)
+    if rank == 0:
+        torch.save(res, out)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prefetch") / "res.pt"
+    H.spawn(_worker, str(out))
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("name", ["normal", "broken"])
+def test_prefetch_gives_the_bits_of_gathering_at_each_use(runs, name):
+    on, off = runs[(name, PREFETCH_DEPTH)], runs[(name, 0)]
+    H.assert_same(on["state"], off["state"], f"{name}: prefetch vs none")
+    assert on["losses"] == off["losses"]
+    assert len(set(on["losses"])) > 1  # the weights moved
+    assert off["stats"]["prefetched"] == 0
+
+
+def test_a_normal_run_follows_the_trace_after_the_first_step(runs):
+    on = runs[("normal", PREFETCH_DEPTH)]
+    assert on["misses"] == [0] * STEPS
+    # the first step also ran clipping's norm-only backward: the second keeps the part of the trace it used
+    assert on["stats"]["cuts"] == 1
+    # step 1 is traced; from step 2 on, every use but the step's first comes from a gather started ahead
+    first, *rest = on["prefetched"]
+    assert first == 0 and rest[0] > 0 and rest == [rest[0]] * len(rest)
+
+
+def test_a_broken_order_is_counted_and_traced_again(runs):
+    on, normal = runs[("broken", PREFETCH_DEPTH)], runs[("normal", PREFETCH_DEPTH)]["prefetched"]
+    # the swapped step misses once (the rest of it gathers at each use), the next one (swapped back) is
+    # traced, and the steps after it are prefetched as before
+    assert on["misses"] == [0] * SWAP_AT + [1] * (STEPS - SWAP_AT)
+    p = on["prefetched"]
+    assert p[1] == normal[1] and p[SWAP_AT] < p[1] and p[SWAP_AT + 1] == 0
+    assert p[SWAP_AT + 2:] == [p[1]] * (STEPS - SWAP_AT - 2)
