@@ -15,9 +15,11 @@ step on: at each use, the gathers of the next PREFETCH_DEPTH traced weights are 
   gathers in flight are dropped, nothing more is prefetched in this step, and the next step is traced
   again. Misses are counted (`misses`) and the first is logged at warning level.
 - **A pass that starts again at the trace's first weight** (an evaluation or generation forward between
-  steps, a state read in weight order) restarts the trace there: not a miss.
-- **A step that ends early** (the first step ran clipping's norm-only backward, later steps do not) keeps
-  the part of the trace it used: the rest would only start gathers nobody reads.
+  steps; the outlier re-selection inside step(), which reads every weight in order) restarts the trace
+  there: not a miss.
+- **A step that ends early** without such a restart (the first step ran clipping's norm-only backward,
+  later steps do not) keeps the part of the trace it used: the rest would only start gathers nobody
+  reads.
 Prefetching never crosses a step's end: the optimizer updates weights between steps.
 """
 from __future__ import annotations
@@ -51,6 +53,7 @@ class GatherPrefetcher:
         self.prefetched = 0    # uses served by a gather started ahead
         self.restarts = 0      # passes that started again at the trace's first weight
         self.cuts = 0          # steps that ended before their trace did (the trace was shortened)
+        self._restarted = False  # this step restarted the trace (its last pass need not be a whole step)
 
     # -- a use ---------------------------------------------------------------------------------------
     def use(self, shard):
@@ -81,6 +84,7 @@ class GatherPrefetcher:
         self._drop_inflight()
         if self.trace[0] is shard:
             self.restarts += 1
+            self._restarted = True
             self.pos = 1
             return True
         self.misses += 1
@@ -111,12 +115,12 @@ class GatherPrefetcher:
                 self.trace, self.recording = self.recording, None
         elif self.trace is None:
             self.recording = []
-        elif 0 < self.pos < len(self.trace):
+        elif 0 < self.pos < len(self.trace) and not self._restarted:
             self.cuts += 1
             logger.debug("ZeRO-3 prefetch: the step used %d of the trace's %d uses; the trace keeps those",
                          self.pos, len(self.trace))
             self.trace = self.trace[:self.pos]
-        self.pos = 0
+        self.pos, self._restarted = 0, False
 
     def _drop_inflight(self) -> None:
         for shard, pending in list(self.inflight.values()):

@@ -106,6 +106,16 @@ def test_a_step_that_ends_early_keeps_the_part_it_used():
     assert [e[1] for e in log] == list("abcd") and pf.cuts == 1
 
 
+def test_a_pass_over_a_prefix_at_the_step_end_does_not_cut_the_trace():
+    pf, s, log = _setup()
+    _step(pf, s, "abcd")
+    _step(pf, s, "abcdab")  # the outlier re-selection inside step() reads the weights in order
+    assert (pf.misses, pf.cuts, pf.restarts, len(pf.trace)) == (0, 0, 1, 4)
+    log.clear()
+    _step(pf, s, "abcd")
+    assert pf.misses == 0 and [e[1] for e in log] == list("abcd")
+
+
 def test_depth_zero_gathers_each_use_and_traces_nothing():
     pf, s, log = _setup(0)
     for _ in range(2):

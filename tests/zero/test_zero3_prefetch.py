@@ -15,8 +15,8 @@ STEPS = 6
 SWAP_AT = 2  # steps 0-based: the broken run swaps layers 0 and 1 for this step only
 
 
-def _run(rank, world, depth, clip, swap):
-    model, opt = H.build(3, "fused", clip=clip)
+def _run(rank, world, depth, clip, swap, refresh=0):
+    model, opt = H.build(3, "fused", clip=clip, outlier_refresh=refresh)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mark_checkpointed(model)
     pf = opt.sharding.prefetcher
@@ -36,9 +36,10 @@ def _run(rank, world, depth, clip, swap):
 
 def _worker(rank, world, out):
     res = {}
-    for name, clip, swap in (("normal", 1.0, False), ("broken", 0.0, True)):
+    for name, clip, swap, refresh in (("normal", 1.0, False, 0), ("broken", 0.0, True, 0),
+                                      ("refresh", 0.0, False, 2)):
         for depth in (PREFETCH_DEPTH, 0):
-            res[(name, depth)] = _run(rank, world, depth, clip, swap)
+            res[(name, depth)] = _run(rank, world, depth, clip, swap, refresh)
     if rank == 0:
         torch.save(res, out)
 
@@ -50,7 +51,7 @@ def runs(tmp_path_factory):
     return torch.load(out, weights_only=False)
 
 
-@pytest.mark.parametrize("name", ["normal", "broken"])
+@pytest.mark.parametrize("name", ["normal", "broken", "refresh"])
 def test_prefetch_gives_the_bits_of_gathering_at_each_use(runs, name):
     on, off = runs[(name, PREFETCH_DEPTH)], runs[(name, 0)]
     H.assert_same(on["state"], off["state"], f"{name}: prefetch vs none")
@@ -77,3 +78,12 @@ def test_a_broken_order_is_counted_and_traced_again(runs):
     p = on["prefetched"]
     assert p[1] == normal[1] and p[SWAP_AT] < p[1] and p[SWAP_AT + 1] == 0
     assert p[SWAP_AT + 2:] == [p[1]] * (STEPS - SWAP_AT - 2)
+
+
+def test_outlier_reselection_inside_step_restarts_the_trace_without_a_miss(runs):
+    on = runs[("refresh", PREFETCH_DEPTH)]
+    # every 2nd step re-selects outliers, gathering every weight in order after the backward
+    assert on["misses"] == [0] * STEPS and on["stats"]["cuts"] == 0 and on["stats"]["restarts"] >= 2
+    # (steps 2, 4 and 6 do, counted from 1): their re-selection pass is prefetched too, after its first use
+    p, plain = on["prefetched"], runs[("broken", PREFETCH_DEPTH)]["prefetched"][1]
+    assert p[2] == p[4] == plain and p[1] == p[3] == p[5] > plain
