@@ -3,7 +3,9 @@
 A training step uses the weights in the same order every step (forward in module order, then per
 checkpointed layer its recompute and its backward). As DeepSpeed's PartitionedParameterCoordinator does,
 the order is recorded once (a trace: the first step, and again after a miss) and followed from the next
-step on: at each use, the gathers of the next PREFETCH_DEPTH traced weights are started.
+step on: at each use, the gathers of the next PREFETCH_DEPTH traced weights are started. A recording
+that begins with the same pass repeated (train.py evaluates before its first step; gradient accumulation
+repeats forward and backward) keeps the last repeat only: the restart rule below replays the others.
 
 - **Same collectives on every rank.** A prefetch is a collective. Every decision here depends only on the
   sequence of uses and of updates, which every rank makes alike (they already had to: each gather is a
@@ -112,7 +114,7 @@ class GatherPrefetcher:
         self._drop_inflight()
         if self.recording is not None:
             if self.recording:
-                self.trace, self.recording = self.recording, None
+                self.trace, self.recording = _drop_leading_repeats(self.recording), None
         elif self.trace is None:
             self.recording = []
         elif 0 < self.pos < len(self.trace) and not self._restarted:
@@ -130,3 +132,18 @@ class GatherPrefetcher:
     def stats(self) -> dict:
         return {"prefetch_depth": self.depth, "prefetched": self.prefetched, "misses": self.misses,
                 "restarts": self.restarts, "cuts": self.cuts}
+
+
+def _drop_leading_repeats(uses: list) -> list:
+    """`uses` less its leading repeats: while it starts with a pass P (from its first weight up to that
+    weight's next use) followed by P again, drop the first P. An evaluation forward recorded before the
+    first step's own forward is such a repeat; a training step's forward is followed by its backward."""
+    start = 0
+    while True:
+        first = uses[start]
+        for p in range(1, (len(uses) - start) // 2 + 1):
+            if uses[start + p] is first and all(uses[start + p + i] is uses[start + i] for i in range(p)):
+                start += p
+                break
+        else:
+            return uses[start:]

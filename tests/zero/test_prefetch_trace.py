@@ -116,6 +116,25 @@ def test_a_pass_over_a_prefix_at_the_step_end_does_not_cut_the_trace():
     assert pf.misses == 0 and [e[1] for e in log] == list("abcd")
 
 
+def test_an_evaluation_before_the_first_step_is_not_traced():
+    pf, s, _ = _setup()
+    for _ in range(2):
+        pf.use(s["a"]), pf.use(s["b"]), pf.use(s["c"]), pf.use(s["b"])  # evaluation forwards (b: tied)
+    _step(pf, s, "abcbdcb")
+    assert [x.name for x in pf.trace] == list("abcbdcb")
+    _step(pf, s, "abcbdcb")
+    assert pf.misses == 0 and pf.prefetched == 6
+
+
+def test_gradient_accumulation_traces_one_micro_batch_and_restarts_it():
+    pf, s, log = _setup()
+    _step(pf, s, "abcb" * 3)  # three micro-batches of forward and backward per step
+    assert [x.name for x in pf.trace] == list("abcb")
+    log.clear()
+    _step(pf, s, "abcb" * 3)
+    assert (pf.misses, pf.restarts, pf.cuts, pf.prefetched) == (0, 2, 0, 9)
+
+
 def test_depth_zero_gathers_each_use_and_traces_nothing():
     pf, s, log = _setup(0)
     for _ in range(2):
