@@ -87,3 +87,36 @@ def test_outlier_reselection_inside_step_restarts_the_trace_without_a_miss(runs)
     # (steps 2, 4 and 6 do, counted from 1): their re-selection pass is prefetched too, after its first use
     p, plain = on["prefetched"], runs[("broken", PREFETCH_DEPTH)]["prefetched"][1]
     assert p[2] == p[4] == plain and p[1] == p[3] == p[5] > plain
+
+
+def _train_worker(rank, world, cfg, model, text, out):
+    """train.py at stage 3 through DeepSpeed's engine (its evaluation before step 1, clipping's norm pass);
+    the prefetcher's counters after each optimizer step are recorded by a spy on end_step."""
+    import json
+
+    import test_zero_train as T
+    from qft_ds.zero import prefetch
+    seen, real = [], prefetch.GatherPrefetcher.end_step
+
+    def end_step(self):
+        real(self)
+        seen.append(self.stats())
+    prefetch.GatherPrefetcher.end_step = end_step
+    try:
+        T.train.main(T._argv(cfg, model, text, f"{out}/run"))
+    finally:
+        prefetch.GatherPrefetcher.end_step = real
+    if rank == 0:
+        (out / "stats.json").write_text(json.dumps(seen))
+
+
+def test_train_py_at_stage_3_prefetches_from_step_2_without_a_miss(tmp_path):
+    import json
+
+    import test_zero_train as T
+    text = T.write_model_and_corpus(tmp_path)
+    H.spawn(_train_worker, str(T._config(tmp_path, 2)), str(tmp_path / "model"), str(text), tmp_path)
+    seen = json.loads((tmp_path / "stats.json").read_text())
+    assert len(seen) == T.STEPS and all(s["misses"] == 0 for s in seen)
+    per_step = [b["prefetched"] - a["prefetched"] for a, b in zip(seen, seen[1:])]
+    assert seen[0]["prefetched"] == 0 and per_step[0] > 0 and per_step == [per_step[0]] * len(per_step)

@@ -21,6 +21,16 @@ import train  # noqa: E402
 STEPS, STOP = 4, 2
 
 
+def write_model_and_corpus(tmp: Path) -> Path:
+    """A tiny LLaMA and its word tokenizer in tmp/model; returns the path of a small text corpus."""
+    from conftest import WORDS, make_tiny_llama, make_word_tokenizer
+    make_tiny_llama(vocab=len(WORDS) + 2).save_pretrained(tmp / "model")
+    make_word_tokenizer().save_pretrained(tmp / "model")
+    text = tmp / "corpus.txt"
+    text.write_text("\n\n".join(" ".join(WORDS[(7 * i + 3 * j) % len(WORDS)] for j in range(40)) for i in range(60)))
+    return text
+
+
 def _config(tmp: Path, micro: int) -> Path:
     cfg = json.loads((ROOT / "ds_configs" / "qft_zero3.json").read_text())
     cfg.update(train_micro_batch_size_per_gpu=micro, bf16={"enabled": False})
@@ -51,12 +61,8 @@ def _summary(out: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from conftest import WORDS, make_tiny_llama, make_word_tokenizer
     tmp = tmp_path_factory.mktemp("zero3train")
-    make_tiny_llama(vocab=len(WORDS) + 2).save_pretrained(tmp / "model")
-    make_word_tokenizer().save_pretrained(tmp / "model")
-    text = tmp / "corpus.txt"
-    text.write_text("\n\n".join(" ".join(WORDS[(7 * i + 3 * j) % len(WORDS)] for j in range(40)) for i in range(60)))
+    text = write_model_and_corpus(tmp)
     H.spawn(_worker, str(_config(tmp, 2)), str(tmp / "model"), str(text), str(tmp))
     split = tmp / "split"
     session = _summary(split)  # the stopped 2-rank session's (evaluated at step STOP)
