@@ -11,7 +11,8 @@ all-gather; a ring sends (world-1)/world of that per rank).
     python bench/zero.py --commit $(git rev-parse HEAD)                                  # the whole grid
     python bench/zero.py --runs 1.1b:1:0 1.1b:2:0 1.1b:2:1 1.1b:2:2 1.1b:2:3 --commit X   # a subset
 
-A run is SHAPE:WORLD:STAGE. The default grid: the 1.1B shape (bsz 8x512 per GPU) at stages 0-3 on 1 and
+A run is SHAPE:WORLD:STAGE[:DEPTH]; DEPTH sets stage 3's gather prefetch depth (qft_ds/zero/prefetch.py;
+0: each weight gathered at its use), e.g. `1.1b:2:3:0` against `1.1b:2:3`. The default grid: the 1.1B shape (bsz 8x512 per GPU) at stages 0-3 on 1 and
 2 GPUs, and the 7B shape (bsz 1x512 per GPU) at stage 3 on 1 and 2 GPUs. Targets (issue 4): 7B stage 3
 on 2 GPUs <= 9 GiB per GPU; 2-GPU tok/s >= 1.8x 1-GPU at the same per-GPU batch.
 """
@@ -73,7 +74,8 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int, iters: int, out: str) -> None:
+def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int, iters: int, out: str,
+           depth: int | None = None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
     cuda = torch.cuda.is_available()  # False only under --cpu-smoke
@@ -93,6 +95,9 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
         model = build(shape, torch.bfloat16, "cpu")
         qft_ds.convert_model(model, compute_dtype=torch.bfloat16, device=dev)
         engine, opt, _, _ = qft_ds.initialize(model=model, config=config(stage, sh["batch"]))
+        prefetcher = getattr(opt.sharding, "prefetcher", None)  # stage 3
+        if depth is not None:
+            prefetcher.depth = depth
         st = opt.state_nbytes()
         row.update(state_bytes_per_param=(st["quantized_bytes"] + st["float_bytes"]) /
                    (st["quantized_params"] + st["float_params"]), params=st["quantized_params"] + st["float_params"],
@@ -114,6 +119,8 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
                 comm_bytes.append(COMM["bytes"] - b0)
         row.update(peak_gib=common.peak_gib(), step_s=statistics.median(times),
                    comm_bytes_per_step=statistics.median(comm_bytes))
+        if prefetcher is not None:  # misses should stay 0 after the first step
+            row["prefetch"] = prefetcher.stats()
     except torch.OutOfMemoryError:
         row.update(oom=True, peak_gib=common.peak_gib())
     except Exception as e:  # recorded; the other runs go on
@@ -123,17 +130,20 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
 
 def run(spec: str, args) -> dict:
     import torch.multiprocessing as mp
-    shape, world, stage = spec.split(":")
-    world, stage = int(world), int(stage)
+    shape, world, stage, *depth = spec.split(":")
+    world, stage, depth = int(world), int(stage), int(depth[0]) if depth else None
     sh = SHAPES[shape]
     row = {"model": shape, "world_size": world, "stage": stage, "method": f"qft_zero{stage}", "batch": sh["batch"],
            "seq": sh["seq"], "peak_gib": None, "peak_gib_per_rank": None, "tok_s": None, "oom": False}
+    if depth is not None:
+        row["prefetch_depth"] = depth
     if torch.cuda.is_available() and world > torch.cuda.device_count():
         row["error"] = f"needs {world} GPUs, {torch.cuda.device_count()} visible"
         return row
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mp.spawn(worker, args=(world, common_port(), shape, stage, args.warmup, args.iters, tmp), nprocs=world)
+            mp.spawn(worker, args=(world, common_port(), shape, stage, args.warmup, args.iters, tmp, depth),
+                     nprocs=world)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         ranks = [torch.load(p, weights_only=False) for p in sorted(Path(tmp).glob("rank*.pt"))]
@@ -146,7 +156,7 @@ def run(spec: str, args) -> dict:
         row["peak_gib_per_rank"] = peaks
         row["peak_gib"] = max((p for p in peaks if p is not None), default=None)
         r0 = ranks[0]
-        for key in ("setup_peak_gib", "state_bytes_per_param", "params", "step_s", "comm_bytes_per_step"):
+        for key in ("setup_peak_gib", "state_bytes_per_param", "params", "step_s", "comm_bytes_per_step", "prefetch"):
             row[key] = r0.get(key)
         if r0.get("step_s"):
             row["tok_s"] = world * sh["batch"] * sh["seq"] / r0["step_s"]
@@ -200,8 +210,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     for spec in args.runs:
         parts = spec.split(":")
-        if len(parts) != 3 or parts[0] not in SHAPES or parts[2] not in "0123" or not parts[1].isdigit():
-            p.error(f"--runs: {spec!r} is not SHAPE:WORLD:STAGE with SHAPE in {', '.join(SHAPES)} and STAGE 0-3")
+        if (len(parts) not in (3, 4) or parts[0] not in SHAPES or parts[2] not in "0123" or not parts[1].isdigit()
+                or (len(parts) == 4 and (parts[2] != "3" or not parts[3].isdigit()))):
+            p.error(f"--runs: {spec!r} is not SHAPE:WORLD:STAGE[:DEPTH] with SHAPE in {', '.join(SHAPES)}, STAGE "
+                    "0-3 and DEPTH (stage 3's prefetch depth) a number after stage 3 only")
     if args.cpu_smoke:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     elif not torch.cuda.is_available():
@@ -212,17 +224,22 @@ def main(argv=None):
         result["rows"].append(run(spec, args))
         common.write_partial("zero", result, args.out)
     base = {r["model"]: r["tok_s"] for r in result["rows"] if r["world_size"] == 1 and r["stage"] == 0 and r["tok_s"]}
-    for r in result["rows"]:  # 2-GPU speed-up over 1 GPU at stage 0, same per-GPU batch
+    same = {(r["model"], r["stage"]): r["tok_s"] for r in result["rows"] if r["world_size"] == 1 and r["tok_s"]}
+    for r in result["rows"]:  # 2-GPU speed-up over 1 GPU at stage 0 and at the same stage, same per-GPU batch
         if r["tok_s"] and r["model"] in base:
             r["speedup_vs_1gpu_stage0"] = r["tok_s"] / base[r["model"]]
+        if r["tok_s"] and r["world_size"] > 1 and (r["model"], r["stage"]) in same:
+            r["speedup_vs_1gpu_same_stage"] = r["tok_s"] / same[(r["model"], r["stage"])]
     path = common.write_result("zero", result, args.out)
     plot(result, path.with_suffix(".png"))
     print(f"\nwrote {path}")
-    print(f"{'model':>5} {'GPUs':>4} {'stage':>5} {'peak GiB':>9} {'tok/s':>8} {'x 1GPU':>7} {'GB/step':>8}")
+    print(f"{'model':>5} {'GPUs':>4} {'stage':>5} {'peak GiB':>9} {'tok/s':>8} {'x 1GPU':>7} {'x same':>7} "
+          f"{'GB/step':>8} prefetch")
     for r in result["rows"]:
         peak = "OOM" if r["oom"] else (f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "err")
         print(f"{r['model']:>5} {r['world_size']:>4} {r['stage']:>5} {peak:>9} {r['tok_s'] or 0:8.0f} "
-              f"{r.get('speedup_vs_1gpu_stage0') or 0:7.2f} {r.get('comm_gb_per_step') or 0:8.3f}")
+              f"{r.get('speedup_vs_1gpu_stage0') or 0:7.2f} {r.get('speedup_vs_1gpu_same_stage') or 0:7.2f} "
+              f"{r.get('comm_gb_per_step') or 0:8.3f} {r.get('prefetch') or ''}")
 
 
 if __name__ == "__main__":
