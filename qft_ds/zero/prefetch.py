@@ -125,7 +125,7 @@ class GatherPrefetcher:
         self.pos, self._restarted = 0, False
 
     def _drop_inflight(self) -> None:
-        for shard, pending in list(self.inflight.values()):
+        for _, pending in self.inflight.values():
             pending.wait()
         self.inflight.clear()
 
@@ -135,8 +135,8 @@ class GatherPrefetcher:
 
 
 def _drop_leading_repeats(uses: list) -> list:
-    """`uses` less its leading repeats: while it starts with a pass P (from its first weight up to that
-    weight's next use) followed by P again, drop the first P. An evaluation forward recorded before the
+    """`uses` less its leading repeats: while it starts with a prefix P followed by P again (P ends just
+    before a later use of its first weight), drop the first P. An evaluation forward recorded before the
     first step's own forward is such a repeat; a training step's forward is followed by its backward."""
     start = 0
     while True:
