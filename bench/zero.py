@@ -75,8 +75,25 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def profile_steps(step, out: Path | None, name: str, n: int = 2) -> None:
+    """`n` more steps under torch.profiler (after the timed ones, so the timing has no profiler in it): the
+    top ops by GPU time, and how much of the steps' wall time the GPU's compute stream was busy."""
+    from torch.profiler import ProfilerActivity, profile
+    _sync()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            step()
+        _sync()
+    wall = time.perf_counter() - t0
+    if out is None:
+        return
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    (out / f"profile_{name}.txt").write_text(f"{n} steps, {wall:.3f} s wall under the profiler\n{table}\n")
+
+
 def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int, iters: int, out: str,
-           depth: int | None = None) -> None:
+           depth: int | None = None, profile_dir: str | None = None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
     cuda = torch.cuda.is_available()  # False only under --cpu-smoke
@@ -107,13 +124,16 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
             torch.cuda.reset_peak_memory_stats()
         g = torch.Generator().manual_seed(rank)
         times, comm_bytes = [], []
-        for i in range(warmup + iters):
+        def step():
             x = torch.randint(0, sh["vocab_size"], (sh["batch"], sh["seq"]), generator=g).to(dev)
+            engine.backward(engine(input_ids=x, labels=x).loss)
+            engine.step()
+
+        for i in range(warmup + iters):
             dist.barrier()
             _sync()
             b0, t0 = COMM["bytes"], time.perf_counter()
-            engine.backward(engine(input_ids=x, labels=x).loss)
-            engine.step()
+            step()
             _sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -122,6 +142,8 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
                    comm_bytes_per_step=statistics.median(comm_bytes))
         if prefetcher is not None:  # misses should stay 0 after the first step
             row["prefetch"] = prefetcher.stats()
+        if profile_dir:  # every rank steps (the steps communicate); rank 0 writes
+            profile_steps(step, Path(profile_dir) if rank == 0 else None, f"{shape}_x{world}_z{stage}")
     except torch.OutOfMemoryError:
         row.update(oom=True, peak_gib=common.peak_gib())
     except Exception as e:  # recorded; the other runs go on
@@ -143,7 +165,8 @@ def run(spec: str, args) -> dict:
         return row
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            mp.spawn(worker, args=(world, common_port(), shape, stage, args.warmup, args.iters, tmp, depth),
+            mp.spawn(worker, args=(world, common_port(), shape, stage, args.warmup, args.iters, tmp, depth,
+                                   args.profile),
                      nprocs=world)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -206,6 +229,8 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timed steps, profile 2 more on rank 0 and write the top ops by GPU time to DIR")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="check the script end to end on the CPU with gloo (use the tiny shape; no memory figures)")
     args = p.parse_args(argv)
