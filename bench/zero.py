@@ -1,8 +1,8 @@
 """ZeRO stages 0-3 of QFT on 1 and 2 GPUs: peak memory per GPU, total tokens/s, bytes communicated.
 
-Each run starts its own ranks (torch.multiprocessing, NCCL), builds a random-init LLaMA shape on the
-CPU, quantizes it layer by layer onto its GPU, and trains through qft_ds.initialize with
-"zero_optimization": {"stage": S} (bf16 compute, gradient checkpointing, fused flow). Measured after
+Each run starts its own ranks (torch.multiprocessing, NCCL), builds a random-init LLaMA shape weight
+by weight on its GPU, quantizing each at once (bench/shapes.py), and trains through qft_ds.initialize
+with "zero_optimization": {"stage": S} (bf16 compute, gradient checkpointing, fused flow). Measured after
 setup (the setup peak is recorded apart): peak_gib per GPU (torch.cuda.max_memory_allocated, every
 rank), tok_s over all ranks from the median step time, and the bytes handed to every torch.distributed
 collective per step (qft_ds's and DeepSpeed's: inputs of all-reduce / reduce-scatter, outputs of
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from memory_speed import SHAPES, build  # noqa: E402
+from shapes import SHAPES, build_quantized  # noqa: E402
 
 DEFAULT_RUNS = [f"1.1b:{w}:{s}" for w in (1, 2) for s in (0, 1, 2, 3)] + ["7b:1:3", "7b:2:3"]
 # collective -> (position, keyword) of the tensor(s) whose bytes count: the input of a reduction, the
@@ -109,9 +109,9 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
     try:
         dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
         sh = SHAPES[shape]
-        torch.manual_seed(0)  # the same random weights on every rank (initialize broadcasts rank 0's anyway)
-        model = build(shape, torch.bfloat16, "cpu")
-        qft_ds.convert_model(model, compute_dtype=torch.bfloat16, device=dev)
+        # drawn and quantized one weight at a time on the GPU, the same seed on every rank (initialize broadcasts
+        # rank 0's anyway): building a 7B shape on the CPU first took minutes per rank
+        model = build_quantized(shape, dev)
         engine, opt, _, _ = qft_ds.initialize(model=model, config=config(stage, sh["batch"]))
         prefetcher = getattr(opt.sharding, "prefetcher", None)  # stage 3
         if depth is not None:
