@@ -11,10 +11,13 @@ passes every gloo test and breaks the first multi-GPU run. So here:
 - `all_reduce_mean_` moves a tensor the group does not serve to `device()` and back; the other
   collectives take device tensors only (the ZeRO hot path: a silent copy there would hide a bug).
 
-The collectives go through `deepspeed.comm` once DeepSpeed has initialised it (users' comms logging and
-profiling then see them), else through torch.distributed (tests run 2 ranks without DeepSpeed). Both act
-on the same default group. Functions are looked up at call time, so wrappers installed later (test
-spies, bench/zero.py's byte counter) see every call.
+The collectives go through `deepspeed.comm` when it adds something to the call: its comms logger or
+profiler is on (a user's `"comms_logger"` setting then sees every call), or its backend is not
+torch.distributed's. Otherwise they go straight to torch.distributed, on the same default group: with
+its logger off deepspeed.comm only passes a call on, and that costs more Python than c10d's own launch
+(bench/NOTES.md, issue 16; the fused flow makes one collective per weight). The group's timeout and
+backend are the process group's, so they apply either way. Functions are looked up at call time, so
+wrappers installed later (test spies, bench/zero.py's byte counter) see every call.
 """
 from __future__ import annotations
 
@@ -65,10 +68,11 @@ def served_device_types() -> tuple[str, ...]:
     return (current.type,) if current is not None else ("cpu",)
 
 
-def device(*tensors: torch.Tensor) -> torch.device:
+def device(*tensors: torch.Tensor, types: tuple[str, ...] | None = None) -> torch.device:
     """The device collectives run on: that of the tensors at hand if the group serves it (a group serving
-    several device types), else the group's preferred type (the current CUDA device under NCCL)."""
-    types = served_device_types()
+    several device types), else the group's preferred type (the current CUDA device under NCCL).
+    `types`: served_device_types(), if the caller has it already."""
+    types = types or served_device_types()
     if tensors and all(t.device.type in types for t in tensors) and len({t.device for t in tensors}) == 1:
         return tensors[0].device
     kind = types[0]
@@ -78,8 +82,8 @@ def device(*tensors: torch.Tensor) -> torch.device:
     return torch.device(kind, mod.current_device()) if hasattr(mod, "current_device") else torch.device(kind)
 
 
-def _check(op: str, tensors) -> None:
-    types = served_device_types()
+def _check(op: str, tensors, types: tuple[str, ...] | None = None) -> None:
+    types = types or served_device_types()
     for t in tensors:
         if t.device.type not in types:
             raise RuntimeError(
@@ -88,14 +92,25 @@ def _check(op: str, tensors) -> None:
                 f"{' and '.join(types)} tensors only. Create or move it with qft_ds.comm.device().")
 
 
-def _collective(name: str, *tensors: torch.Tensor, **kwargs):
-    """Run deepspeed.comm's or torch.distributed's collective `name` after the device check."""
-    _check(name, tensors)
+def _collective(name: str, *tensors: torch.Tensor, types: tuple[str, ...] | None = None, **kwargs):
+    """Run the collective `name` after the device check (`types`: served_device_types(), if known)."""
+    _check(name, tensors, types)
+    return _function(name)(*tensors, **kwargs)
+
+
+def _function(name: str):
+    """deepspeed.comm's collective `name` where it adds something to the call, else torch.distributed's."""
     ds = sys.modules.get("deepspeed.comm")  # not imported: not initialised (importing it costs seconds)
-    if ds is not None and ds.is_initialized():
-        return getattr(ds, name)(*tensors, **kwargs)
-    fn = next(getattr(dist, n) for n in _TORCH_NAMES.get(name, (name,)) if hasattr(dist, n))
-    return fn(*tensors, **kwargs)
+    if ds is not None and ds.is_initialized() and _deepspeed_adds(ds):
+        return getattr(ds, name)
+    return next(getattr(dist, n) for n in _TORCH_NAMES.get(name, (name,)) if hasattr(dist, n))
+
+
+def _deepspeed_adds(ds) -> bool:
+    """deepspeed.comm logs or profiles collectives (its comms logger is on), or runs them on a backend of
+    its own: only then does a call through it do more than torch.distributed's."""
+    backend = getattr(sys.modules.get("deepspeed.comm.comm"), "cdb", None)
+    return bool(ds.comms_logger.enabled) or type(backend).__name__ != "TorchBackend"
 
 
 # -- host values -----------------------------------------------------------------------------------
@@ -138,26 +153,62 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
 class PendingMean:
     """An all-reduce in flight: wait() gives the mean over ranks (fp32, on the input's device)."""
 
-    def __init__(self, work, buf: torch.Tensor, world: int, back: torch.device):
-        self.work, self.buf, self.world, self.back = work, buf, world, back
+    def __init__(self, work, buf: torch.Tensor, divide_by: int, back: torch.device):
+        self.work, self.buf, self.divide_by, self.back = work, buf, divide_by, back
 
     def wait(self) -> torch.Tensor:
         if self.work is not None:
             self.work.wait()  # NCCL: the current stream waits for the collective's; no host block
-            self.buf /= self.world
+            if self.divide_by != 1:
+                self.buf /= self.divide_by
         return self.buf.to(self.back)
 
 
 def all_reduce_mean_async(t: torch.Tensor) -> PendingMean:
     """The mean of all_reduce_mean_ (which is this, waited for), started now and collected with .wait():
     data parallel's fused flow overlaps it with the next layer's backward. One rank: `t` itself, nothing
-    launched."""
+    launched.
+
+    A bf16/fp16 gradient over a power-of-two number of ranks is cast and divided in one kernel before the
+    sum (prescaled_mean_exact says why that gives the same bits as dividing the sum); other inputs are
+    cast, summed, then divided."""
     world = world_size()
     if world == 1:
         return PendingMean(None, t, 1, t.device)
-    buf = t.to(device(t), torch.float32)
-    work = _collective("all_reduce", buf, async_op=True)
-    return PendingMean(work, buf, world, t.device)
+    types = served_device_types()
+    dev = device(t, types=types)
+    if t.dim() and prescaled_mean_exact(t.dtype, world):  # (a 0-d product would broadcast to 1-d)
+        buf, divide_by = torch.mul(t.to(dev), _reciprocal(dev, world)), 1
+    else:
+        buf, divide_by = t.to(dev, torch.float32), world
+    work = _collective("all_reduce", buf, types=types, async_op=True)
+    return PendingMean(work, buf, divide_by, t.device)
+
+
+def prescaled_mean_exact(dtype: torch.dtype, world: int) -> bool:
+    """Whether sum(g_i / world) over ranks, in fp32, has the bits of sum(g_i) / world (the fp32 sum divided
+    after it is reduced), whatever the order the backend adds in.
+
+    True for bf16 and fp16 gradients over 2**k ranks, k <= 16: every g_i / 2**k is exact in fp32 (bf16's
+    smallest magnitude is 2**-133, fp16's 2**-24: with k <= 16 all stay on fp32's grid, subnormals
+    included), every partial sum is a multiple of 2**-(133 + k) (bf16) or 2**-(24 + k) (fp16), and
+    scaling by 2**-k maps fp32's rounding of such numbers onto itself, so each addition rounds alike.
+    The one difference: a sum that overflows fp32 unscaled (|sum| > 3.4e38) stays finite scaled.
+    fp32 gradients are not: g / 2 of an fp32 subnormal can round."""
+    return dtype in (torch.bfloat16, torch.float16) and world & (world - 1) == 0 and world <= 2 ** 16
+
+
+_RECIPROCALS: dict = {}
+
+
+def _reciprocal(dev: torch.device, world: int) -> torch.Tensor:
+    """1/world as a one-element fp32 tensor on `dev`, made once: a bf16 tensor times it is computed and
+    stored in fp32 (a Python scalar, or a 0-d tensor, would leave the product bf16)."""
+    key = (dev, world)
+    r = _RECIPROCALS.get(key)
+    if r is None:
+        r = _RECIPROCALS[key] = torch.full((1,), 1.0 / world, dtype=torch.float32, device=dev)
+    return r
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

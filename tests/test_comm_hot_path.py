@@ -1,0 +1,130 @@
+"""The per-weight collectives' call path (issue 16: the data-parallel hook's host cost).
+
+- A bf16/fp16 gradient's mean over 2**k ranks is cast and divided in one kernel before the sum, and has
+  the bits of the old order (cast, sum, divide): checked on the arithmetic, subnormals and exponent
+  extremes included, for 2..16 ranks, and on 2 gloo ranks with the ops the mean launches counted.
+- Collectives go through deepspeed.comm only when it adds something (its comms logger on, or a backend
+  of its own), else straight to torch.distributed.
+"""
+import sys
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent / "zero"))
+import harness as H  # noqa: E402
+
+from qft_ds import comm  # noqa: E402
+
+
+def _wide_values(dtype, n, seed):
+    """Random finite values of `dtype` over its whole exponent range, subnormals and signed zeros included
+    (drawn as raw bit patterns)."""
+    g = torch.Generator().manual_seed(seed)
+    bits = torch.randint(-2 ** 15, 2 ** 15, (n,), generator=g, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype)
+    x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+    if dtype == torch.bfloat16:  # keep the sums inside fp32: the one documented difference is overflow
+        x = torch.where(x.float().abs() < 1e37, x, x * 0)
+    return x
+
+
+def _fold(parts):
+    """Left-to-right fp32 sum, one rounding per addition (as a backend adds the ranks' buffers)."""
+    acc = parts[0].clone()
+    for p in parts[1:]:
+        acc = acc + p
+    return acc
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("world", [2, 4, 8, 16])
+def test_prescaled_mean_has_the_bits_of_the_divided_sum(dtype, world):
+    assert comm.prescaled_mean_exact(dtype, world)
+    grads = [_wide_values(dtype, 200_000, seed) for seed in range(world)]
+    subnormal = (grads[0].float().abs() < torch.finfo(dtype).tiny) & (grads[0] != 0)
+    assert subnormal.sum() > 50  # the corner the argument is about is exercised
+    old = _fold([g.float() for g in grads]) / world
+    rec = comm._reciprocal(torch.device("cpu"), world)
+    new = _fold([torch.mul(g, rec) for g in grads])
+    assert new.dtype == torch.float32
+    assert torch.equal(old.view(torch.int32), new.view(torch.int32))  # bits, signed zeros included
+    rev = _fold([torch.mul(g, rec) for g in reversed(grads)])  # another order: still the old order's bits
+    assert torch.equal((_fold([g.float() for g in reversed(grads)]) / world).view(torch.int32), rev.view(torch.int32))
+
+
+def test_other_inputs_are_divided_after_the_sum():
+    for dtype, world in [(torch.float32, 2), (torch.bfloat16, 3), (torch.float16, 6), (torch.bfloat16, 2 ** 17)]:
+        assert not comm.prescaled_mean_exact(dtype, world)
+    # why fp32 is excluded: halving its smallest subnormal rounds it away
+    a = torch.tensor([2.0 ** -149])
+    assert torch.equal((a + a) / 2, a) and torch.equal(a / 2 + a / 2, torch.zeros(1))
+
+
+class _Ops(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+        self.names.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def _two_rank_means(rank, world, out):
+    g = [_wide_values(torch.bfloat16, 50_000, seed) for seed in range(world)]
+    comm.all_reduce_mean_async(g[rank]).wait()  # the first call makes the cached 1/world
+    with _Ops() as ops:
+        mean = comm.all_reduce_mean_async(g[rank]).wait()
+    g32 = [g[r].float().clone() for r in range(world)]
+    fp32 = comm.all_reduce_mean_(g32[rank])  # fp32: reduced in place, divided after
+    if rank == 0:
+        torch.save({"mean": mean, "expect": (g[0].float() + g[1].float()) / 2, "ops": ops.names,
+                    "fp32": fp32, "fp32_expect": (g[0].float() + g[1].float()) / 2}, out)
+
+
+def test_two_ranks_bf16_mean_is_one_kernel_and_the_same_bits(tmp_path):
+    H.spawn(_two_rank_means, str(tmp_path / "m.pt"))
+    r = torch.load(tmp_path / "m.pt")
+    assert r["mean"].dtype == torch.float32
+    assert torch.equal(r["mean"].view(torch.int32), r["expect"].view(torch.int32))
+    assert torch.equal(r["fp32"].view(torch.int32), r["fp32_expect"].view(torch.int32))
+    kernels = [n for n in r["ops"] if n not in ("view", "_to_copy", "empty", "detach", "alias")]
+    assert kernels == ["mul", "allreduce_"], r["ops"]  # was: copy (the cast), allreduce_, div_
+
+
+# -- which library carries the call ----------------------------------------------------------------
+class TorchBackend:  # the class name deepspeed.comm's torch.distributed backend has
+    pass
+
+
+@pytest.fixture
+def routed(monkeypatch):
+    """A 2-rank group faked on the CPU, and a deepspeed.comm faked as initialised: each collective records
+    whether torch.distributed or deepspeed.comm ran it."""
+    seen = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    monkeypatch.setattr(dist, "all_reduce", lambda t, **kw: seen.append("torch"))
+    logger = types.SimpleNamespace(enabled=False)
+    ds = types.SimpleNamespace(is_initialized=lambda: True, comms_logger=logger,
+                               all_reduce=lambda t, **kw: seen.append("deepspeed"))
+    ds_comm = types.SimpleNamespace(cdb=TorchBackend())
+    monkeypatch.setitem(sys.modules, "deepspeed.comm", ds)
+    monkeypatch.setitem(sys.modules, "deepspeed.comm.comm", ds_comm)
+    return seen, logger, ds_comm
+
+
+def test_collectives_skip_deepspeed_comm_unless_it_logs_or_owns_the_backend(routed):
+    seen, logger, ds_comm = routed
+    comm.all_reduce_sum(torch.ones(2))
+    logger.enabled = True  # a user's "comms_logger": every call is logged by DeepSpeed
+    comm.all_reduce_sum(torch.ones(2))
+    logger.enabled = False
+    ds_comm.cdb = object()  # a DeepSpeed backend that is not torch.distributed's
+    comm.all_reduce_sum(torch.ones(2))
+    assert seen == ["torch", "deepspeed", "deepspeed"]
