@@ -2,8 +2,8 @@
 
 At a 128k vocabulary the fp32 logits [tokens, vocab] and their gradient outweigh every other activation
 (2048 tokens: 1.05 GB each, more with the loss's temporaries). Here they exist N tokens at a time, in
-forward only: the loss is a scalar, so forward computes its gradients too, chunk by chunk, and backward
-only scales them (no logits recomputed).
+forward only: the loss is a scalar, so forward computes their gradient too, chunk by chunk, and no logits
+are recomputed in backward.
 
 How it hooks in (install_chunked_loss): the model's forward, called with labels, runs with labels=None and
 `logits_to_keep` an empty index (its head projects no position), a forward hook on the decoder catches the
@@ -17,10 +17,12 @@ nothing to the loss or to any gradient.
 The head's weight gradient: QLinear delivers one gradient per matmul to the flow, and the fused flow
 updates a weight when all its uses have delivered. Per chunk deliveries would update after the first
 chunk, so `_ChunkedHeadLoss` does the head's matmuls itself, dequantizes the int8 weight once (not per
-chunk), sums the chunks' weight gradients in fp32, rounds once to the compute dtype (as the unchunked
-matmul does) and delivers in backward, once, like one QLinear call. Against the unchunked loss: each token's logits,
-loss and input gradient come from the same ops; the loss and the weight gradient are summed in another
-order, so they agree to fp32 rounding (tests/nn/test_chunked_loss.py).
+chunk) and delivers in backward, once, like one QLinear call. For few tokens (2048 at hidden 4096 in bf16)
+it keeps the logits' gradient and makes the weight's gradient in backward with QLinear's own matmul; for
+many it sums the chunks' weight gradients in fp32 and rounds once (both: _ChunkedHeadLoss). Against the
+unchunked loss: each token's logits, loss, logits' gradient and input gradient come from the same ops; the
+loss (and the weight gradient when summed) in another order, so they agree to fp32 rounding
+(tests/nn/test_chunked_loss.py).
 """
 from __future__ import annotations
 
@@ -43,22 +45,27 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     HybridWeight, for n tokens that all have a target.
 
     The loss is a scalar, so its gradients are those of a unit upstream gradient times the one that comes:
-    forward computes them chunk by chunk (no logits recomputed in backward, as a fused linear cross-entropy
-    does) and keeps x's gradient [n, hidden] (x's dtype) and W's [vocab, hidden] (the compute dtype);
-    backward scales them and delivers W's. Without grad (evaluation) it computes the loss only. W's gradient is needed at the start of backward anyway, with every activation
-    still alive, so holding it from the end of forward adds nothing to the peak."""
+    forward computes the logits' gradient chunk by chunk (no logits recomputed in backward, as a fused
+    linear cross-entropy does) and x's gradient [n, hidden]; backward scales them and delivers W's. W's
+    gradient is made one of two ways, whichever holds fewer bytes (keeps_logits_grad):
+    - `keep`: the logits' gradient of every token is kept in the compute dtype, [n, vocab], and backward
+      makes W's gradient from it in one matmul, the unchunked QLinear's own (fp32 accumulation inside,
+      rounded once). Nothing [vocab, hidden] is alive in forward but the dequantized W, nor in backward but
+      W's gradient (2048 tokens of a 128k vocabulary in bf16: half a bf16 W);
+    - `sum`: W's gradient is summed over chunks in fp32 from fp32 products and rounded once to the compute
+      dtype (a bf16 sum would round per chunk): an fp32 [vocab, hidden] beside the dequantized W in forward,
+      then W's gradient [vocab, hidden] in the compute dtype held to backward. For many tokens.
+    Without grad (evaluation) it computes the loss only."""
 
     @staticmethod
-    def forward(ctx, x, anchor, weight, cdt, targets, denom, chunk: int, want_grad: bool):
+    def forward(ctx, x, anchor, weight, cdt, targets, denom, chunk: int, want_grad: bool, keep: bool):
         w = weight.dequantize(cdt)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         # each token's loss gets the upstream gradient / count from the mean's backward: the same division
         scale = 1.0 / denom
         gx = torch.empty_like(x) if want_grad else None
-        # W's gradient is summed in fp32 from fp32 products, then rounded once to the compute dtype, as the
-        # unchunked matmul (fp32 accumulation inside) rounds once: a bf16 sum, or bf16 partials, would add a
-        # bf16 rounding per chunk. Costs an fp32 [vocab, hidden] for the duration of the loss.
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if want_grad else None
+        gy_all = x.new_empty((x.shape[0], w.shape[0]), dtype=cdt) if want_grad and keep else None
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if want_grad and not keep else None
         for i in range(0, x.shape[0], chunk):
             xc = x[i:i + chunk].to(cdt)
             with torch.enable_grad():
@@ -67,25 +74,32 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 total += loss.detach()
                 if not want_grad:
                     continue
-                (gy,) = torch.autograd.grad(loss, logits, scale)
-            gy = gy.to(cdt)  # QLinear's backward takes the logits' gradient in the compute dtype too
+                (g,) = torch.autograd.grad(loss, logits, scale)
             del logits, loss
+            # QLinear's backward takes the logits' gradient in the compute dtype too
+            gy = gy_all[i:i + chunk].copy_(g) if keep else g.to(cdt)
+            del g
             gx[i:i + chunk] = (gy @ w).to(x.dtype)
-            add_mm_fp32(gw, gy.t(), xc)
+            if not keep:
+                add_mm_fp32(gw, gy.t(), xc)
+        del w  # before W's gradient is rounded: one [vocab, hidden] in the compute dtype at a time
         if want_grad:
-            del w  # before the rounded copy: the fp32 sum and one [vocab, hidden] in the compute dtype at a time
-            ctx.save_for_backward(gx, gw.to(cdt))
-        ctx.weight = weight
+            ctx.save_for_backward(x, gx, gy_all if keep else gw.to(cdt))
+        ctx.weight, ctx.cdt, ctx.keep = weight, cdt, keep
         return total / denom
 
     @staticmethod
     def backward(ctx, grad_loss):
-        gx, gw = ctx.saved_tensors
+        x, gx, saved = ctx.saved_tensors
         # fresh tensors: the flow may sum into or sanitise what it gets, and a retained graph (clipping's
-        # norm pass) runs this backward twice
-        # (a 0-dim fp32 factor keeps the tensors' dtypes and is applied in fp32)
-        deliver(ctx.weight, gw * grad_loss)  # once per pass, as one QLinear call: one use
-        return gx * grad_loss, None, None, None, None, None, None, None
+        # norm pass) runs this backward twice. A 0-dim fp32 factor keeps the dtypes and is applied in fp32.
+        if ctx.keep:  # [vocab, hidden], as QLinear's gy^T @ x over every token
+            gw = (saved.t() @ x.to(ctx.cdt)).mul_(grad_loss)
+        else:
+            gw = saved * grad_loss
+        deliver(ctx.weight, gw)  # once per pass, as one QLinear call: one use
+        del gw
+        return gx * grad_loss, None, None, None, None, None, None, None, None
 
 
 def add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -96,6 +110,12 @@ def add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.addmm_(a.float(), b.float())
     else:
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+
+
+def keeps_logits_grad(tokens: int, hidden: int, cdt: torch.dtype) -> bool:
+    """Whether the logits' gradient of `tokens` tokens in `cdt` ([tokens, vocab]) costs fewer bytes than an
+    fp32 sum of the head's gradient ([vocab, hidden]): _ChunkedHeadLoss's `keep` way, else `sum`."""
+    return tokens * cdt.itemsize < hidden * 4
 
 
 def chunked_causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor | None, head: nn.Module, chunk: int,
@@ -116,8 +136,10 @@ def chunked_causal_lm_loss(hidden: torch.Tensor, labels: torch.Tensor | None, he
     else:
         denom = torch.as_tensor(num_items_in_batch, device=hidden.device).float()
     want_grad = torch.is_grad_enabled() and (hidden.requires_grad or head.qweight.anchor.requires_grad)
+    keep_grad = keeps_logits_grad(keep.numel(), flat.shape[-1], head.compute_dtype)
     return _ChunkedHeadLoss.apply(flat.index_select(0, keep), head.qweight.anchor, head.qweight,
-                                  head.compute_dtype, targets.index_select(0, keep), denom, chunk, want_grad)
+                                  head.compute_dtype, targets.index_select(0, keep), denom, chunk, want_grad,
+                                  keep_grad)
 
 
 def _check_head(head: nn.Module) -> None:

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import make_tiny_llama
+import qft_ds.nn.chunked_loss as chunked_loss
 from qft_ds.nn.chunked_loss import install_chunked_loss
-from qft_ds.nn.convert import convert_model
+from qft_ds.nn.convert import convert_model, quantized_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import chunked_loss_memory  # noqa: E402
@@ -27,9 +28,13 @@ def forward_backward(model, ids, labels) -> LogitsProbe:
     return probe
 
 
+@pytest.mark.parametrize("keep", [True, False], ids=["keep", "sum"])
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("chunk", [4, 7])
-def test_no_fp32_logits_beyond_one_chunk(tie, chunk):
+def test_no_fp32_logits_beyond_one_chunk(tie, chunk, keep, monkeypatch):
+    """fp32 compute. `sum`: no fp32 [*, vocab] tensor beyond a chunk. `keep`: the logits' gradient of the
+    kept tokens (in the compute dtype, here fp32) besides."""
+    monkeypatch.setattr(chunked_loss, "keeps_logits_grad", lambda *a: keep)
     ref = make_tiny_llama(vocab=VOCAB, tie=tie)
     convert_model(ref)
     model = install_chunked_loss(copy.deepcopy(ref), chunk)
@@ -37,13 +42,15 @@ def test_no_fp32_logits_beyond_one_chunk(tie, chunk):
     labels = ids.clone()
     labels[:, :3] = -100
     tokens = ids.numel()
+    kept = int((labels[:, 1:] != -100).sum())
     whole = forward_backward(ref, ids, labels)
     # the probe sees the unchunked logits whole: it can see what it is asked to bound
     assert whole.largest_fp32 >= tokens * VOCAB
     chunked = forward_backward(model, ids, labels)
-    assert 0 < chunked.largest_fp32 <= chunk * VOCAB, chunked.largest_shape
+    kept_bytes = kept * VOCAB * 4 if keep else 0
+    assert 0 < chunked.largest_fp32 <= (kept if keep else chunk) * VOCAB, chunked.largest_shape
     # every logits-sized tensor alive at once, of any dtype: a few chunks' worth, not a few sequences'
-    assert chunked.peak_bytes <= 6 * chunk * VOCAB * 4 < whole.peak_bytes  # 5 here (fp32 compute)
+    assert chunked.peak_bytes <= kept_bytes + 6 * chunk * VOCAB * 4 < whole.peak_bytes  # 5 chunks here
     assert not chunked.live and not whole.live  # all freed after backward: the count is not stuck
 
 
@@ -66,7 +73,45 @@ def test_bench_script_writes_its_result(tmp_path):
     result = json.loads(path.read_text())
     whole, chunked = result["runs"]
     assert (whole["chunk"], chunked["chunk"]) == (0, 8)
-    assert chunked["largest_fp32_logits_elements"] <= 8 * 500 < whole["largest_fp32_logits_elements"]
+    # fp32 compute, fewer kept tokens than hidden units: the kept logits' gradient (fp32) is the largest
+    assert chunked["largest_fp32_logits_elements"] <= result["kept_tokens"] * 500 < whole["largest_fp32_logits_elements"]
     assert result["logits_peak_ratio"] == chunked["logits_peak_bytes"] / whole["logits_peak_bytes"] < 1
     assert result["step_time_ratio"] > 0 and result["kept_tokens"] == 2 * (32 - 32 // 4)
     assert result["max_loss_rel_diff"] < 1e-5
+
+
+def test_head_sized_tensors_one_bf16_copy_at_a_time():
+    """bf16 compute, few tokens (the `keep` way, chosen by bytes), counted by bench/live_bytes.py: the
+    chunked loss holds at most one [vocab, hidden] tensor at a time, in bf16 (the dequantized head in
+    forward, its gradient in backward), where summing the head's gradient over chunks in fp32 held an fp32
+    one beside the bf16 head, then beside its bf16 copy. The logits-sized tensors: the bf16 logits' gradient
+    of the kept tokens and a few chunks' fp32."""
+    from live_bytes import LiveBytes
+    vocab, hidden, chunk = 3000, 64, 8
+    model = make_tiny_llama(vocab=vocab, hidden=hidden, tie=False)
+    convert_model(model, compute_dtype=torch.bfloat16)
+    install_chunked_loss(model, chunk)
+    ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    kept = int((labels[:, 1:] != -100).sum())
+    assert chunked_loss.keeps_logits_grad(kept, hidden, torch.bfloat16)
+
+    def counted(select):
+        probe = LiveBytes(select)
+        with probe:
+            model(input_ids=ids, labels=labels).loss.backward()
+        for w in quantized_weights(model):  # no optimizer: the delivered gradients are kept as .grad
+            w.grad = None
+        assert probe.total["all"] == 0  # everything counted was freed: the count is not stuck
+        return probe
+
+    # the embedding's own dense fp32 gradient (made last, untied here) is not the loss's
+    head = counted(lambda a: a.nbytes // _itemsize(a) == vocab * hidden and "_QEmbeddingFn" not in a.site)
+    assert head.peak["all"] == vocab * hidden * 2, head.composition("all")
+    logits = counted(lambda a: bool(a.shape) and a.shape[-1] == vocab and a.nbytes // _itemsize(a) != vocab * hidden)
+    assert kept * vocab * 2 < logits.peak["all"] <= kept * vocab * 2 + 4 * chunk * vocab * 4, logits.composition("all")
+
+
+def _itemsize(a) -> int:
+    return torch.empty(0, dtype=getattr(torch, a.dtype)).element_size()

@@ -3,9 +3,10 @@ loss and every gradient (tied and untied heads, -100 labels, chunks that do not 
 int8 state after training steps in both flows. The memory bound is tested in tests/bench/.
 
 Why tolerances and not bit-equality: each token's logits, loss and input gradient come from the same ops,
-but the loss and the head's weight gradient are summed chunk by chunk, another order of float additions
-than one matmul / one mean over all tokens (differences of a few fp32 ulps, which then reach every
-earlier layer through the hidden states' gradient)."""
+but the loss (and, in the `sum` way, the head's weight gradient) is summed chunk by chunk, another order of
+float additions than one mean / one matmul over all tokens (differences of a few fp32 ulps, which then
+reach every earlier layer through the hidden states' gradient). Both ways of making the head's weight
+gradient (`keep`, `sum`: _ChunkedHeadLoss) are forced in turn."""
 import copy
 import json
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 import qft_ds
 from conftest import make_tiny_llama
 from qft_ds.config import QFTConfig
+import qft_ds.nn.chunked_loss as chunked_loss
 from qft_ds.nn.chunked_loss import chunked_causal_lm_loss, install_chunked_loss
 from qft_ds.nn.convert import convert_model, quantized_weights
 
@@ -48,9 +50,23 @@ def grads(model):
     return out
 
 
+@pytest.fixture(params=["keep", "sum"])
+def way(request, monkeypatch):
+    """Force one way of making the head's weight gradient (else chosen by bytes: keeps_logits_grad)."""
+    monkeypatch.setattr(chunked_loss, "keeps_logits_grad", lambda *a: request.param == "keep")
+    return request.param
+
+
+def test_the_cheaper_way_is_chosen():
+    # 2048 tokens at hidden 4096: a bf16 [2048, vocab] < an fp32 [vocab, 4096]; 16k tokens: not
+    assert chunked_loss.keeps_logits_grad(2048, 4096, torch.bfloat16)
+    assert not chunked_loss.keeps_logits_grad(8 * 2048, 4096, torch.bfloat16)
+    assert not chunked_loss.keeps_logits_grad(4096, 4096, torch.float32)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("chunk,ignore_prompt", [(5, True), (7, False), (1, True), (64, True)])
-def test_loss_and_every_gradient_match_unchunked(tie, chunk, ignore_prompt):
+def test_loss_and_every_gradient_match_unchunked(tie, chunk, ignore_prompt, way):
     ref = converted(tie)
     model = install_chunked_loss(copy.deepcopy(ref), chunk)
     ids, labels = batch(ignore_prompt)
@@ -156,10 +172,11 @@ def differing_codes(got, want) -> tuple[int, int]:
 
 @pytest.mark.parametrize("gas", [1, 2], ids=["fused", "stack"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_training_steps_give_the_unchunked_int8_state(gas, tie):
+def test_training_steps_give_the_unchunked_int8_state(gas, tie, way):
     """bf16 compute, clipping's norm pass (a second backward through the chunked loss at step 0), 3 steps.
-    The head's gradient is summed in fp32 and rounded to bf16 once, as the unchunked matmul does, so the
-    bf16 gradients agree unless an fp32 sum lands on a bf16 rounding boundary; Lion's sign and the keyed
+    The head's gradient is made by the unchunked matmul (`keep`), or summed in fp32 and rounded to bf16 once
+    as that matmul does (`sum`), so the bf16 gradients agree unless an fp32 sum lands on a bf16 rounding
+    boundary; Lion's sign and the keyed
     stochastic rounding then give the same int8 weights and momentum (every code equal here; the bound
     leaves room for such a tie on another BLAS)."""
     want_losses, want, opt = train(tie, 0, gas)
@@ -235,7 +252,7 @@ def test_cuda_bf16_head_gradient_sums_in_fp32():
 
 
 @pytest.mark.parametrize("reentrant", [True, False])
-def test_with_gradient_checkpointing(reentrant):
+def test_with_gradient_checkpointing(reentrant, way):
     """Checkpointed decoder layers: the hidden state the decoder hook catches is the checkpointed model's,
     and the recompute in backward runs after the chunked loss's gradients are made."""
     qft = dict(gradient_checkpointing=True, checkpoint_reentrant=reentrant)
