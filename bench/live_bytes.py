@@ -77,6 +77,7 @@ class LiveBytes(TorchDispatchMode):
         self.peak = {"all": 0, "device": 0}
         self.at_peak = {"all": [], "device": []}  # the live records at each count's peak
         self.phase_peak = defaultdict(int)   # phase -> device count's peak inside it
+        self.at_phase_peak = {}              # phase -> the live records (device count) at that peak
 
     # -- the counts --------------------------------------------------------------------------------------
     def _counts(self, a: Alloc) -> tuple[str, ...]:
@@ -93,7 +94,9 @@ class LiveBytes(TorchDispatchMode):
             if self.total[c] > self.peak[c]:
                 self.peak[c] = self.total[c]
                 self.at_peak[c] = [a for a in self.live.values() if c == "all" or not a.kernel]
-        self.phase_peak[phase] = max(self.phase_peak[phase], self.total["device"])
+        if self.total["device"] > self.phase_peak[phase]:
+            self.phase_peak[phase] = self.total["device"]
+            self.at_phase_peak[phase] = [a for a in self.live.values() if not a.kernel]
 
     def _free(self, ptr: int) -> None:
         a = self.live.pop(ptr, None)
@@ -133,14 +136,16 @@ class LiveBytes(TorchDispatchMode):
         return out
 
     # -- reading it ----------------------------------------------------------------------------------------
-    def composition(self, count: str = "device", classify=None) -> dict:
-        """{label: bytes} of what was alive at `count`'s peak, largest first; `classify(Alloc) -> label`
-        (default: dtype, shape, phase and site)."""
+    def composition(self, count: str = "device", classify=None, phase: str | None = None) -> dict:
+        """{label: [bytes, storages]} of what was alive at `count`'s peak (or at the device count's peak
+        inside `phase`), largest first; `classify(Alloc) -> label` (default: dtype, shape, phase, site)."""
         classify = classify or (lambda a: f"{a.dtype} {list(a.shape)} | {a.phase} | {a.site}")
-        parts = defaultdict(int)
-        for a in self.at_peak[count]:
-            parts[classify(a)] += a.nbytes
-        return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
+        parts = defaultdict(lambda: [0, 0])
+        for a in self.at_peak[count] if phase is None else self.at_phase_peak[phase]:
+            part = parts[classify(a)]
+            part[0] += a.nbytes
+            part[1] += 1
+        return dict(sorted(parts.items(), key=lambda kv: -kv[1][0]))
 
     def peak_moment(self, count: str = "device") -> str:
         """The phase and site of the allocation that set the peak (the last record taken)."""

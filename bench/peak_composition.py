@@ -52,6 +52,8 @@ class Classifier:
         n = a.nbytes // max(1, torch.empty(0, dtype=getattr(torch, a.dtype)).element_size())
         backward = a.phase.startswith("backward")
         if a.shape and a.shape[-1] == self.vocab and n % self.vocab == 0 and n != self.vocab * self.hidden:
+            if "chunked_loss" in a.site and a.op.endswith("empty"):
+                return f"logits' gradient kept for backward {a.dtype} (chunked loss)"
             return f"logits {a.dtype}" + (" gradient" if backward else "")
         if n == self.vocab * self.hidden:
             if "dequantize" in a.site:
@@ -101,13 +103,16 @@ def measured_step(engine, x, probe: LiveBytes) -> float:
 
 
 def summarise(probe: LiveBytes, classify) -> dict:
+    """Each count's peak and what was alive then ({label: [bytes, storages]}); and the device count's peak
+    inside each phase with its categories (a full shape's peak may fall in another phase than few layers')."""
     out = {}
     for count in ("device", "all"):
         out[count] = {"peak_bytes": probe.peak[count], "peak_gib": probe.peak[count] / GIB,
                       "moment": probe.peak_moment(count),
                       "categories": probe.composition(count, classify),
-                      "detail": {k: v for k, v in list(probe.composition(count).items())[:40]}}
-    out["device_peak_by_phase_gib"] = {k: v / GIB for k, v in probe.phase_peak.items()}
+                      "detail": dict(list(probe.composition(count).items())[:40])}
+    out["device_by_phase"] = {phase: {"peak_gib": peak / GIB, "categories": probe.composition(classify=classify, phase=phase)}
+                              for phase, peak in probe.phase_peak.items()}
     return out
 
 
@@ -126,8 +131,10 @@ def run_setting(args, chunk: int) -> dict:
         d = steps[-1]["device"]
         print(f"chunk {chunk} step {i}: device peak {d['peak_gib']:.3f} GiB (all {steps[-1]['all']['peak_gib']:.3f}) "
               f"at {d['moment']}", flush=True)
-        for k, v in d["categories"].items():
-            print(f"    {v / GIB:8.3f} GiB  {k}", flush=True)
+        for k, (nbytes, n) in d["categories"].items():
+            print(f"    {nbytes / GIB:8.3f} GiB  {k} ({n})", flush=True)
+        for phase, v in steps[-1]["device_by_phase"].items():
+            print(f"  phase {phase}: {v['peak_gib']:.3f} GiB", flush=True)
     del engine, opt
     gc.collect()
     return {"chunked_loss": chunk, "state_bytes": state_bytes,
