@@ -128,3 +128,23 @@ def test_collectives_skip_deepspeed_comm_unless_it_logs_or_owns_the_backend(rout
     ds_comm.cdb = object()  # a DeepSpeed backend that is not torch.distributed's
     comm.all_reduce_sum(torch.ones(2))
     assert seen == ["torch", "deepspeed", "deepspeed"]
+
+
+def _real_deepspeed_routing(rank, world, out):
+    import deepspeed.comm.torch  # noqa: F401  (skip the shm op build, see tests/conftest.py)
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    import deepspeed
+    deepspeed.init_distributed(dist_backend="gloo")  # adopts the group the harness made
+    ds = sys.modules["deepspeed.comm"]
+    seen = [comm._deepspeed_adds(ds)]
+    ds.configure(enabled=True)  # what a DeepSpeed config's "comms_logger": {"enabled": true} does
+    seen.append(comm._deepspeed_adds(ds))
+    seen.append(comm._function("all_reduce") is ds.all_reduce)
+    ds.configure(enabled=False)
+    seen.append(comm._function("all_reduce") is dist.all_reduce)
+    torch.save(seen, out)
+
+
+def test_the_installed_deepspeed_is_bypassed_until_its_comms_logger_is_on(tmp_path):
+    H.spawn(_real_deepspeed_routing, str(tmp_path / "r.pt"), world=1)
+    assert torch.load(tmp_path / "r.pt") == [False, True, True, True]
