@@ -63,6 +63,8 @@ class Classifier:
             if "chunked_loss" in a.site and a.dtype == "float32":
                 return "head gradient fp32 accumulator (chunked loss)"
             return f"head gradient {a.dtype}"
+        if "chunked_loss" in a.site:
+            return "chunked loss: its hidden states, their gradient, a chunk's small temporaries"
         if n == self.tokens * self.hidden:
             if not backward and "checkpointed layer" not in a.phase:
                 return f"hidden states kept from forward {a.dtype} (layer inputs, final norm)"
