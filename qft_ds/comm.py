@@ -228,15 +228,16 @@ def broadcast_from_rank0(tensors) -> None:
 class PendingSlice:
     """A reduce-scatter in flight: wait() gives (this rank's slice of the mean, the summed flag)."""
 
-    def __init__(self, work, out: torch.Tensor, n: int, world: int, flag=None):
-        self.work, self.out, self.n, self.world, self.flag = work, out, n, world, flag
+    def __init__(self, work, out: torch.Tensor, n: int, divide_by: int, flag=None):
+        self.work, self.out, self.n, self.divide_by, self.flag = work, out, n, divide_by, flag
 
     def wait(self):
-        if self.work is not None:
-            self.work.wait()  # NCCL: the current stream waits for the collective's; no host block
-        if self.world == 1:
+        if self.work is None:  # one rank: the slice and flag as given
             return self.out, self.flag
-        shard = self.out[:self.n].div_(self.world)  # SUM then divide: gloo has no AVG; (g + g) / 2 == g
+        self.work.wait()  # NCCL: the current stream waits for the collective's; no host block
+        shard = self.out[:self.n]
+        if self.divide_by != 1:
+            shard.div_(self.divide_by)  # SUM then divide: gloo has no AVG; (g + g) / 2 == g
         return shard, self.out[-1]
 
 
@@ -252,13 +253,36 @@ def reduce_scatter_mean_async(flat: torch.Tensor, bounds, flag: torch.Tensor) ->
     if world == 1:
         return PendingSlice(None, flat[lo:hi], hi - lo, 1, flag)
     width = max(b - a for a, b in bounds) + 1
-    buf = torch.zeros(world, width, dtype=torch.float32, device=flat.device)
-    for r, (a, b) in enumerate(bounds):
-        buf[r, :b - a] = flat[a:b]
-        buf[r, -1] = flag
+    buf, divide_by = _pack_slices(flat, bounds, flag, width)
     out = torch.empty(width, dtype=torch.float32, device=flat.device)
     work = _collective("reduce_scatter_tensor", out, buf.view(-1), op=dist.ReduceOp.SUM, async_op=True)
-    return PendingSlice(work, out, hi - lo, world)
+    return PendingSlice(work, out, hi - lo, divide_by)
+
+
+def _pack_slices(flat: torch.Tensor, bounds, flag: torch.Tensor, width: int):
+    """Rank r's slice of `flat` in row r of an fp32 [world, width] buffer, the flag in each row's last
+    element; and what the reduced slice is still to be divided by.
+
+    Equal slices (the usual cut: whole units, evenly) are one strided copy for all rows, cast and, where
+    prescaled_mean_exact, divided in the same kernel; the flags one fill. Uneven ones (a short last rank)
+    are copied row by row into zeros. Either way the bits of the mean are those of the sum divided."""
+    world = len(bounds)
+    buf = torch.empty(world, width, dtype=torch.float32, device=flat.device)
+    n = width - 1
+    divide_by = world
+    if flat.numel() == world * n and all((a, b) == (r * n, (r + 1) * n) for r, (a, b) in enumerate(bounds)):
+        rows = flat.reshape(world, n)
+        if prescaled_mean_exact(flat.dtype, world):
+            torch.mul(rows, _reciprocal(flat.device, world), out=buf[:, :n])
+            divide_by = 1
+        else:
+            buf[:, :n].copy_(rows)
+    else:
+        buf.zero_()
+        for r, (a, b) in enumerate(bounds):
+            buf[r, :b - a] = flat[a:b]
+    buf[:, -1] = flag
+    return buf, divide_by
 
 
 def reduce_scatter_mean(flat: torch.Tensor, bounds, flag: torch.Tensor):

@@ -148,3 +148,34 @@ def _real_deepspeed_routing(rank, world, out):
 def test_the_installed_deepspeed_is_bypassed_until_its_comms_logger_is_on(tmp_path):
     H.spawn(_real_deepspeed_routing, str(tmp_path / "r.pt"), world=1)
     assert torch.load(tmp_path / "r.pt") == [False, True, True, True]
+
+
+def _two_rank_slices(rank, world, out):
+    res = {}
+    for name, n, bounds in (("even", 6000, [(0, 3000), (3000, 6000)]), ("uneven", 5000, [(0, 3000), (3000, 5000)])):
+        g = [_wide_values(torch.bfloat16, n, seed) for seed in range(world)]
+        flag = torch.tensor(float(rank))
+        comm.reduce_scatter_mean(g[rank], bounds, flag)  # warm: the cached 1/world
+        with _Ops() as ops:
+            part, summed = comm.reduce_scatter_mean(g[rank], bounds, flag)
+        lo, hi = bounds[rank]
+        g32 = [x.float() for x in g]
+        part32, _ = comm.reduce_scatter_mean(g32[rank], bounds, flag)  # fp32: divided after the sum
+        res[name] = {"part": part, "part32": part32, "expect": ((g32[0] + g32[1]) / 2)[lo:hi], "flag": summed,
+                     "ops": ops.names}
+    torch.save(res, f"{out}.{rank}")
+
+
+def test_two_ranks_reduce_scatter_packs_in_one_copy_and_keeps_the_bits(tmp_path):
+    H.spawn(_two_rank_slices, str(tmp_path / "s.pt"))
+    for rank in range(2):
+        res = torch.load(tmp_path / f"s.pt.{rank}")
+        for name, r in res.items():
+            for got in (r["part"], r["part32"]):
+                assert torch.equal(got.view(torch.int32), r["expect"].view(torch.int32)), (rank, name)
+            assert r["flag"].item() == 1.0  # 0 + 1: the flags are summed
+        ops = res["even"]["ops"]
+        packing = [n for n in ops[:ops.index("_reduce_scatter_base_")]
+                   if n not in ("view", "empty", "slice", "select", "detach", "alias", "reshape")]
+        assert packing == ["mul", "fill_"], ops  # was: zeros, 2 row copies, 2 flag copies (then a divide)
+        assert "div_" not in res["even"]["ops"] and "div_" in res["uneven"]["ops"]  # uneven: cast, summed, divided
