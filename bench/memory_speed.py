@@ -134,7 +134,7 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
 
 
-def setup(method, shape, batch, seq, dev, chunk=1024):
+def setup(method, shape, batch, seq, dev, chunk=256):
     """(step function, {"state_bytes_per_param", "params", and for qft the state's parts and settings})."""
     import qft_ds
     if method in QFT_VARIANTS:
@@ -311,7 +311,8 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--batch", type=int, default=None, help="batch size for every shape (default: the shape's own)")
     p.add_argument("--seq", type=int, default=None, help="sequence length for every shape (default: the shape's own)")
-    p.add_argument("--chunk", type=int, default=1024, help="qft.chunked_loss tokens for the *_chunked methods")
+    p.add_argument("--chunk", type=int, default=256, help="qft.chunked_loss tokens for the *_chunked methods (a "
+                   "chunk of a 128k vocabulary holds ~4 fp32 [chunk, vocab]: 0.5 GiB at 256, bench/NOTES.md)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=8)
     p.add_argument("--profile", nargs="*", default=[], choices=METHODS, help="profile these methods (2 steps)")
