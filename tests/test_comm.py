@@ -67,6 +67,7 @@ def _entry(rank, fn, backend, world, port, args):
             dist.barrier()  # no rank tears the group down while another still completes its last collective
     finally:
         dist.destroy_process_group()
+    H.leave()
 
 
 # -- the scenarios: every path of qft_ds that communicates ------------------------------------------

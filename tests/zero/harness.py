@@ -36,9 +36,14 @@ def _entry(rank, fn, world, port, args):
         dist.barrier()  # no rank tears gloo down while another still completes its last collective
     finally:
         dist.destroy_process_group()
-    # The work is done and saved. At interpreter exit gloo can still hold a joinable thread, which aborts the
-    # process ("terminate called without an active exception", SIGABRT; a rare flake): leave without running
-    # the C++ static destructors. A failure above raised before this line, so it still fails the spawn.
+    leave()
+
+
+def leave() -> None:
+    """End a spawned rank whose work is done and saved. At interpreter exit gloo can still hold a joinable
+    thread, which aborts the process ("terminate called without an active exception", SIGABRT; a rare
+    flake): leave without running the C++ static destructors. Call it only after the work succeeded, so that
+    a failure still raises and fails the spawn."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
