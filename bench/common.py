@@ -1,14 +1,18 @@
-"""Shared benchmark plumbing: environment record, result files, single-process distributed env."""
+"""Shared benchmark plumbing: environment record, result files, single-process distributed env, aten op
+counts, and modules loaded from an older commit's source."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -81,3 +85,25 @@ def single_process_env(port: int | None = None) -> None:
 
 def peak_gib() -> float:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+
+
+class OpNames(TorchDispatchMode):
+    """The aten ops run inside the `with` block, by name in order (`ops`): what a code path launches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.__name__.split(".")[0])
+        return func(*args, **(kwargs or {}))
+
+
+def module_from_source(source: str, name: str):
+    """A module made from its source text (e.g. an older commit's file, compared in the same process)."""
+    path = Path(tempfile.mkdtemp()) / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import os
 import socket
 import statistics
@@ -38,7 +37,6 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench")]
@@ -56,16 +54,6 @@ VIEWS = {"view", "_unsafe_view", "slice", "split", "split_with_sizes", "detach",
 # the calling thread's CPU time, not wall time: on 2 shared cores each rank's main thread is descheduled
 # for milliseconds while the other rank and the backends' own threads run, which wall time would count
 _clock = time.thread_time
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.__name__.split(".")[0]] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class _Blocked:
@@ -106,16 +94,6 @@ class _TimedWork:
 
     def __getattr__(self, name):
         return getattr(self.work, name)
-
-
-def _module(source: str, name: str):
-    """A module from its source text (an older commit's qft_ds/comm.py: it imports no qft_ds module)."""
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _tree(commit: str) -> Path:
@@ -207,14 +185,14 @@ def _worker(rank, world, port, backend, pkg, old_comm, path, stage, steps, out):
             launches.append(launch["s"] / n)
         if step == 2:
             copies = [gr.clone() for gr in grads]
-            with _Count() as c:
+            with common.OpNames() as c:
                 for w, gr in zip(weights, copies):
                     deliver(w, gr, w.n_uses)
-            ops = c.ops
+            ops = collections.Counter(c.ops)
         for p in model.parameters():  # float parameters: no gradient, step() updates the quantized only
             p.grad = None
         opt.step()
-    call = _call_paths(dist, comm, _module(old_comm, "comm_old"), dev, sync) if world > 1 else None
+    call = _call_paths(dist, comm, common.module_from_source(old_comm, "comm_old"), dev, sync) if world > 1 else None
     row = {"world": world, "stage": cfg.zero_stage, "path": path if world > 1 else "one process",
            "deliveries": n, "host_us_per_delivery": 1e6 * statistics.median(per_delivery),
            "host_us_per_delivery_min": 1e6 * min(per_delivery),

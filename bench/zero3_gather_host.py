@@ -13,7 +13,6 @@ collective is wrapped and its time subtracted), median over N.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import statistics
 import subprocess
@@ -25,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
@@ -34,26 +32,6 @@ import common  # noqa: E402
 SHAPES = {"k_proj": (256, 2048), "q_proj": (2048, 2048), "gate_up": (11264, 2048)}  # LLaMA-1.1B weights
 VIEWS = {"view", "_unsafe_view", "slice", "split", "split_with_sizes", "detach", "alias", "as_strided", "unbind",
          "empty", "expand", "t", "reshape", "select"}  # no kernel: metadata or an allocation only
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-
-def _load_shards(source: str, name: str):
-    """A shards.py module from its source text (the older commit's, next to the installed package)."""
-    path = Path(tempfile.mkdtemp()) / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _worker(rank, world, port, backend, old_source, repeats, out):
@@ -88,7 +66,7 @@ def _worker(rank, world, port, backend, old_source, repeats, out):
     if real is None:
         raise RuntimeError("qft_ds.comm has no all_gather_bytes_async: run this from a commit that has it")
     comm.all_gather_bytes_async = timed(real)  # the old shards' all_gather_bytes calls it too
-    impls = {"old": _load_shards(old_source, "shards_old"), "new": new_shards}
+    impls = {"old": common.module_from_source(old_source, "shards_old"), "new": new_shards}
     rows = []
     for shape_name, shape in SHAPES.items():
         for impl, mod in impls.items():
@@ -96,9 +74,9 @@ def _worker(rank, world, port, backend, old_source, repeats, out):
             w = HybridWeight(torch.randn(shape) * 0.02, group_size=128, outlier_frac=0.01).to(dev)
             sh = mod.WeightShard(w, Partition(w.numel, w.group, 256, world, rank), 3)
             full = sh.gather_full()
-            with _Count() as c:
+            with common.OpNames() as c:
                 sh.gather_full()
-            ops = [o for o in c.ops]
+            ops = c.ops
             times = []
             for _ in range(repeats):
                 collective["s"] = 0.0
