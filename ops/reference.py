@@ -232,9 +232,11 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if residual is not None:
         w.add_(dequantize_blockwise(residual, w_scales / 254.0, w_block))
     w.mul_(1 - lr * weight_decay).sub_(u, alpha=lr)
-    if outlier_idx is not None and outlier_idx.numel():
+    has_outliers = outlier_idx is not None and outlier_idx.numel() > 0
+    if has_outliers:
         outlier_val.mul_(1 - lr * weight_decay).sub_(u[outlier_idx], alpha=lr)
-        w[outlier_idx] = 0.0
+    # As in the kernels (no select before their absmax, for speed): an outlier slot's dense value (code 0,
+    # so -lr*u) takes part in its group's new scale; its code and carry are zeroed after rounding.
     new_scales = torch.maximum(w_scales, absmax_scales(w, w_block))
     inv = torch.where(new_scales > 0, 1.0 / new_scales, torch.zeros_like(new_scales))
     y = (_blocks(w, w_block) * inv[:, None]).reshape(-1)[: w.numel()]
@@ -242,6 +244,10 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     q = round_codes(y, rounding, key, offset)
     if residual is not None:  # the carry, stochastically rounded: unbiased at any lr (see triton_kernels._ef_carry)
         residual.copy_(round_codes((y - q.float()) * 254.0, "sr", key, offset))
+    if has_outliers:
+        q[outlier_idx.long()] = 0
+        if residual is not None:
+            residual[outlier_idx.long()] = 0
     w_codes.copy_(q)
     w_scales.copy_(new_scales)
 

@@ -179,3 +179,18 @@ def test_lion_m4_interface_is_the_int8_kernels(tb):
         wc, ws, mc, ms, grad = (t.to(dev) for t in inputs)
         be.lion_step(wc, ws, 128, mc, ms[:1], 255, grad, lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.0,
                      rounding="sr", seed=0, step=0, offset=0, momentum_bits=4)
+
+
+@pytest.mark.parametrize("layout", ["3d", "2pass"])
+def test_a_group_of_outliers_alone_gets_the_kernels_scale(tb, layout):
+    """The last group holds one element, an outlier, with a scale below lr / 127: the kernels' absmax sees
+    the slot's -lr*u (no select, for speed) and so does the reference; its dense code stays 0."""
+    be, dev = tb
+    n = 8192 + 3 * 128 + 1
+    inputs = _inputs(n, 128, seed_offset=5)
+    idx, val = _outliers(inputs, n)
+    inputs[1][-1] = 1e-9  # that group's old scale
+    k = _step(lambda *a, **kw: be.lion_step(*a, layout=layout, **kw), dev, inputs, 128, "rtn", idx, val)
+    r = _step(ref.lion_step, "cpu", inputs, 128, "rtn", idx, val)
+    assert torch.allclose(k[1], r[1], rtol=1e-6), SEED
+    assert k[1][-1] > 1e-6 and k[0][-1] == 0 and r[0][-1] == 0, SEED
