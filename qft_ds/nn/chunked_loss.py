@@ -16,10 +16,10 @@ nothing to the loss or to any gradient.
 
 The head's weight gradient: QLinear delivers one gradient per matmul to the flow, and the fused flow
 updates a weight when all its uses have delivered. Per chunk deliveries would update after the first
-chunk, so `_ChunkedHeadLoss` does the head's matmuls itself, dequantizes the int8 weight once (not per
-chunk) and delivers in backward, once, like one QLinear call. For few tokens (2048 at hidden 4096 in bf16)
-it keeps the logits' gradient and makes the weight's gradient in backward with QLinear's own matmul; for
-many it sums the chunks' weight gradients in fp32 and rounds once (both: _ChunkedHeadLoss). Against the
+chunk, so `_ChunkedHeadLoss` does the head's matmuls itself and delivers in backward, once, like one
+QLinear call. For few tokens (2048 at hidden 4096 in bf16) it keeps the logits' gradient, dequantizes the
+int8 weight a slice of rows at a time (never whole) and makes the weight's gradient in backward with
+QLinear's own matmul; for many it dequantizes the weight once (not per chunk) and sums the chunks' weight gradients in fp32 and rounds once (both: _ChunkedHeadLoss). Against the
 unchunked loss: each token's logits, loss, logits' gradient and input gradient come from the same ops; the
 loss (and the weight gradient when summed) in another order, so they agree to fp32 rounding
 (tests/nn/test_chunked_loss.py).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +51,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     gradient is made one of two ways, whichever holds fewer bytes (keeps_logits_grad):
     - `keep`: the logits' gradient of every token is kept in the compute dtype, [n, vocab], and backward
       makes W's gradient from it in one matmul, the unchunked QLinear's own (fp32 accumulation inside,
-      rounded once). Nothing [vocab, hidden] is alive in forward but the dequantized W, nor in backward but
-      W's gradient (2048 tokens of a 128k vocabulary in bf16: half a bf16 W);
+      rounded once). W is dequantized a slice of rows at a time (_keep_way): nothing [vocab, hidden] is
+      alive in forward, and in backward only W's gradient (2048 tokens of a 128k vocabulary in bf16: the
+      kept buffer is half a bf16 W);
     - `sum`: W's gradient is summed over chunks in fp32 from fp32 products and rounded once to the compute
       dtype (a bf16 sum would round per chunk): an fp32 [vocab, hidden] beside the dequantized W in forward,
       then W's gradient [vocab, hidden] in the compute dtype held to backward. For many tokens.
@@ -59,13 +61,16 @@ class _ChunkedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, anchor, weight, cdt, targets, denom, chunk: int, want_grad: bool, keep: bool):
+        scale = 1.0 / denom  # each token's loss gets the upstream gradient / count from the mean's backward
+        if want_grad and keep:
+            total, gx, gy_all = _keep_way(x, weight, cdt, targets, scale, chunk)
+            ctx.save_for_backward(x, gx, gy_all)
+            ctx.weight, ctx.cdt, ctx.keep = weight, cdt, keep
+            return total / denom
         w = weight.dequantize(cdt)
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        # each token's loss gets the upstream gradient / count from the mean's backward: the same division
-        scale = 1.0 / denom
         gx = torch.empty_like(x) if want_grad else None
-        gy_all = x.new_empty((x.shape[0], w.shape[0]), dtype=cdt) if want_grad and keep else None
-        gw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if want_grad and not keep else None
+        gw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if want_grad else None
         for i in range(0, x.shape[0], chunk):
             xc = x[i:i + chunk].to(cdt)
             with torch.enable_grad():
@@ -76,15 +81,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                     continue
                 (g,) = torch.autograd.grad(loss, logits, scale)
             del logits, loss
-            # QLinear's backward takes the logits' gradient in the compute dtype too
-            gy = gy_all[i:i + chunk].copy_(g) if keep else g.to(cdt)
+            gy = g.to(cdt)  # QLinear's backward takes the logits' gradient in the compute dtype too
             del g
             gx[i:i + chunk] = (gy @ w).to(x.dtype)
-            if not keep:
-                add_mm_fp32(gw, gy.t(), xc)
+            add_mm_fp32(gw, gy.t(), xc)
         del w  # before W's gradient is rounded: one [vocab, hidden] in the compute dtype at a time
         if want_grad:
-            ctx.save_for_backward(x, gx, gy_all if keep else gw.to(cdt))
+            ctx.save_for_backward(x, gx, gw.to(cdt))
         ctx.weight, ctx.cdt, ctx.keep = weight, cdt, keep
         return total / denom
 
@@ -100,6 +103,82 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         deliver(ctx.weight, gw)  # once per pass, as one QLinear call: one use
         del gw
         return gx * grad_loss, None, None, None, None, None, None, None, None
+
+
+def _keep_way(x, weight, cdt, targets, scale, chunk: int):
+    """The `keep` way's forward: (summed loss, x's gradient, the logits' gradient [n, vocab] in `cdt`).
+
+    W is dequantized a slice of rows at a time (HeadRowSlices), never whole: 2048 tokens of a 128k
+    vocabulary otherwise held the bf16 head (0.98 GiB at hidden 4096) beside a chunk's fp32 tensors. Three
+    passes over the kept [n, vocab] buffer, which holds the logits first, then their gradient:
+    1. the logits in the compute dtype, F.linear's output as the unchunked head's, a slice of W and a chunk
+       of tokens at a time;
+    2. per chunk of tokens, their fp32 copy, cross-entropy and its gradient (the same ops as the
+       unchunked loss on the same values), written over them;
+    3. x's gradient gy @ W, a slice of W at a time, summed in fp32 and rounded once to the compute dtype,
+       as one matmul's output is (the sum's order differs: fp32 rounding).
+    W is dequantized twice in forward instead of once (the backward needs no W: gy^T @ x)."""
+    n = x.shape[0]
+    xc = x.to(cdt)
+    gy_all = x.new_empty((n, weight.shape[0]), dtype=cdt)
+    head = HeadRowSlices(weight, cdt)
+
+    def logits(rows, w):  # a chunk of tokens at a time: the product's temporary is [chunk, slice rows]
+        for i in range(0, n, chunk):
+            gy_all[i:i + chunk, rows] = F.linear(xc[i:i + chunk], w)
+
+    head.each(logits)
+    total = torch.zeros((), dtype=torch.float32, device=x.device)
+    for i in range(0, n, chunk):
+        with torch.enable_grad():
+            logits = gy_all[i:i + chunk].float().requires_grad_()  # as ForCausalLMLoss: fp32
+            loss = F.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
+            total += loss.detach()
+            (g,) = torch.autograd.grad(loss, logits, scale)
+        del logits, loss
+        gy_all[i:i + chunk].copy_(g)  # QLinear's backward takes the logits' gradient in the compute dtype too
+        del g
+    gx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    head.each(lambda rows, w: add_mm_fp32(gx, gy_all[:, rows], w))
+    return total, gx.to(cdt).to(x.dtype), gy_all
+
+
+# bytes of one dequantized slice of the head in the keep way: a 128k x 4096 bf16 head in 16 slices
+HEAD_SLICE_BYTES = 64 * 2**20
+
+
+class HeadRowSlices:
+    """The HybridWeight `weight` dequantized to `dtype` a slice of rows at a time: `each(fn)` calls fn(row
+    slice, W[rows]) per slice, W[rows] made with the same kernel and so the same values as
+    weight.dequantize(dtype)[rows], and freed before the next is made (a loop variable would hold it while
+    the next is dequantized). The state is read once (ZeRO-3 gathers it once, as for one dequantize) and
+    may be passed over again. A slice
+    starts and ends on an int8 group boundary (groups may run across rows: hybrid.choose_group) and holds
+    about `slice_bytes`."""
+
+    def __init__(self, weight, dtype: torch.dtype, slice_bytes: int | None = None):
+        from qft_ds import ops
+        slice_bytes = slice_bytes or HEAD_SLICE_BYTES
+        self.rows, self.cols = weight.shape
+        self.group, self.dtype = weight.group, dtype
+        self.codes, self.scales, self.outlier_idx, self.outlier_val = weight.full_state()
+        step = self.group // math.gcd(self.cols, self.group)  # rows per slice: a multiple of this
+        self.per = max(step, slice_bytes // (self.cols * dtype.itemsize) // step * step)
+        self.starts = list(range(0, self.rows, self.per))
+        self.flat = [a * self.cols for a in self.starts] + [self.rows * self.cols]
+        # each slice's outliers (their flat indices are sorted): one host sync for every cut
+        self.cuts = torch.searchsorted(self.outlier_idx, torch.tensor(
+            self.flat, dtype=self.outlier_idx.dtype, device=self.outlier_idx.device)).tolist()
+        self._dequantize = ops.current(self.codes.device).dequantize_hybrid
+
+    def each(self, fn) -> None:
+        g = self.group
+        for k, a in enumerate(self.starts):
+            lo, hi, c0, c1 = self.flat[k], self.flat[k + 1], self.cuts[k], self.cuts[k + 1]
+            w = self._dequantize(self.codes[lo:hi], self.scales[lo // g:-(-hi // g)], g,
+                                 self.outlier_idx[c0:c1] - lo, self.outlier_val[c0:c1], self.dtype)
+            fn(slice(a, min(a + self.per, self.rows)), w.view(-1, self.cols))
+            del w
 
 
 def add_mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:

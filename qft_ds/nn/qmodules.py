@@ -91,6 +91,9 @@ def qlinear(x, weight: HybridWeight, cdt, keep_weight: int, readers=None):
     """x @ W^T over a HybridWeight in compute dtype `cdt` (see the module docstring for the two paths);
     out in the compute dtype under autocast, else in x's dtype, like torch.nn.Linear. `keep_weight`: see
     QLinear.keeps_weight."""
+    if x.numel() == 0:  # nothing to project (the chunked loss's head call keeps no position): no dequantize
+        return x.new_empty((*x.shape[:-1], weight.shape[0]),
+                           dtype=cdt if torch.is_autocast_enabled(x.device.type) else x.dtype)
     grad = torch.is_grad_enabled()
     if grad and not keep_weight:
         return _QLinearFn.apply(x, weight.anchor, weight, cdt, readers)
