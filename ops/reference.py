@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from . import reference_rng as rr
+
 QMAX = 127
 RNG_CHUNK = 1 << 16
 _M64 = (1 << 64) - 1
@@ -196,7 +198,7 @@ def clip_scale(grad_scale: float, clip: float, norm: float) -> float:
 
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
-              residual=None, grad_scale=1.0, finite=None, clip=0.0, momentum_bits=8):
+              residual=None, grad_scale=1.0, finite=None, clip=0.0, momentum_bits=8, rand_bits=None):
     """One INT8 Lion step on a flat weight (or shard), in place.
 
     c = b1*m + (1-b1)*g ; w <- w*(1 - lr*wd) - lr*sign(c) ; m <- b2*m + (1-b2)*g
@@ -211,8 +213,13 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     `finite` must then be the gradient's fp32 norm; the kernels compute that scale on the device, so the
     fused flow clips each tensor without a host sync.
     `momentum_bits` 4: m_codes are packed int4 (quantize_momentum), drawn under the same key and offsets.
+    `rand_bits` (32, 16 or 8): round as the Triton kernels do with that many random bits per element, from
+    their Philox stream (reference_rng.py: the same bits, the kernels' SR scales); None: this module's
+    own generator (uniform), the default.
     """
     check_momentum_bits(momentum_bits)
+    if rand_bits is not None:
+        rr.check_rand_bits(rand_bits)
     if finite is not None and not bool(finite_flag(finite)):
         return
     g = grad.reshape(-1).float()
@@ -223,7 +230,14 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     m = dequantize_momentum(m_codes, m_scales, m_block, w_codes.numel(), momentum_bits)
     u = torch.lerp(m, g, 1 - beta1).sign_()  # sign(b1*m + (1-b1)*g)
     m.lerp_(g, 1 - beta2)                     # b2*m + (1-b2)*g
-    mq, ms = quantize_momentum(m, m_block, rng_key(seed, step, STREAM_MOMENTUM), offset, momentum_bits)
+    if rand_bits is None:
+        mq, ms = quantize_momentum(m, m_block, rng_key(seed, step, STREAM_MOMENTUM), offset, momentum_bits)
+    else:  # the kernels' stream: one draw per element under the weight stream's key feeds both roundings
+        hw, hm, shift = rr.shares(rr.draws(rng_key(seed, step, STREAM_WEIGHT), offset, m.numel(), rand_bits,
+                                           m.device), rand_bits)
+        ms = rr.sr_scales(_blocks(m, m_block).abs().amax(dim=1), QMAX if momentum_bits == 8 else QMAX4)
+        mq = rr.sr_codes(m, rr.sr_inverse(ms, shift).repeat_interleave(m_block)[: m.numel()], hm, shift)
+        mq = mq if momentum_bits == 8 else pack_int4(mq)
     m_codes.copy_(mq)
     m_scales.copy_(ms)
     del m, mq
@@ -237,13 +251,21 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         outlier_val.mul_(1 - lr * weight_decay).sub_(u[outlier_idx], alpha=lr)
     # As in the kernels (no select before their absmax, for speed): an outlier slot's dense value (code 0,
     # so -lr*u) takes part in its group's new scale; its code and carry are zeroed after rounding.
-    new_scales = torch.maximum(w_scales, absmax_scales(w, w_block))
-    inv = torch.where(new_scales > 0, 1.0 / new_scales, torch.zeros_like(new_scales))
-    y = (_blocks(w, w_block) * inv[:, None]).reshape(-1)[: w.numel()]
     key = rng_key(seed, step, STREAM_WEIGHT)
-    q = round_codes(y, rounding, key, offset)
+    if rand_bits is not None and rounding == "sr":  # the kernels' integer SR, at their scale
+        new_scales = torch.maximum(w_scales, rr.sr_scales(_blocks(w, w_block).abs().amax(dim=1), QMAX))
+        inv = rr.sr_inverse(new_scales, shift).repeat_interleave(w_block)[: w.numel()]
+        q = rr.sr_codes(w, inv, hw, shift)
+    else:
+        new_scales = torch.maximum(w_scales, absmax_scales(w, w_block))
+        inv = torch.where(new_scales > 0, 1.0 / new_scales, torch.zeros_like(new_scales))
+        y = (_blocks(w, w_block) * inv[:, None]).reshape(-1)[: w.numel()]
+        q = round_codes(y, rounding, key, offset)
     if residual is not None:  # the carry, stochastically rounded: unbiased at any lr (see triton_kernels._ef_carry)
-        residual.copy_(round_codes((y - q.float()) * 254.0, "sr", key, offset))
+        if rand_bits is None:
+            residual.copy_(round_codes((y - q.float()) * 254.0, "sr", key, offset))
+        else:
+            residual.copy_(rr.sr_codes((y - q.float()) * 254.0, torch.tensor(2.0**shift), hw, shift))
     if has_outliers:
         q[outlier_idx.long()] = 0
         if residual is not None:

@@ -12,6 +12,7 @@ import weakref
 import torch
 
 from . import reference as ref
+from . import reference_rng as ref_rng
 
 
 def is_compatible(device="cpu") -> tuple[bool, str]:
@@ -111,7 +112,7 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, clip=0.0, quad_rng=None, chunk=None, num_warps=4,
-              philox_rounds=10, layout=None, fused_outliers=None, momentum_bits=8):
+              philox_rounds=10, layout=None, fused_outliers=None, momentum_bits=8, rand_bits=None):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, or a float
@@ -128,8 +129,12 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     (the kernels fold it into the sign test, see _lion_scalars). `clip` > 0: a clipping budget, applied on
     the device from the norm passed as `finite` (see reference.lion_step). `momentum_bits` 4: m_codes are
     packed int4 (reference.quantize_momentum; constexpr M4 of both kernels), which needs an even block.
+    `rand_bits` (None: 32, the kernels' stream of today; 16 or 8: constexpr RAND_BITS, see triton_rng)
+    is the number of random bits per element; reference.lion_step with the same value draws the same bits.
     """
     ref.check_momentum_bits(momentum_bits)
+    rand_bits = ref_rng.check_rand_bits(32 if rand_bits is None else rand_bits)
+    pieces = 128 // rand_bits  # elements per Philox call: tiles start on a call's first element
     if momentum_bits == 4 and m_block % 2:
         raise ValueError(f"int4 momentum packs element pairs within a block: block_size must be even, got {m_block}")
     if layout is None:
@@ -137,17 +142,17 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         if layout not in ("2pass", "auto"):
             raise ValueError(f"QFT_DS_LION_LAYOUT must be '2pass' or 'auto', got {layout!r}")
         if layout == "auto":
-            layout = "3d" if _fits_3d(w_block, m_block, offset, chunk) else "2pass"
+            layout = "3d" if _fits_3d(w_block, m_block, offset, chunk, pieces) else "2pass"
     if fused_outliers is None:
         fused_outliers = layout == "3d"
     if m_block & (m_block - 1):
         raise ValueError(f"the triton Lion kernel needs a power-of-two momentum block_size, got {m_block}")
     if layout not in ("2pass", "3d"):
         raise ValueError(f"layout must be '2pass' or '3d', got {layout!r}")
-    if layout == "3d" and not _fits_3d(w_block, m_block, offset, chunk):
-        raise ValueError(f"layout '3d' needs a power-of-two weight group dividing the momentum block, an offset "
-                         f"divisible by 4 and a power-of-two number of blocks per chunk (group {w_block}, "
-                         f"block {m_block}, offset {offset}, chunk {chunk})")
+    if layout == "3d" and not _fits_3d(w_block, m_block, offset, chunk, pieces):
+        raise ValueError(f"layout '3d' needs a power-of-two weight group dividing the momentum block, a group and "
+                         f"an offset divisible by {pieces} (128 / rand_bits) and a power-of-two number of blocks "
+                         f"per chunk (group {w_block}, block {m_block}, offset {offset}, chunk {chunk})")
     if fused_outliers and layout != "3d":
         raise ValueError("fused_outliers needs layout='3d'")
     g = grad.reshape(-1)
@@ -162,7 +167,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if has_outliers and fused_outliers:
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
                    beta2, weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps,
-                   philox_rounds, momentum_bits, outlier_idx, outlier_val)
+                   philox_rounds, momentum_bits, rand_bits, outlier_idx, outlier_val)
         return
     if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
         # As few torch ops as the maths allows: the training step is host-bound (bench/NOTES.md).
@@ -179,7 +184,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if layout == "3d":
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
                    beta2, weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps,
-                   philox_rounds, momentum_bits)
+                   philox_rounds, momentum_bits, rand_bits)
     elif layout == "2pass":
         base = math.lcm(w_block, m_block)
         chunk = chunk or base
@@ -188,11 +193,12 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         while chunk < 2048 and chunk * 2 // w_block <= 64:
             chunk *= 2
         rw, rm = chunk // w_block, chunk // m_block
-        aligned = offset % 4 == 0 and w_block % 4 == 0 and m_block % 4 == 0
+        aligned = offset % pieces == 0 and w_block % pieces == 0 and m_block % pieces == 0
         if quad_rng is None:
             quad_rng = aligned
         elif quad_rng and not aligned:
-            raise ValueError(f"quad_rng needs offset, w_block and m_block divisible by 4 ({offset}, {w_block}, {m_block})")
+            raise ValueError(f"quad_rng needs offset, w_block and m_block divisible by {pieces} (128 / rand_bits) "
+                             f"({offset}, {w_block}, {m_block})")
         _kernel("lion_kernel")(
             (triton_cdiv(n, chunk),), w_codes, w_scales, m_codes, m_scales, g, residual if residual is not None else w_codes, finite, n,
             float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
@@ -200,7 +206,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
             _step_key(seed, step), offset, float(clip),
             G=w_block, GP2=_next_pow2(w_block), RW=rw, RWP2=_next_pow2(rw), B=m_block, RM=rm, RMP2=_next_pow2(rm),
             ROUNDING=_rounding_id(rounding), QUAD_RNG=bool(quad_rng), ROUNDS=philox_rounds,
-            OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0, M4=momentum_bits == 4,
+            OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0, M4=momentum_bits == 4, RAND_BITS=rand_bits,
             num_warps=num_warps)
     if has_outliers:  # the kernel rounded -lr*u at outlier slots; their dense code must stay 0
         w_codes[idx] = 0
@@ -234,9 +240,10 @@ def _step_key(seed: int, step: int) -> int:
     return key
 
 
-def _fits_3d(w_block, m_block, offset, chunk) -> bool:
+def _fits_3d(w_block, m_block, offset, chunk, pieces=4) -> bool:
     blocks = max(1, (chunk or 2048) // m_block)
-    return not (w_block & (w_block - 1) or m_block % w_block or w_block % 4 or offset % 4 or blocks & (blocks - 1))
+    return not (w_block & (w_block - 1) or m_block % w_block or w_block % pieces or offset % pieces
+                or blocks & (blocks - 1))
 
 
 _PTRS: dict = {}  # id(index tensor) -> (weakref to it, its version, {(chunk, n_chunks): ptrs})
@@ -262,7 +269,7 @@ def outlier_chunk_ptrs(outlier_idx: torch.Tensor, chunk: int, n_chunks: int) -> 
 
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
                weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps, philox_rounds,
-               momentum_bits=8, outlier_idx=None, outlier_val=None):
+               momentum_bits=8, rand_bits=32, outlier_idx=None, outlier_val=None):
     rm = max(1, (chunk or 2048) // m_block)  # preconditions checked by lion_step before any write
     chunk = rm * m_block
     n_chunks = triton_cdiv(n, chunk)
@@ -279,7 +286,7 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
         _step_key(seed, step), offset, float(clip),
         outlier_idx, outlier_val, optr,
         G=w_block, K=m_block // w_block, RM=rm, ROUNDING=_rounding_id(rounding), ROUNDS=philox_rounds,
-        OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0, M4=momentum_bits == 4,
+        OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0, M4=momentum_bits == 4, RAND_BITS=rand_bits,
         num_warps=num_warps, **extra)
 
 

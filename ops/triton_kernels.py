@@ -1,116 +1,24 @@
 """Triton kernels. Each computes the same function as its twin in reference.py (tests compare them).
 
-Random draws are counter-based Philox (the bits of `tl.randint4x`, see _philox): element e gets output
-lane e % 4 of philox(key, e // 4), with e the *global* element offset. So a rerun is bit-identical and a
-shard draws what the whole tensor would. One Philox call feeds four elements: with one call per element
-(`tl.rand`), the 10 Philox rounds made the Lion kernel compute-bound at a third of copy bandwidth.
-The Lion kernels go further: one 32-bit draw per element feeds both of its roundings, the low 15 bits
-the weight's and the high 15 bits the momentum's (independent bits of one Philox output), so one
-Philox call covers four elements of both streams (see _sr_codes for what 15 bits cost: nothing on average).
-The CPU reference uses another generator: the two agree in distribution, not bit for bit.
+Random bits and stochastic rounding live in triton_rng.py (Philox, RAND_BITS, the integer SR). The Lion
+kernels draw once per element for both of its roundings (weight and momentum), and the CPU reference
+uses another generator by default: the two agree in distribution, not bit for bit; with an explicit
+`rand_bits` the reference draws the kernels' Philox stream (reference_rng.py) and they agree up to rare
+float-rounding flips (tested).
 
 The Lion kernel is issue-bound on the H100 (fewer Philox rounds made it faster; a variant that built
 floats from int8 codes and random bits by bit tricks, fewer conversions but more instructions, was slower:
 0.153 against 0.139 ms), so its arithmetic is written for the fewest SASS instructions per element
 (bench/kernel_sass.py counts them).
 """
-import os
-
 import triton
 import triton.language as tl
 from triton.language import core as tlc  # to_tensor: triton 3.6 has it only here
 
+from .triton_rng import (INTERPRETED, SR_MAGIC, SR_PER_QMAX, _bits, _bits_3d, _bits_rows,  # noqa: F401
+                         _mulhilo, _philox, _sr_codes, _sr_inv, _uniform)
+
 SR, RTN, EF = 0, 1, 2
-# Read once, as @triton.jit reads it: interpreted kernels run no inline asm (_mulhilo)
-INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-
-
-@triton.jit
-def _mulhilo(x, C: tl.constexpr):
-    """(hi, lo) 32-bit halves of x * C. Compiled: one mul.wide (IMAD.WIDE.U32); tl.umulhi and a 32-bit
-    mul, which the interpreter runs (it has no inline asm), compile mostly to two IMADs."""
-    if INTERPRETED:
-        return tl.umulhi(x, C), x * C
-    return tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }",
-                                     "=r,=r,r,r", [x, tl.full(x.shape, C, tl.uint32)],
-                                     dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
-
-
-@triton.jit
-def _philox(key, counter, ROUNDS: tl.constexpr = 10):
-    """tl.randint4x(key, counter, ROUNDS), bit for bit (tested), in fewer instructions: each round's two
-    products as wide multiplies, and the first round's products of the zero counter words folded."""
-    seed = tlc.to_tensor(key).to(tl.uint64)
-    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
-    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    ha, c3 = _mulhilo(counter.to(tl.uint32), 0xD2511F53)
-    c0 = (counter >> 32).to(tl.uint32) ^ k0  # round 1: c2 = c3 = 0
-    c1 = tl.zeros_like(c3)
-    c2 = ha ^ k1
-    for _ in tl.static_range(ROUNDS - 1):
-        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
-        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
-        hb, lb = _mulhilo(c2, 0xCD9E8D57)
-        ha, la = _mulhilo(c0, 0xD2511F53)
-        c0 = hb ^ c1 ^ k0
-        c2 = ha ^ c3 ^ k1
-        c1 = lb
-        c3 = la
-    return c0, c1, c2, c3
-
-
-@triton.jit
-def _bits(key, offs, ROUNDS: tl.constexpr = 10):
-    """32 random bits for global element offsets of any shape: lane offs % 4 of philox(key, offs // 4)."""
-    r0, r1, r2, r3 = _philox(key, offs // 4, ROUNDS)
-    lane = offs % 4
-    return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
-
-
-@triton.jit
-def _uniform(key, offs, ROUNDS: tl.constexpr = 10):
-    """U[0,1) (32-bit) for global element offsets of any shape."""
-    return tl.uint_to_uniform_float(_bits(key, offs, ROUNDS))
-
-
-# Stochastic rounding in integers. x = w * (2^15 / s) + 1.5 * 2^23 (one FMA) lands on the integer grid
-# (ulp 1 for |w * 2^15 / s| < 2^22), so the float's bits are 0x4B400000 + Y, Y = round_nearest(y * 2^15)
-# with y = w / s. Adding 15 random bits h and shifting right 15 floors: q = (Y + h) >> 15 rounds up with
-# probability (Y mod 2^15) / 2^15, so E[q] = Y / 2^15 exactly, within 2^-16 of y either way (unbiased on
-# average; the former floor(y + h / 2^16) in floats was biased down by up to 2^-16). No conversion, no
-# float floor: the kernel is issue-bound. The SR scale is absmax / 127 times (1 + 2^-20): with the
-# division's and the products' rounding, |Y| stays below 127 * 2^15 - 1, so q needs no clamp.
-SR_PER_QMAX = tl.constexpr((1.0 + 2.0**-20) / 127.0)
-SR_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23, bits 0x4B400000
-
-
-@triton.jit
-def _sr_inv(s):
-    """2^15 / s; 0 for s = 0, and for s < 1e-30, where it would overflow (such a block rounds to 0)."""
-    return tl.where(s > 1e-30, 32768.0 / s, 0.0)
-
-
-@triton.jit
-def _sr_codes(x, inv, bits, HIGH: tl.constexpr):
-    """int8 codes of x * inv / 2^15 (inv from _sr_inv), stochastically rounded with 15 bits of each draw:
-    the low half (weight) or the high half (momentum)."""
-    t = tl.fma(x, inv, SR_MAGIC).to(tl.int32, bitcast=True)
-    h = ((bits >> 17) if HIGH else (bits & 0x7FFF)).to(tl.int32)
-    return ((t + h - 0x4B400000) >> 15).to(tl.int8)
-
-
-@triton.jit
-def _bits_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.constexpr,
-               ROUNDS: tl.constexpr = 10):
-    """The same bits as _bits for the tile [ROWS, COLS] at base + r * STRIDE + c, one Philox call per
-    4 elements. Needs base % 4 == 0, STRIDE % 4 == 0, COLS % 4 == 0 (the caller checks)."""
-    r = tl.arange(0, ROWS)
-    k = tl.arange(0, COLS // 4)
-    counters = (base + r[:, None] * STRIDE) // 4 + k[None, :]
-    r0, r1, r2, r3 = _philox(key, counters, ROUNDS)
-    # join(join(a, c), join(b, d)) laid out row-major is a, b, c, d: element 4k + j gets lane j
-    quad = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-    return tl.reshape(quad, (ROWS, COLS))
 
 
 @triton.jit
@@ -134,11 +42,13 @@ def _clip_scalars(norm_ptr, clip, grad_scale, beta1, beta2):
 
 
 @triton.jit
-def _ef_carry(y, q, bits):
-    """Error feedback's int8 carry, (y - q) in units of s/254, stochastically rounded (low 15 bits of the
-    draw): unbiased at any lr. Rounded to nearest, an update below s/508 (lr 1e-5 on a group of absmax
+def _ef_carry(y, q, bits, RAND_BITS: tl.constexpr = 32):
+    """Error feedback's int8 carry, (y - q) in units of s/254, stochastically rounded (the weight's share of
+    the draw): unbiased at any lr (to 1/256 of a carry step for RAND_BITS 16 and 8). Rounded to nearest, an update below s/508 (lr 1e-5 on a group of absmax
     0.65, or any warm-up's first steps) was lost every step. |y - q| <= 1/2, so no clamp is needed."""
-    return _sr_codes((y - q) * 254.0, 32768.0, bits, False)
+    if RAND_BITS == 32:
+        return _sr_codes((y - q) * 254.0, 32768.0, bits, False, RAND_BITS)
+    return _sr_codes((y - q) * 254.0, 256.0, bits, False, RAND_BITS)
 
 
 # int4 momentum (M4): codes in [-7, 7], two per byte (element 2i in the low nibble, two's complement), as
@@ -262,7 +172,7 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
                 G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
                 B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr,
                 QUAD_RNG: tl.constexpr, ROUNDS: tl.constexpr = 10, OK_FLOAT: tl.constexpr = False,
-                CLIP: tl.constexpr = False, M4: tl.constexpr = False):
+                CLIP: tl.constexpr = False, M4: tl.constexpr = False, RAND_BITS: tl.constexpr = 32):
     """One INT8 Lion step over a chunk of RW*G = RM*B elements (a common multiple of both groupings).
 
     The weight half runs first, in weight-group rows, reading the *old* momentum to get sign(c); the
@@ -277,6 +187,8 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     c = m_code * (ms * mix) + g has the sign of b1*m + (1-b1)*gs*g; w = w_code * (s * decay) - lr*sign(c);
     m = m_code * (ms * b2) + g * g2. Masked lanes load 0 and so stay 0: no select before the absmax.
     M4: the momentum is int4, two codes per byte (_load_m, _store_m), drawn from the same bits.
+    RAND_BITS: the random bits per element, 32 (the default), 16 or 8 (triton_rng.py: 2x or 4x less
+    Philox work, rounding probabilities quantized to 1/256 instead of 2^-15).
     """
     start = tl.program_id(0).to(tl.int64) * (RW * G)
     n = n * _load_ok(ok_ptr, OK_FLOAT).to(tl.int64)  # not finite: n = 0 masks every load and store
@@ -299,10 +211,10 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     if ROUNDING == 0:  # the low bits of each element's draw (the momentum half takes the high ones)
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=1) * SR_PER_QMAX)
         if QUAD_RNG:
-            bits = _bits_rows(key, start + offset, RWP2, G, GP2, ROUNDS)
+            bits = _bits_rows(key, start + offset, RWP2, G, GP2, ROUNDS, RAND_BITS)
         else:
-            bits = _bits(key, offs + offset, ROUNDS)
-        q = _sr_codes(w, _sr_inv(s_new)[:, None], bits, False)
+            bits = _bits(key, offs + offset, ROUNDS, RAND_BITS)
+        q = _sr_codes(w, _sr_inv(s_new, RAND_BITS)[:, None], bits, False, RAND_BITS)
     else:
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=1) / 127.0)
         inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
@@ -312,10 +224,10 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     tl.store(ws_ptr + grow, s_new, mask=rmask)
     if ROUNDING == 2:  # the weight was rounded to nearest: its draws' low bits round the carry
         if QUAD_RNG:
-            bits = _bits_rows(key, start + offset, RWP2, G, GP2, ROUNDS)
+            bits = _bits_rows(key, start + offset, RWP2, G, GP2, ROUNDS, RAND_BITS)
         else:
-            bits = _bits(key, offs + offset, ROUNDS)
-        tl.store(r_ptr + offs, _ef_carry(y, q, bits), mask=mask)
+            bits = _bits(key, offs + offset, ROUNDS, RAND_BITS)
+        tl.store(r_ptr + offs, _ef_carry(y, q, bits, RAND_BITS), mask=mask)
     # ---- momentum: rows are blocks of B
     rm = tl.arange(0, RMP2)
     cb = tl.arange(0, B)
@@ -328,25 +240,13 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     m = tl.fma(_load_m(m_ptr, 0, offs, mask, M4), (ms * beta2)[:, None], g * g2)
     ms_new = _m_scale(tl.max(tl.abs(m), axis=1), M4)
     if QUAD_RNG:  # the same draws again (this layout's rows): their high bits
-        bits = _bits_rows(key, start + offset, RMP2, B, B, ROUNDS)
+        bits = _bits_rows(key, start + offset, RMP2, B, B, ROUNDS, RAND_BITS)
     else:
-        bits = _bits(key, offs + offset, ROUNDS)
-    q = _sr_codes(m, _sr_inv(ms_new)[:, None], bits, True)  # momentum: always stochastic (unbiased EMA)
+        bits = _bits(key, offs + offset, ROUNDS, RAND_BITS)
+    # momentum: always stochastic (unbiased EMA)
+    q = _sr_codes(m, _sr_inv(ms_new, RAND_BITS)[:, None], bits, True, RAND_BITS)
     _store_m(m_ptr, 0, offs, q, mask, RMP2 * B, M4)
     tl.store(ms_ptr + brow, ms_new, mask=bmask)
-
-
-@triton.jit
-def _bits_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUNDS: tl.constexpr = 10):
-    """_bits_rows for a [R, K, G] tile at base + (r * K + k) * G + c: the same bits, one Philox call
-    per 4 elements. Needs base % 4 == 0 and G % 4 == 0."""
-    r = tl.arange(0, R)
-    k = tl.arange(0, K)
-    j = tl.arange(0, G // 4)
-    counters = (base + (r[:, None, None] * K + k[None, :, None]) * G) // 4 + j[None, None, :]
-    r0, r1, r2, r3 = _philox(key, counters, ROUNDS)
-    quad = tl.join(tl.join(r0, r2), tl.join(r1, r3))
-    return tl.reshape(quad, (R, K, G))
 
 
 @triton.jit
@@ -354,7 +254,8 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
                    mix, g2, key, offset, clip, oi_ptr, ov_ptr, optr_ptr,
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
                    ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64,
-                   OK_FLOAT: tl.constexpr = False, CLIP: tl.constexpr = False, M4: tl.constexpr = False):
+                   OK_FLOAT: tl.constexpr = False, CLIP: tl.constexpr = False, M4: tl.constexpr = False,
+                   RAND_BITS: tl.constexpr = 32):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
     One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
@@ -402,10 +303,10 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             uo = tl.where(co > 0, 1.0, tl.where(co < 0, -1.0, 0.0))
             vo = tl.load(ov_ptr + j + ob, mask=om, other=0.0)
             tl.store(ov_ptr + j + ob, vo * decay - lr * uo, mask=om)
-    bits = _bits_3d(key, start + offset, RM, K, G, ROUNDS)  # one draw per element feeds both roundings
+    bits = _bits_3d(key, start + offset, RM, K, G, ROUNDS, RAND_BITS)  # one draw per element feeds both roundings
     if ROUNDING == 0:
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) * SR_PER_QMAX)
-        q = _sr_codes(w, _sr_inv(s_new)[:, :, None], bits, False)
+        q = _sr_codes(w, _sr_inv(s_new, RAND_BITS)[:, :, None], bits, False, RAND_BITS)
     else:
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) / 127.0)
         inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
@@ -414,7 +315,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     tl.store(w_ptr + start + local, q.to(tl.int8), mask=mask)
     tl.store(ws_ptr + start // G + glocal, s_new, mask=gmask)
     if ROUNDING == 2:
-        tl.store(r_ptr + start + local, _ef_carry(y, q, bits), mask=mask)
+        tl.store(r_ptr + start + local, _ef_carry(y, q, bits, RAND_BITS), mask=mask)
     if OUTLIERS:  # an outlier's dense code stays 0 (and its EF carry): after the tile's store, same CTA
         tl.debug_barrier()
         for j in range(o_lo, o_hi, OB):
@@ -425,6 +326,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
                 tl.store(r_ptr + oi, tl.zeros([OB], dtype=tl.int8), mask=om)
     m = tl.fma(mc, (ms * beta2)[:, None, None], g * g2)
     ms_new = _m_scale(tl.max(tl.max(tl.abs(m), axis=2), axis=1), M4)
-    q = _sr_codes(m, _sr_inv(ms_new)[:, None, None], bits, True)  # momentum: always stochastic (unbiased EMA)
+    # momentum: always stochastic (unbiased EMA)
+    q = _sr_codes(m, _sr_inv(ms_new, RAND_BITS)[:, None, None], bits, True, RAND_BITS)
     _store_m(m_ptr, start, local, q, mask, RM * K * G, M4)
     tl.store(ms_ptr + start // (K * G) + rm, ms_new, mask=bmask)

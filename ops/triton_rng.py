@@ -1,0 +1,171 @@
+"""The Lion kernels' random bits and stochastic rounding (Triton), twinned in torch by reference_rng.py.
+
+Random draws are counter-based Philox (the bits of `tl.randint4x`, see _philox). RAND_BITS (32, 16 or 8)
+is the number of random bits each element gets: element e gets piece e % P of philox(key, e // P),
+P = 128 / RAND_BITS, the 128 output bits read as P little-endian pieces of RAND_BITS bits (r0's low
+piece first). So a rerun is bit-identical and a shard draws what the whole tensor would.
+
+One element's draw feeds both of its roundings (the weight's and the momentum's):
+- 32 (the default): the low 15 bits round the weight, the high 15 the momentum (independent bits); one
+  Philox call covers 4 elements. Rounding probabilities are quantized to 2^-15.
+- 16: the low byte rounds the weight, the high byte the momentum (independent); 8 elements per call.
+- 8: one byte rounds both, the momentum with 255 - h (antithetic: the two roundings of an element are
+  not independent, each is unbiased on its own); 16 elements per call.
+With 8 bits per rounding the rounding probability is quantized to 1/256: E[q] = round(y * 256) / 256, off
+y by up to 1/512 of a step. For the weight that rounds Lion's step lr/s to a multiple of 1/256 of the
+group's step (a step below s/512 is lost, one of 1.5 s/256 becomes 2 s/256): the option saves Philox
+work (2x or 4x) and must pass the fidelity benchmark before it can be a default.
+
+With one Philox call per element (`tl.rand`), the 10 Philox rounds made the Lion kernel compute-bound at
+a third of copy bandwidth; the kernel is issue-bound (bench/NOTES.md), so the helpers here are written for
+the fewest SASS instructions per element (bench/kernel_sass.py counts them).
+"""
+import os
+
+import triton
+import triton.language as tl
+from triton.language import core as tlc  # to_tensor: triton 3.6 has it only here
+
+# Read once, as @triton.jit reads it: interpreted kernels run no inline asm (_mulhilo)
+INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+RAND_BITS_CHOICES = (32, 16, 8)
+
+
+@triton.jit
+def _mulhilo(x, C: tl.constexpr):
+    """(hi, lo) 32-bit halves of x * C. Compiled: one mul.wide (IMAD.WIDE.U32); tl.umulhi and a 32-bit
+    mul, which the interpreter runs (it has no inline asm), compile mostly to two IMADs."""
+    if INTERPRETED:
+        return tl.umulhi(x, C), x * C
+    return tl.inline_asm_elementwise("{ .reg .b64 t; mul.wide.u32 t, $2, $3; mov.b64 {$1, $0}, t; }",
+                                     "=r,=r,r,r", [x, tl.full(x.shape, C, tl.uint32)],
+                                     dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
+
+
+@triton.jit
+def _philox(key, counter, ROUNDS: tl.constexpr = 10):
+    """tl.randint4x(key, counter, ROUNDS), bit for bit (tested), in fewer instructions: each round's two
+    products as wide multiplies, and the first round's products of the zero counter words folded."""
+    seed = tlc.to_tensor(key).to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    ha, c3 = _mulhilo(counter.to(tl.uint32), 0xD2511F53)
+    c0 = (counter >> 32).to(tl.uint32) ^ k0  # round 1: c2 = c3 = 0
+    c1 = tl.zeros_like(c3)
+    c2 = ha ^ k1
+    for _ in tl.static_range(ROUNDS - 1):
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+        hb, lb = _mulhilo(c2, 0xCD9E8D57)
+        ha, la = _mulhilo(c0, 0xD2511F53)
+        c0 = hb ^ c1 ^ k0
+        c2 = ha ^ c3 ^ k1
+        c1 = lb
+        c3 = la
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _quad(a0, a1, a2, a3):
+    """[..., 2, 2] whose row-major order is a0, a1, a2, a3 (a join puts its arguments on a new last dim)."""
+    return tl.join(tl.join(a0, a2), tl.join(a1, a3))
+
+
+@triton.jit
+def _pieces(r0, r1, r2, r3, RAND_BITS: tl.constexpr):
+    """The P = 128 / RAND_BITS pieces of one Philox output per counter, on new last dims whose row-major
+    order is piece 0, 1, ..., P - 1 (piece i: bits [i * RAND_BITS, (i + 1) * RAND_BITS) of r0 r1 r2 r3).
+    Interleaving by joins (even pieces, then odd ones) keeps the pieces of a counter in one thread."""
+    if RAND_BITS == 32:
+        return _quad(r0, r1, r2, r3)
+    elif RAND_BITS == 16:
+        return tl.join(_quad(r0 & 0xFFFF, r1 & 0xFFFF, r2 & 0xFFFF, r3 & 0xFFFF),
+                       _quad(r0 >> 16, r1 >> 16, r2 >> 16, r3 >> 16))
+    else:
+        return tl.join(tl.join(_quad(r0 & 0xFF, r1 & 0xFF, r2 & 0xFF, r3 & 0xFF),
+                               _quad((r0 >> 16) & 0xFF, (r1 >> 16) & 0xFF, (r2 >> 16) & 0xFF, (r3 >> 16) & 0xFF)),
+                       tl.join(_quad((r0 >> 8) & 0xFF, (r1 >> 8) & 0xFF, (r2 >> 8) & 0xFF, (r3 >> 8) & 0xFF),
+                               _quad(r0 >> 24, r1 >> 24, r2 >> 24, r3 >> 24)))
+
+
+@triton.jit
+def _bits(key, offs, ROUNDS: tl.constexpr = 10, RAND_BITS: tl.constexpr = 32):
+    """RAND_BITS random bits (uint32) for global element offsets of any shape: piece offs % P of
+    philox(key, offs // P). One Philox call per element: the slow path, for layouts the tiles below miss."""
+    P: tl.constexpr = 128 // RAND_BITS
+    r0, r1, r2, r3 = _philox(key, offs // P, ROUNDS)
+    piece = offs % P
+    word = piece // (P // 4)
+    w = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    if RAND_BITS == 32:
+        return w
+    return (w >> ((piece % (P // 4)) * RAND_BITS).to(tl.uint32)) & ((1 << RAND_BITS) - 1)
+
+
+@triton.jit
+def _bits_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.constexpr,
+               ROUNDS: tl.constexpr = 10, RAND_BITS: tl.constexpr = 32):
+    """The same bits as _bits for the tile [ROWS, COLS] at base + r * STRIDE + c, one Philox call per P
+    elements. Needs base, STRIDE and COLS divisible by P = 128 / RAND_BITS (the caller checks)."""
+    P: tl.constexpr = 128 // RAND_BITS
+    r = tl.arange(0, ROWS)
+    k = tl.arange(0, COLS // P)
+    counters = (base + r[:, None] * STRIDE) // P + k[None, :]
+    r0, r1, r2, r3 = _philox(key, counters, ROUNDS)
+    return tl.reshape(_pieces(r0, r1, r2, r3, RAND_BITS), (ROWS, COLS))
+
+
+@triton.jit
+def _bits_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUNDS: tl.constexpr = 10,
+             RAND_BITS: tl.constexpr = 32):
+    """_bits_rows for a [R, K, G] tile at base + (r * K + k) * G + c: the same bits, one Philox call
+    per P elements. Needs base and G divisible by P = 128 / RAND_BITS."""
+    P: tl.constexpr = 128 // RAND_BITS
+    r = tl.arange(0, R)
+    k = tl.arange(0, K)
+    j = tl.arange(0, G // P)
+    counters = (base + (r[:, None, None] * K + k[None, :, None]) * G) // P + j[None, None, :]
+    r0, r1, r2, r3 = _philox(key, counters, ROUNDS)
+    return tl.reshape(_pieces(r0, r1, r2, r3, RAND_BITS), (R, K, G))
+
+
+@triton.jit
+def _uniform(key, offs, ROUNDS: tl.constexpr = 10):
+    """U[0,1) (32-bit) for global element offsets of any shape."""
+    return tl.uint_to_uniform_float(_bits(key, offs, ROUNDS))
+
+
+# Stochastic rounding in integers. x = w * (2^S / s) + 1.5 * 2^23 (one FMA) lands on the integer grid
+# (ulp 1 for |w * 2^S / s| < 2^22), so the float's bits are 0x4B400000 + Y, Y = round_nearest(y * 2^S)
+# with y = w / s. Adding S random bits h and shifting right S floors: q = (Y + h) >> S rounds up with
+# probability (Y mod 2^S) / 2^S, so E[q] = Y / 2^S exactly, within 2^-(S+1) of y either way. S = 15 for
+# RAND_BITS 32, 8 for 16 and 8. No conversion, no float floor: the kernel is issue-bound. The SR scale is
+# absmax / 127 times (1 + 2^-20): with the division's and the products' rounding, |Y| stays below
+# 127 * 2^S - 1, so q needs no clamp.
+SR_PER_QMAX = tl.constexpr((1.0 + 2.0**-20) / 127.0)
+SR_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23, bits 0x4B400000
+
+
+@triton.jit
+def _sr_inv(s, RAND_BITS: tl.constexpr = 32):
+    """2^S / s (S: the rounding's random bits); 0 for s = 0, and for s < 1e-30, where it would overflow
+    (such a block rounds to 0)."""
+    if RAND_BITS == 32:
+        return tl.where(s > 1e-30, 32768.0 / s, 0.0)
+    return tl.where(s > 1e-30, 256.0 / s, 0.0)
+
+
+@triton.jit
+def _sr_codes(x, inv, bits, HIGH: tl.constexpr, RAND_BITS: tl.constexpr = 32):
+    """int8 codes of x * inv / 2^S (inv from _sr_inv), stochastically rounded with S bits of each draw:
+    the weight's (HIGH False) or the momentum's (HIGH True) share, as the module docstring says."""
+    t = tl.fma(x, inv, SR_MAGIC).to(tl.int32, bitcast=True)
+    if RAND_BITS == 32:
+        h = ((bits >> 17) if HIGH else (bits & 0x7FFF)).to(tl.int32)
+        return ((t + h - 0x4B400000) >> 15).to(tl.int8)
+    if RAND_BITS == 16:
+        h = ((bits >> 8) if HIGH else (bits & 0xFF)).to(tl.int32)
+        return ((t + h - 0x4B400000) >> 8).to(tl.int8)
+    if HIGH:  # antithetic: 255 - h, as cheap as h
+        return ((t - bits.to(tl.int32) + (255 - 0x4B400000)) >> 8).to(tl.int8)
+    return ((t + bits.to(tl.int32) - 0x4B400000) >> 8).to(tl.int8)
