@@ -35,6 +35,7 @@ import torch
 
 from qft_ds import comm
 from qft_ds.flow import GradientFlow
+from qft_ds.nn.qmodules import norm_only_gradients
 from qft_ds.ops import configure as configure_ops, get_ops
 from qft_ds.ops.reference import clip_scale
 from qft_ds.optim.clipping import ClipBudgets
@@ -178,8 +179,10 @@ class QFTLion(torch.optim.Optimizer):
         for p in floats:
             p.grad = None
         self._measuring = True
+        # on one device the pass only takes norms: an embedding may deliver only its touched rows
+        rows_suffice = self.sharding.stage == 0 and not comm.is_distributed()
         try:
-            with torch.enable_grad():
+            with torch.enable_grad(), norm_only_gradients(rows_suffice):
                 retained_backward(loss)
             for w, grad in self.flow.held():
                 self._apply(w, grad)
