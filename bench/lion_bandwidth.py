@@ -1,6 +1,7 @@
 """Copy bandwidth and the int8 Lion kernel's achieved bandwidth on one LLaMA-7B MLP weight, measured in
-the same process, over a sweep of launch configurations, and the int4-momentum kernel's (momentum_bits 4)
-at the default configuration. `memory_speed.py` records it with every run (`--skip-bandwidth` leaves it
+the same process, over a sweep of launch configurations, the int4-momentum kernel's (momentum_bits 4)
+at the default configuration, and both with 1% outliers over random bits per element and launch
+configurations (BITS_SWEEP). `memory_speed.py` records it with every run (`--skip-bandwidth` leaves it
 out)."""
 from __future__ import annotations
 
@@ -19,14 +20,23 @@ SWEEP = [dict(layout="3d", chunk=2048, num_warps=4, philox_rounds=10),
          dict(layout="3d", chunk=2048, num_warps=4, philox_rounds=7),
          dict(layout="3d", chunk=2048, num_warps=4, philox_rounds=4)]
 
+# Random bits per element (ops/triton_rng.py: 16 and 8 halve and quarter the Philox work, rounding
+# probabilities quantized to 1/256) against today's 32, for int8 and int4 momentum with 1% outliers fused
+# (the training path; issue 15's >= 80% of copy target), with larger tiles per program (32 elements per
+# thread at chunk 4096 and 4 warps) beside the default.
+BITS_SWEEP = [dict(momentum_bits=mb, rand_bits=rb, chunk=chunk, num_warps=nw)
+              for mb in (8, 4) for rb in (32, 16, 8) for chunk, nw in ((2048, 4), (4096, 4), (4096, 8))]
 
-def bandwidths(dev, n=4096 * 11008, copy_numel=2**28):
+
+def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     """Copy bandwidth (read + write) and the int8 Lion kernel's, on a 4096 x 11008 weight.
 
     Bytes counted per param: int8 w and m read + written (4; int4 momentum: 3), the gradient read (2 in
     bf16, as training passes it; 4 in fp32), plus the fp32 group/block scales read + written. The triton
     kernel is also run over a few launch configurations (`sweep`); `lion_kernel_gbs` is the default one,
-    used in training; `lion_m4_*` the same with int4 momentum.
+    used in training; `lion_m4_*` the same with int4 momentum. `bits_sweep` (the standalone run's; 18 more
+    kernels to compile and time, left out of memory_speed.py's runs) times BITS_SWEEP: `lion_bits_sweep`,
+    and `lion_bits_best`, the fastest configuration per (momentum_bits, rand_bits).
     """
     from qft_ds.ops import get_ops, reference as ref
     from triton.testing import do_bench
@@ -75,6 +85,16 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28):
     out["lion_m4_frac_of_copy"] = out["lion_m4_gbs"] / copy_gbs
     print(f"  lion triton int4 momentum: {out['lion_m4_ms']:.3f} ms {out['lion_m4_gbs']:.0f} GB/s; with 1% "
           f"outliers {out['lion_m4_outliers_ms']:.3f} ms", flush=True)
+    out["lion_bits_sweep"] = []
+    for knobs in BITS_SWEEP if bits_sweep else []:
+        ms_, gbs = timed(triton_ops, grads["bf16"], layout="3d", fused_outliers=True, outlier_idx=o_idx,
+                         outlier_val=o_val, **knobs)
+        out["lion_bits_sweep"].append({"grad": "bf16", "outliers": 0.01, **knobs, "ms": ms_, "gbs": gbs,
+                                       "frac_of_copy": gbs / copy_gbs})
+        print(f"  lion triton with 1% outliers {knobs}: {ms_:.3f} ms {gbs:.0f} GB/s {gbs / copy_gbs:.0%} of copy",
+              flush=True)
+    if bits_sweep:
+        out["lion_bits_best"] = best_per_bits(out["lion_bits_sweep"])
     out["lion_torch_ms"], out["lion_torch_gbs"] = timed(torch_ops, grads["bf16"])
     out["lion_kernel_gbs"] = out["lion_triton_gbs"]
     out["lion_kernel_frac_of_copy"] = out["lion_triton_gbs"] / copy_gbs
@@ -86,8 +106,19 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28):
     return out
 
 
+def best_per_bits(rows):
+    """The fastest launch configuration for each (momentum_bits, rand_bits) of the bits sweep."""
+    best = {}
+    for row in rows:
+        key = f"m{row['momentum_bits']}_bits{row['rand_bits']}"
+        if key not in best or row["gbs"] > best[key]["gbs"]:
+            best[key] = row
+    return best
+
+
 def main(argv=None):
-    """Standalone: `python bench/lion_bandwidth.py --commit SHA` writes bench/results/lion_sweep_*.json."""
+    """Standalone: `python bench/lion_bandwidth.py --commit SHA` writes bench/results/lion_sweep_*.json, the
+    bits sweep included."""
     import argparse
     import sys
     from pathlib import Path
@@ -98,7 +129,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("lion_bandwidth.py times the Triton kernel: no CUDA device here")
-    path = common.write_result("lion_sweep", {**common.header(args.commit), **bandwidths(torch.device("cuda"))})
+    path = common.write_result("lion_sweep", {**common.header(args.commit),
+                                              **bandwidths(torch.device("cuda"), bits_sweep=True)})
     print(f"wrote {path}")
 
 

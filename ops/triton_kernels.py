@@ -44,8 +44,9 @@ def _clip_scalars(norm_ptr, clip, grad_scale, beta1, beta2):
 @triton.jit
 def _ef_carry(y, q, bits, RAND_BITS: tl.constexpr = 32):
     """Error feedback's int8 carry, (y - q) in units of s/254, stochastically rounded (the weight's share of
-    the draw): unbiased at any lr (to 1/256 of a carry step for RAND_BITS 16 and 8). Rounded to nearest, an update below s/508 (lr 1e-5 on a group of absmax
-    0.65, or any warm-up's first steps) was lost every step. |y - q| <= 1/2, so no clamp is needed."""
+    the draw): unbiased at any lr (to 1/256 of a carry step for RAND_BITS 16 and 8). Rounded to nearest, an
+    update below s/508 (lr 1e-5 on a group of absmax 0.65, or any warm-up's first steps) was lost every
+    step. |y - q| <= 1/2, so no clamp is needed."""
     if RAND_BITS == 32:
         return _sr_codes((y - q) * 254.0, 32768.0, bits, False, RAND_BITS)
     return _sr_codes((y - q) * 254.0, 256.0, bits, False, RAND_BITS)

@@ -19,11 +19,19 @@ def test_the_sweep_and_the_int4_momentum_timings_run(monkeypatch):
     calls = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode=None: (calls.append(fn()), 1.0)[1])
     monkeypatch.setattr(lb, "SWEEP", lb.SWEEP[:1])
-    out = lb.bandwidths(torch.device("cpu"), n=4096 * 4, copy_numel=1024)
+    bits = [k for k in lb.BITS_SWEEP if k["chunk"] == 4096 and k["num_warps"] == 4 and
+            (k["momentum_bits"] == 8 or k["rand_bits"] == 8)]
+    assert len(bits) == 4  # int8 momentum at 32, 16 and 8 bits; int4 at 8
+    monkeypatch.setattr(lb, "BITS_SWEEP", bits)
+    out = lb.bandwidths(torch.device("cpu"), n=4096 * 4, copy_numel=1024, bits_sweep=True)
     for key in ("lion_triton_ms", "lion_m4_ms", "lion_m4_outliers_ms", "lion_m4_frac_of_copy", "copy_gbs_end"):
         assert out[key] > 0, key
     assert out["lion_m4_bytes_per_param"] == pytest.approx(out["lion_bytes_per_param"] - 1)
     # the same time over fewer bytes: the int4 kernel's GB/s is int8's times 5/6 (bf16 gradient)
     assert out["lion_m4_gbs"] / out["lion_triton_gbs"] == pytest.approx(out["lion_m4_bytes_per_param"]
                                                                         / out["lion_bytes_per_param"], rel=1e-3)
-    assert len(calls) == 2 + 2 + 2 + 1 + 1 + 2  # copies, sweep (bf16, fp32), outliers, int8, torch, int4 (+ outliers)
+    assert len(calls) == 2 + 2 + 2 + 1 + 1 + 2 + 4  # copies, sweep (bf16, fp32), outliers, int8, torch, int4
+    # (+ outliers), the bits sweep
+    assert sorted(out["lion_bits_best"]) == ["m4_bits8", "m8_bits16", "m8_bits32", "m8_bits8"]
+    for row in out["lion_bits_sweep"]:
+        assert row["outliers"] == 0.01 and row["frac_of_copy"] == pytest.approx(row["gbs"] / out["copy_gbs"])
