@@ -63,6 +63,10 @@ class Classifier:
             if "chunked_loss" in a.site and a.dtype == "float32":
                 return "head gradient fp32 accumulator (chunked loss)"
             return f"head gradient {a.dtype}"
+        if "HeadRowSlices" in a.site:
+            return f"a dequantized slice of the head {a.dtype} (chunked loss)"
+        if "_QEmbeddingFn" in a.site and a.shape and a.shape[-1] == self.hidden and "norm pass" in a.phase:
+            return "embedding gradient's touched rows (norm pass)"
         if "chunked_loss" in a.site:
             return "chunked loss: its hidden states, their gradient, a chunk's small temporaries"
         if n == self.tokens * self.hidden:
