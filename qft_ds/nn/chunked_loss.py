@@ -123,11 +123,11 @@ def _keep_way(x, weight, cdt, targets, scale, chunk: int):
     gy_all = x.new_empty((n, weight.shape[0]), dtype=cdt)
     head = HeadRowSlices(weight, cdt)
 
-    def logits(rows, w):  # a chunk of tokens at a time: the product's temporary is [chunk, slice rows]
+    def project(rows, w):  # a chunk of tokens at a time: the product's temporary is [chunk, slice rows]
         for i in range(0, n, chunk):
             gy_all[i:i + chunk, rows] = F.linear(xc[i:i + chunk], w)
 
-    head.each(logits)
+    head.each(project)
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for i in range(0, n, chunk):
         with torch.enable_grad():
@@ -151,10 +151,9 @@ class HeadRowSlices:
     """The HybridWeight `weight` dequantized to `dtype` a slice of rows at a time: `each(fn)` calls fn(row
     slice, W[rows]) per slice, W[rows] made with the same kernel and so the same values as
     weight.dequantize(dtype)[rows], and freed before the next is made (a loop variable would hold it while
-    the next is dequantized). The state is read once (ZeRO-3 gathers it once, as for one dequantize) and
-    may be passed over again. A slice
-    starts and ends on an int8 group boundary (groups may run across rows: hybrid.choose_group) and holds
-    about `slice_bytes`."""
+    the next is dequantized). The int8 state is read once (ZeRO-3 gathers it once, as for one dequantize,
+    and holds it while this object lives) and may be passed over again. A slice starts and ends on an int8
+    group boundary (groups may run across rows: hybrid.choose_group) and holds about `slice_bytes`."""
 
     def __init__(self, weight, dtype: torch.dtype, slice_bytes: int | None = None):
         from qft_ds import ops
