@@ -3,10 +3,13 @@ would at run time (aligned pointers, n % 16 == 0), disassemble the cubin with th
 ships, count SASS opcodes. The Lion kernel is issue-bound on the H100: the total count is the lever (a
 variant with fewer conversions but more instructions measured slower, fewer Philox rounds faster), so
 that comes first; conversions (I2F, F2I, FRND: a narrower pipe) are listed after it. The count is static:
-loops (the outlier ones) count once, however often they run.
+loops (the outlier ones) count once, however often they run. `--bits-sweep` compiles the one-tile Lion
+kernel as bench/lion_bandwidth.py's BITS_SWEEP launches it (1% outliers fused, the training flags) and
+adds instructions per element and the highest register used (an occupancy estimate; spills as STL/LDL).
 
     python bench/kernel_sass.py                      # every kernel configuration of the compile check
     python bench/kernel_sass.py "lion 3d r0 outliers ok=norm"
+    python bench/kernel_sass.py --bits-sweep --write # bench/results/kernel_sass_*.json
 """
 from __future__ import annotations
 
@@ -26,13 +29,16 @@ import aot_compile  # noqa: E402  (the kernel configurations CI compiles)
 CONVERSIONS = ("I2F", "I2FP", "F2I", "F2IP", "FRND", "F2F", "I2I")
 
 
-def sass_mix(kernel, sig, const) -> Counter:
-    cubin = aot_compile.compile_sm90(kernel, sig, const).asm["cubin"]
+def disassemble(kernel, sig, const, num_warps=4) -> str:
+    cubin = aot_compile.compile_sm90(kernel, sig, const, num_warps).asm["cubin"]
     nvdisasm = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "k.cubin")
         Path(path).write_bytes(cubin)
-        text = subprocess.run([str(nvdisasm), "-c", path], capture_output=True, text=True, check=True).stdout
+        return subprocess.run([str(nvdisasm), "-c", path], capture_output=True, text=True, check=True).stdout
+
+
+def opcodes(text: str) -> Counter:
     ops = Counter()
     for line in text.splitlines():
         m = re.search(r"/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)
@@ -41,16 +47,67 @@ def sass_mix(kernel, sig, const) -> Counter:
     return ops
 
 
+def sass_mix(kernel, sig, const, num_warps=4) -> Counter:
+    return opcodes(disassemble(kernel, sig, const, num_warps))
+
+
+def bits_sweep_configs():
+    """(name, kernel, signature, constexprs, num_warps, elements per thread) for each BITS_SWEEP entry, with
+    the constexprs triton_backend._launch_3d derives for a 128-column weight group and 256-element blocks."""
+    import lion_bandwidth
+    from qft_ds.ops import triton_kernels as tk
+    for knobs in lion_bandwidth.BITS_SWEEP:
+        m4 = knobs["momentum_bits"] == 4
+        sig = {**aot_compile.LION_ARGS, **aot_compile.OUTLIER_ARGS, "ok_ptr": "*fp32",
+               **({"m_ptr": "*u8"} if m4 else {})}
+        const = {"G": 128, "K": 2, "RM": knobs["chunk"] // 256, "ROUNDING": 0, "ROUNDS": 10, "OUTLIERS": True,
+                 "OB": 64, "OK_FLOAT": True, "CLIP": True, "M4": m4, "RAND_BITS": knobs["rand_bits"]}
+        name = "lion 3d bits sweep " + " ".join(f"{k}={v}" for k, v in knobs.items())
+        yield name, tk.lion_kernel_3d, sig, const, knobs["num_warps"], knobs["chunk"] // (32 * knobs["num_warps"])
+
+
+def describe(text: str, per_thread: int | None = None) -> dict:
+    ops = opcodes(text)
+    total = sum(ops.values())
+    out = {"instructions": total, "conversions": sum(ops[c] for c in CONVERSIONS),
+           "conversion_mix": {c: ops[c] for c in CONVERSIONS if ops[c]},
+           "top": dict(ops.most_common(8)), "spill_stores": ops["STL"], "spill_loads": ops["LDL"],
+           "max_register": max((int(r) for r in re.findall(r"\bR(\d+)\b", text)), default=-1) + 1}
+    if per_thread:
+        out["elements_per_thread"] = per_thread
+        out["instructions_per_element"] = round(total / per_thread, 2)
+    return out
+
+
 def main(argv=None) -> int:
-    want = set(argv if argv is not None else sys.argv[1:])
-    for name, kernel, sig, const in aot_compile.configs():
-        if want and name not in want:
-            continue
-        ops = sass_mix(kernel, sig, const)
-        conv = sum(ops[c] for c in CONVERSIONS)
-        print(f"{name}: {sum(ops.values())} SASS instructions, {conv} conversions "
-              f"({', '.join(f'{c} {ops[c]}' for c in CONVERSIONS if ops[c])}); "
-              f"top: {', '.join(f'{k} {v}' for k, v in ops.most_common(8))}", flush=True)
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", help="configurations of tests/ops/aot_compile.py (default: all)")
+    p.add_argument("--bits-sweep", action="store_true", help="bench/lion_bandwidth.py's BITS_SWEEP instead")
+    p.add_argument("--write", action="store_true", help="write bench/results/kernel_sass_*.json")
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    if args.bits_sweep:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        configs = [(name, kernel, sig, const, nw, per) for name, kernel, sig, const, nw, per in bits_sweep_configs()]
+    else:
+        configs = [(name, kernel, sig, const, 4, None) for name, kernel, sig, const in aot_compile.configs()
+                   if not args.names or name in args.names]
+    rows = []
+    for name, kernel, sig, const, nw, per in configs:
+        row = {"name": name, "num_warps": nw, **describe(disassemble(kernel, sig, const, nw), per)}
+        rows.append(row)
+        extra = (f", {row['instructions_per_element']} per element, ~{row['max_register']} registers, "
+                 f"spills {row['spill_stores']}" if per else "")
+        conv = ", ".join(f"{c} {v}" for c, v in row["conversion_mix"].items())
+        print(f"{name}: {row['instructions']} SASS instructions, {row['conversions']} conversions ({conv}){extra}; "
+              f"top: {', '.join(f'{k} {v}' for k, v in row['top'].items())}", flush=True)
+    if args.write:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import common
+        path = common.write_result("kernel_sass", {**common.header(args.commit), "target": "sm_90 (static)",
+                                                   "triton": triton.__version__, "configs": rows})
+        print(f"wrote {path}")
     return 0
 
 

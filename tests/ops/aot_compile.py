@@ -82,7 +82,7 @@ def configs():
          "ROUNDS": 10, "RAND_BITS": 16}
 
 
-def compile_sm90(kernel, sig, const):
+def compile_sm90(kernel, sig, const, num_warps=4):
     """Compile one configuration for an H100 as the JIT would at run time."""
     # constexprs left to their defaults (ROUNDS, OK_FLOAT, ...) must be named too: unnamed, they are
     # runtime arguments of no type and the compile fails
@@ -93,7 +93,7 @@ def compile_sm90(kernel, sig, const):
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, t in sig.items() if t.startswith("*") or k == "n"}
     src = triton.compiler.ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in const}},
                                     constexprs=const, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 def main() -> int:
