@@ -14,6 +14,7 @@ from qft_ds.ops import reference_rng as rr
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
+from qft_ds.ops import triton_kernels as tk  # noqa: E402
 from qft_ds.ops import triton_rng as trng  # noqa: E402
 
 SEED = int(torch.randint(0, 2**31 - 1, ()).item())  # fresh per run; printed on failure
@@ -234,3 +235,30 @@ def test_weight_steps_are_unbiased_to_1_256_of_a_step_on_the_philox_stream(tb, r
         assert abs(move - want) <= 5 * se + 1e-12, (SEED, f, bits, move, want, se)
         if want == 0:
             assert (q == 10).all()
+
+
+@triton.jit
+def _sr4_probe(x_ptr, bits_ptr, amax_ptr, out_ptr, BLOCK: tl.constexpr, HIGH: tl.constexpr, RAND_BITS: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    inv = trng._sr_inv(tl.load(amax_ptr) * tk.SR_PER_QMAX4, RAND_BITS)
+    bits = tl.load(bits_ptr + i).to(tl.uint32, bitcast=True)
+    tl.store(out_ptr + i, trng._sr_codes(tl.load(x_ptr + i), inv, bits, HIGH, RAND_BITS))
+
+
+@pytest.mark.parametrize("rand_bits", [32, 16, 8])
+@pytest.mark.parametrize("high", [False, True])
+def test_int4_momentum_codes_stay_within_7_unclamped_at_the_absmax(tb, rand_bits, high):
+    """The int4 store packs codes without a clamp: at a block's absmax (and a hair below it, both signs),
+    every value of the rounding's random bits gives |q| <= 7 (a wrap to 8 would flip the nibble's sign)."""
+    _, dev = tb
+    share = 2**15 if rand_bits == 32 else 256
+    h = torch.arange(share, dtype=torch.int64)
+    bits = {32: (h << 17) if high else h, 16: (h << 8) if high else h, 8: h}[rand_bits]
+    for amax in (0.0123, 3.7e-7, 1e-3 * (1 + 2**-23)):
+        xs = torch.tensor([amax, -amax, amax * (1 - 2**-24), -amax * (1 - 2**-24)], dtype=torch.float32)
+        n = len(xs) * share
+        out = torch.empty(n, dtype=torch.int8, device=dev)
+        _sr4_probe[(n // 256,)](xs.repeat_interleave(share).to(dev), bits.repeat(len(xs)).to(torch.int32).to(dev),
+                                torch.tensor([amax], device=dev), out, BLOCK=256, HIGH=high, RAND_BITS=rand_bits)
+        q = out.cpu().view(len(xs), share)
+        assert q.abs().max() <= 7 and (q[0] >= 6).all() and (q[1] <= -6).all(), (amax, q.unique())
