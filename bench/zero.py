@@ -63,11 +63,23 @@ def count_collectives() -> None:
         setattr(dist, name, wrapped)
 
 
-def config(stage: int, batch: int) -> dict:
+def config(stage: int, batch: int, comm_dtype: str = "fp32") -> dict:
     return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
             "bf16": {"enabled": True}, "steps_per_print": 10**9, "zero_optimization": {"stage": stage},
             "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
+            "communication_data_type": comm_dtype,
             "qft": {"backend": "auto", "gradient_checkpointing": True}}
+
+
+def bind_cores(rank: int, world: int) -> list[int]:
+    """Pin this rank to its own even share of the usable cores (as DeepSpeed's launcher does with
+    --bind_cores_to_rank), with as many intra-op threads: no two ranks' host threads share a core."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // world)
+    mine = cores[rank * share:(rank + 1) * share]
+    os.sched_setaffinity(0, mine)
+    torch.set_num_threads(len(mine))
+    return mine
 
 
 def _sync() -> None:
@@ -93,9 +105,11 @@ def profile_steps(step, out: Path | None, name: str, n: int = 2) -> None:
 
 
 def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int, iters: int, out: str,
-           depth: int | None = None, profile_dir: str | None = None) -> None:
+           depth: int | None = None, profile_dir: str | None = None, comm_dtype: str = "fp32",
+           bind: bool = False) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
+    cores = bind_cores(rank, world) if bind else None
     cuda = torch.cuda.is_available()  # False only under --cpu-smoke
     if cuda:
         torch.cuda.set_device(rank)
@@ -105,14 +119,14 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
     count_collectives()
     import qft_ds
     import torch.distributed as dist
-    row = {"rank": rank, "oom": False}
+    row = {"rank": rank, "oom": False, "cores": cores and f"{cores[0]}-{cores[-1]}"}
     try:
         dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
         sh = SHAPES[shape]
         # drawn and quantized one weight at a time on the GPU, the same seed on every rank (initialize broadcasts
         # rank 0's anyway): building a 7B shape on the CPU first took minutes per rank
         model = build_quantized(shape, dev)
-        engine, opt, _, _ = qft_ds.initialize(model=model, config=config(stage, sh["batch"]))
+        engine, opt, _, _ = qft_ds.initialize(model=model, config=config(stage, sh["batch"], comm_dtype))
         prefetcher = getattr(opt.sharding, "prefetcher", None)  # stage 3
         if depth is not None:
             prefetcher.depth = depth
@@ -160,13 +174,14 @@ def run(spec: str, args) -> dict:
            "seq": sh["seq"], "peak_gib": None, "peak_gib_per_rank": None, "tok_s": None, "oom": False}
     if depth is not None:
         row["prefetch_depth"] = depth
+    row.update(comm_dtype=args.comm_dtype, bound_cores=args.bind)
     if torch.cuda.is_available() and world > torch.cuda.device_count():
         row["error"] = f"needs {world} GPUs, {torch.cuda.device_count()} visible"
         return row
     with tempfile.TemporaryDirectory() as tmp:
         try:
             mp.spawn(worker, args=(world, common_port(), shape, stage, args.warmup, args.iters, tmp, depth,
-                                   args.profile),
+                                   args.profile, args.comm_dtype, args.bind),
                      nprocs=world)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -182,11 +197,14 @@ def run(spec: str, args) -> dict:
         r0 = ranks[0]
         for key in ("setup_peak_gib", "state_bytes_per_param", "params", "step_s", "comm_bytes_per_step", "prefetch"):
             row[key] = r0.get(key)
+        row["step_s_per_rank"] = [r.get("step_s") for r in ranks]  # lockstep: a slow host shows on every rank
+        row["cores_per_rank"] = [r.get("cores") for r in ranks]
         if r0.get("step_s"):
             row["tok_s"] = world * sh["batch"] * sh["seq"] / r0["step_s"]
             row["comm_gb_per_step"] = r0["comm_bytes_per_step"] / 1e9
     print(f"  {shape:>5} x{world} stage {stage}: peak {row['peak_gib_per_rank']} GiB  tok/s "
           f"{row['tok_s'] and round(row['tok_s'])}  comm/step {row.get('comm_gb_per_step')} GB  oom={row['oom']} "
+          f"{args.comm_dtype}{' bound' if args.bind else ''} "
           f"{row.get('error', '')}", flush=True)
     return row
 
@@ -231,6 +249,9 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the timed steps, profile 2 more on rank 0 and write the top ops by GPU time to DIR")
+    p.add_argument("--comm_dtype", default="fp32", choices=("fp32", "bf16"),
+                   help="the config's communication_data_type: the data-parallel gradient all-reduce's dtype")
+    p.add_argument("--bind", action="store_true", help="pin each rank to its own even share of the cores")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="check the script end to end on the CPU with gloo (use the tiny shape; no memory figures)")
     args = p.parse_args(argv)

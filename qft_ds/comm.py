@@ -164,20 +164,27 @@ class PendingMean:
         return self.buf.to(self.back)
 
 
-def all_reduce_mean_async(t: torch.Tensor) -> PendingMean:
+def all_reduce_mean_async(t: torch.Tensor, reduce_dtype: torch.dtype = torch.float32) -> PendingMean:
     """The mean of all_reduce_mean_ (which is this, waited for), started now and collected with .wait():
     data parallel's fused flow overlaps it with the next layer's backward. One rank: `t` itself, nothing
     launched.
 
-    A bf16/fp16 gradient over a power-of-two number of ranks is cast and divided in one kernel before the
-    sum (prescaled_mean_exact says why that gives the same bits as dividing the sum); other inputs are
-    cast, summed, then divided."""
+    fp32 (default): a bf16/fp16 gradient over a power-of-two number of ranks is cast and divided in one
+    kernel before the sum (prescaled_mean_exact says why that gives the same bits as dividing the sum);
+    other inputs are cast, summed, then divided. bf16: half the bytes; each rank's g / world is exact in
+    bf16 over 2**k ranks (bar subnormals) and the backend rounds the sum to bf16; the mean comes back bf16."""
     world = world_size()
     if world == 1:
         return PendingMean(None, t, 1, t.device)
     types = served_device_types()
     dev = device(t, types=types)
-    if t.dim() and prescaled_mean_exact(t.dtype, world):  # (a 0-d product would broadcast to 1-d)
+    if reduce_dtype == torch.bfloat16:
+        exact = world & (world - 1) == 0
+        buf = t.to(dev, torch.bfloat16) * (1.0 / world) if exact else t.to(dev, torch.bfloat16)
+        divide_by = 1 if exact else world
+    elif reduce_dtype != torch.float32:
+        raise ValueError(f"all_reduce_mean_async reduces in fp32 or bf16, got {reduce_dtype}")
+    elif t.dim() and prescaled_mean_exact(t.dtype, world):  # (a 0-d product would broadcast to 1-d)
         buf, divide_by = torch.mul(t.to(dev), _reciprocal(dev, world)), 1
     else:
         buf, divide_by = t.to(dev, torch.float32), world

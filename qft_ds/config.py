@@ -54,8 +54,9 @@ class QFTConfig:
     compute_bf16: bool = False      # <- "bf16": {"enabled": true}
     gradient_accumulation_steps: int = 1
     zero_stage: int = 0             # <- "zero_optimization": {"stage": 0-3}; qft_ds.zero shards the int8 state
+    comm_dtype: str = "fp32"        # <- "communication_data_type": the data-parallel gradient all-reduce's dtype
 
-    _FROM_DS = ("max_grad_norm", "compute_bf16", "gradient_accumulation_steps", "zero_stage")
+    _FROM_DS = ("max_grad_norm", "compute_bf16", "gradient_accumulation_steps", "zero_stage", "comm_dtype")
 
     @classmethod
     def keys(cls) -> list[str]:

@@ -55,6 +55,7 @@ def split_config(ds: dict, world_size: int = 1):
     if cfg.method == "qft":
         opt = _qftlion_params(ds.pop("optimizer", None))
         cfg.zero_stage = zero_stage(ds)
+        cfg.comm_dtype = communication_dtype(ds, cfg.zero_stage)
     else:  # peqa, qst: a torch optimizer (its whole section)
         opt = methods_setup.split_method_config(cfg, ds)
     take_deepspeed_sections(cfg, ds, world_size)
@@ -71,6 +72,24 @@ def _qftlion_params(opt: dict | None) -> dict:
         if key not in _OPTIMIZER_KEYS:
             raise ValueError(f"unknown key 'optimizer.params.{key}'; QFTLion takes {', '.join(_OPTIMIZER_KEYS)}")
     return params
+
+
+def communication_dtype(ds: dict, stage: int) -> str:
+    """DeepSpeed's "communication_data_type" for QFT's gradient reduction: "fp32" (default: the mean of the
+    ranks' gradients with the bits of one device's) or "bf16" (data parallel only: half NCCL's bytes; the
+    sum of the ranks' bf16 gradients is rounded to bf16 once). DeepSpeed still reads the key for the float
+    parameters' gradients, which it reduces itself."""
+    value = ds.get("communication_data_type")
+    if value is None:
+        return "fp32"
+    names = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
+    if not isinstance(value, str) or value.lower() not in names:
+        raise ValueError(f"communication_data_type must be \"fp32\" or \"bf16\" for method qft, got {value!r}")
+    dtype = names[value.lower()]
+    if dtype == "bf16" and stage:
+        raise ValueError(f"communication_data_type \"bf16\" applies to data parallel (zero_optimization.stage 0); "
+                         f"stage {stage} reduce-scatters QFT's gradients in fp32: remove the key or use stage 0")
+    return dtype
 
 
 def zero_stage(ds: dict) -> int:
@@ -124,7 +143,8 @@ def build_optimizer(model: torch.nn.Module, cfg: QFTConfig, params: dict) -> QFT
                   outlier_refresh=cfg.outlier_refresh, outlier_frac=cfg.outlier_frac, clip_mode=cfg.clip_mode,
                   momentum_bits=cfg.momentum_bits)
     # the ZeRO stage picks where the int8 state lives; placed once torch.distributed is up (opt.shard())
-    sharding = ZeroSharding(cfg.zero_stage) if cfg.zero_stage else NoSharding()
+    sharding = (ZeroSharding(cfg.zero_stage) if cfg.zero_stage
+                else NoSharding(reduce_dtype=torch.bfloat16 if cfg.comm_dtype == "bf16" else torch.float32))
     return QFTLion(groups, sharding=sharding, **kwargs)
 
 

@@ -58,9 +58,18 @@ def mean_over_ranks(grad: torch.Tensor) -> torch.Tensor:
 
 
 class NoSharding:
-    """Every rank holds and updates whole weights (one device, or plain data parallel)."""
+    """Every rank holds and updates whole weights (one device, or plain data parallel).
+
+    `reduce_dtype`: the fused flow's all-reduce. fp32 (default) sums the ranks' gradients exactly, so the
+    mean has the bits of one device's; bf16 halves the bytes and rounds the sum of bf16 gradients to bf16
+    once (DeepSpeed's "communication_data_type": "bf16"). The stack flow's int8 buffers reduce in fp32."""
     stage = 0
     reduce_on_push = None  # the stack keeps whole buffers, reduced at the boundary
+
+    def __init__(self, reduce_dtype: torch.dtype = torch.float32):
+        if reduce_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"NoSharding reduces gradients in fp32 or bf16, got {reduce_dtype}")
+        self.reduce_dtype = reduce_dtype
 
     @property
     def overlaps(self) -> bool:
@@ -78,7 +87,8 @@ class NoSharding:
     def reduce(self, w, grad: torch.Tensor):
         if not comm.is_distributed():
             return lambda: (grad, None)
-        pending = comm.all_reduce_mean_async(grad)  # NaN on any rank is NaN on all: every rank skips alike
+        # NaN on any rank is NaN on all: every rank skips alike
+        pending = comm.all_reduce_mean_async(grad, reduce_dtype=self.reduce_dtype)
         return lambda: (pending.wait(), None)
 
     def grad_norm(self, grad: torch.Tensor, finite) -> torch.Tensor:
@@ -101,4 +111,4 @@ class NoSharding:
         return flow.stacked_sq_norm()
 
     def describe(self) -> dict:
-        return {}
+        return {} if self.reduce_dtype == torch.float32 else {"reduce_dtype": "bf16"}

@@ -50,7 +50,7 @@ def leave() -> None:
 
 
 def build(stage: int, flow: str = "fused", rounding: str = "sr", clip: float = 0.0, outlier_refresh: int = 0,
-          momentum_bits: int = 8):
+          momentum_bits: int = 8, comm_dtype: str = "fp32"):
     """A converted tiny LLaMA (tied embedding/head) and its optimizer: QFTLion, unsharded at stage 0, else
     given ZeroSharding and sharded. Groups of 32 columns and momentum blocks of 64 give 64-element units: many per weight."""
     torch.manual_seed(0)
@@ -58,7 +58,7 @@ def build(stage: int, flow: str = "fused", rounding: str = "sr", clip: float = 0
     convert_model(model, group_size=32, outlier_frac=0.02, error_feedback=rounding == "ef")
     cfg = QFTConfig(flow=flow, rounding=rounding, block_size=64, max_grad_norm=clip, outlier_refresh=outlier_refresh,
                     gradient_accumulation_steps=2 if flow == "stack" else 1, momentum_bits=momentum_bits)
-    cfg.zero_stage = stage
+    cfg.zero_stage, cfg.comm_dtype = stage, comm_dtype
     opt = build_optimizer(model, cfg, {"lr": 2e-3, "weight_decay": 0.1})
     if stage:
         opt.shard()
