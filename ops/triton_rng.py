@@ -92,14 +92,13 @@ def _pieces(r0, r1, r2, r3, RAND_BITS: tl.constexpr):
 def _bits(key, offs, ROUNDS: tl.constexpr = 10, RAND_BITS: tl.constexpr = 32):
     """RAND_BITS random bits (uint32) for global element offsets of any shape: piece offs % P of
     philox(key, offs // P). One Philox call per element: the slow path, for layouts the tiles below miss."""
-    P: tl.constexpr = 128 // RAND_BITS
-    r0, r1, r2, r3 = _philox(key, offs // P, ROUNDS)
-    piece = offs % P
-    word = piece // (P // 4)
+    r0, r1, r2, r3 = _philox(key, offs // (128 // RAND_BITS), ROUNDS)
+    piece = offs % (128 // RAND_BITS)
+    word = piece // (32 // RAND_BITS)
     w = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
     if RAND_BITS == 32:
         return w
-    return (w >> ((piece % (P // 4)) * RAND_BITS).to(tl.uint32)) & ((1 << RAND_BITS) - 1)
+    return (w >> ((piece % (32 // RAND_BITS)) * RAND_BITS).to(tl.uint32)) & ((1 << RAND_BITS) - 1)
 
 
 @triton.jit
@@ -107,10 +106,9 @@ def _bits_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.con
                ROUNDS: tl.constexpr = 10, RAND_BITS: tl.constexpr = 32):
     """The same bits as _bits for the tile [ROWS, COLS] at base + r * STRIDE + c, one Philox call per P
     elements. Needs base, STRIDE and COLS divisible by P = 128 / RAND_BITS (the caller checks)."""
-    P: tl.constexpr = 128 // RAND_BITS
     r = tl.arange(0, ROWS)
-    k = tl.arange(0, COLS // P)
-    counters = (base + r[:, None] * STRIDE) // P + k[None, :]
+    k = tl.arange(0, COLS * RAND_BITS // 128)
+    counters = (base + r[:, None] * STRIDE) // (128 // RAND_BITS) + k[None, :]
     r0, r1, r2, r3 = _philox(key, counters, ROUNDS)
     return tl.reshape(_pieces(r0, r1, r2, r3, RAND_BITS), (ROWS, COLS))
 
@@ -120,11 +118,10 @@ def _bits_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUND
              RAND_BITS: tl.constexpr = 32):
     """_bits_rows for a [R, K, G] tile at base + (r * K + k) * G + c: the same bits, one Philox call
     per P elements. Needs base and G divisible by P = 128 / RAND_BITS."""
-    P: tl.constexpr = 128 // RAND_BITS
     r = tl.arange(0, R)
     k = tl.arange(0, K)
-    j = tl.arange(0, G // P)
-    counters = (base + (r[:, None, None] * K + k[None, :, None]) * G) // P + j[None, None, :]
+    j = tl.arange(0, G * RAND_BITS // 128)
+    counters = (base + (r[:, None, None] * K + k[None, :, None]) * G) // (128 // RAND_BITS) + j[None, None, :]
     r0, r1, r2, r3 = _philox(key, counters, ROUNDS)
     return tl.reshape(_pieces(r0, r1, r2, r3, RAND_BITS), (R, K, G))
 
