@@ -18,10 +18,14 @@ repeats forward and backward) keeps the last repeat only: the restart rule below
   again. Misses are counted (`misses`) and the first is logged at warning level.
 - **A pass that starts again at the trace's first weight** (an evaluation or generation forward between
   steps; the outlier re-selection inside step(), which reads every weight in order) restarts the trace
-  there: not a miss.
-- **A step that ends early** without such a restart (the first step ran clipping's norm-only backward,
-  later steps do not) keeps the part of the trace it used: the rest would only start gathers nobody
-  reads.
+  there: not a miss. With a tied embedding and LM head that weight is also the forward's last use and the
+  backward's first, so a forward followed by another forward (train.py's evaluation batches, or an
+  evaluation then the step's own forward) first reads as forward then backward. Each use of the trace's
+  first weight therefore also opens a candidate restart, followed alongside the trace's position; when
+  that position stops matching and a candidate still does, the candidate is taken (a restart, not a
+  miss), and only the gathers started along the wrong reading are wasted.
+- **A step that ends early** (the first step ran clipping's norm-only backward, later steps do not)
+  keeps the part of the trace its furthest pass reached: the rest would only start gathers nobody reads.
 Prefetching never crosses a step's end: the optimizer updates weights between steps.
 """
 from __future__ import annotations
@@ -50,12 +54,13 @@ class GatherPrefetcher:
         self.trace = None      # the uses of one traced step, in order (WeightShards); None: not followed
         self.recording = []    # the uses of this step, when it is being traced; else None
         self.pos = 0           # the next use the trace expects
+        self.candidates = []   # positions of passes restarted from the trace's first weight, read alongside pos
+        self.reached = 0       # the furthest position of this step (of any of its passes)
         self.inflight = {}     # id(shard) -> (shard, PendingGather), started ahead
         self.misses = 0        # uses out of the traced order
         self.prefetched = 0    # uses served by a gather started ahead
         self.restarts = 0      # passes that started again at the trace's first weight
         self.cuts = 0          # steps that ended before their trace did (the trace was shortened)
-        self._restarted = False  # this step restarted the trace (its last pass need not be a whole step)
 
     # -- a use ---------------------------------------------------------------------------------------
     def use(self, shard):
@@ -80,21 +85,32 @@ class GatherPrefetcher:
             return False
         if self.trace is None:  # a miss earlier in this step
             return False
-        if self.pos < len(self.trace) and self.trace[self.pos] is shard:
+        trace = self.trace
+        # candidate restarts that this use continues, and one that it begins (ordered set: no duplicates)
+        candidates = dict.fromkeys(c + 1 for c in self.candidates if c < len(trace) and trace[c] is shard)
+        if trace[0] is shard:
+            candidates[1] = None
+        if self.pos < len(trace) and trace[self.pos] is shard:
             self.pos += 1
-            return True
-        self._drop_inflight()
-        if self.trace[0] is shard:
+            candidates.pop(self.pos, None)  # the followed position itself (a pass from the first weight)
+        else:
+            self._drop_inflight()  # started along the reading that just failed
+            if not candidates:
+                return self._miss()
             self.restarts += 1
-            self._restarted = True
-            self.pos = 1
-            return True
+            self.pos = max(candidates)  # the restart read the longest
+            del candidates[self.pos]
+        self.candidates = list(candidates)
+        self.reached = max(self.reached, self.pos)
+        return True
+
+    def _miss(self) -> bool:
         self.misses += 1
         if self.misses == 1:
             logger.warning("ZeRO-3 prefetch: a weight was used out of the traced order (the model's control flow "
                            "changed?): it is gathered now, and the order is traced again at the next step. "
                            "Misses are counted in the optimizer's sharding.prefetcher.misses")
-        self.trace = None
+        self.trace, self.candidates = None, []
         return False
 
     def _ahead(self) -> None:
@@ -117,12 +133,12 @@ class GatherPrefetcher:
                 self.trace, self.recording = _drop_leading_repeats(self.recording), None
         elif self.trace is None:
             self.recording = []
-        elif 0 < self.pos < len(self.trace) and not self._restarted:
+        elif 0 < self.reached < len(self.trace):
             self.cuts += 1
             logger.debug("ZeRO-3 prefetch: the step used %d of the trace's %d uses; the trace keeps those",
-                         self.pos, len(self.trace))
-            self.trace = self.trace[:self.pos]
-        self.pos, self._restarted = 0, False
+                         self.reached, len(self.trace))
+            self.trace = self.trace[:self.reached]
+        self.pos, self.reached, self.candidates = 0, 0, []
 
     def _drop_inflight(self) -> None:
         for _, pending in self.inflight.values():

@@ -116,6 +116,35 @@ def test_a_pass_over_a_prefix_at_the_step_end_does_not_cut_the_trace():
     assert pf.misses == 0 and [e[1] for e in log] == list("abcd")
 
 
+def test_a_tied_head_forward_then_another_forward_restarts_without_a_miss(caplog):
+    """a is the tied embedding and LM head: the forward's last use and the backward's first. A forward
+    followed by a forward (evaluation batches, then the step's own) first reads as forward then backward."""
+    pf, s, log = _setup()
+    _step(pf, s, "abca" + "acb")  # forward (a: embedding ... head), backward (a: head first)
+    with caplog.at_level(logging.WARNING, logger="qft_ds"):
+        for _ in range(3):
+            got = _step(pf, s, "abca" * 2 + "abca" + "acb")  # two evaluation batches, then the step
+            assert got == [(n, 0) for n in "abca" * 3 + "acb"]
+        evals = [pf.use(s[n]) for n in "abca" * 3]  # the evaluation after the last step
+    assert evals == [(n, 0) for n in "abca" * 3]
+    assert (pf.misses, pf.restarts, caplog.text) == (0, 3 * 2 + 2, "")
+    assert [x.name for x in pf.trace] == list("abcaacb")
+    # a restart is read one use late: the gathers started along the backward reading are dropped and the
+    # use that shows the restart is gathered then; every other use but a step's first was prefetched
+    step_uses, evaluation_uses, restarts_per_pass = 3 * 4 + 3, 3 * 4, 2
+    assert pf.prefetched == 3 * (step_uses - 1 - restarts_per_pass) + (evaluation_uses - 1 - restarts_per_pass)
+
+
+def test_a_restarted_step_cuts_the_trace_to_its_furthest_pass():
+    pf, s, log = _setup()
+    _step(pf, s, "abcdcd")  # the first step ran clipping's norm-only backward: c d twice
+    _step(pf, s, "abc" + "abcd")  # an evaluation forward (a prefix), then the step's own
+    assert (pf.misses, pf.restarts, pf.cuts, [x.name for x in pf.trace]) == (0, 1, 1, list("abcd"))
+    log.clear()
+    _step(pf, s, "abcd")
+    assert [e[1] for e in log] == list("abcd")  # nothing started for the norm pass's c d
+
+
 def test_an_evaluation_before_the_first_step_is_not_traced():
     pf, s, _ = _setup()
     for _ in range(2):
