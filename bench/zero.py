@@ -106,7 +106,7 @@ def profile_steps(step, out: Path | None, name: str, n: int = 2) -> None:
 
 def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int, iters: int, out: str,
            depth: int | None = None, profile_dir: str | None = None, comm_dtype: str = "fp32",
-           bind: bool = False) -> None:
+           bind: bool = False, overlap: int | None = None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
     cores = bind_cores(rank, world) if bind else None
@@ -130,6 +130,8 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
         prefetcher = getattr(opt.sharding, "prefetcher", None)  # stage 3
         if depth is not None:
             prefetcher.depth = depth
+        if overlap is not None and stage == 0:  # data parallel: all-reduces in flight inside backward
+            opt.sharding.overlap = overlap
         st = opt.state_nbytes()
         row.update(state_bytes_per_param=(st["quantized_bytes"] + st["float_bytes"]) /
                    (st["quantized_params"] + st["float_params"]), params=st["quantized_params"] + st["float_params"],
@@ -174,14 +176,14 @@ def run(spec: str, args) -> dict:
            "seq": sh["seq"], "peak_gib": None, "peak_gib_per_rank": None, "tok_s": None, "oom": False}
     if depth is not None:
         row["prefetch_depth"] = depth
-    row.update(comm_dtype=args.comm_dtype, bound_cores=args.bind)
+    row.update(comm_dtype=args.comm_dtype, bound_cores=args.bind, overlap=args.overlap if stage == 0 else None)
     if torch.cuda.is_available() and world > torch.cuda.device_count():
         row["error"] = f"needs {world} GPUs, {torch.cuda.device_count()} visible"
         return row
     with tempfile.TemporaryDirectory() as tmp:
         try:
             mp.spawn(worker, args=(world, common_port(), shape, stage, args.warmup, args.iters, tmp, depth,
-                                   args.profile, args.comm_dtype, args.bind),
+                                   args.profile, args.comm_dtype, args.bind, args.overlap),
                      nprocs=world)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -204,7 +206,7 @@ def run(spec: str, args) -> dict:
             row["comm_gb_per_step"] = r0["comm_bytes_per_step"] / 1e9
     print(f"  {shape:>5} x{world} stage {stage}: peak {row['peak_gib_per_rank']} GiB  tok/s "
           f"{row['tok_s'] and round(row['tok_s'])}  comm/step {row.get('comm_gb_per_step')} GB  oom={row['oom']} "
-          f"{args.comm_dtype}{' bound' if args.bind else ''} "
+          f"{args.comm_dtype}{' bound' if args.bind else ''}{f' overlap {args.overlap}' if args.overlap else ''} "
           f"{row.get('error', '')}", flush=True)
     return row
 
@@ -252,6 +254,8 @@ def main(argv=None):
     p.add_argument("--comm_dtype", default="fp32", choices=("fp32", "bf16"),
                    help="the config's communication_data_type: the data-parallel gradient all-reduce's dtype")
     p.add_argument("--bind", action="store_true", help="pin each rank to its own even share of the cores")
+    p.add_argument("--overlap", type=int, default=None,
+                   help="stage 0: weights' all-reduces kept in flight inside backward (default: NoSharding's, 1)")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="check the script end to end on the CPU with gloo (use the tiny shape; no memory figures)")
     args = p.parse_args(argv)

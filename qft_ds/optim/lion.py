@@ -28,6 +28,7 @@ never asks which: it updates the slice the strategy says this rank owns.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 
@@ -89,7 +90,7 @@ class QFTLion(torch.optim.Optimizer):
         self._skip_reason = None     # set before step() when the step must be skipped
         self._bad_now = 0            # tensors left unwritten in this (fused) step
         self._norms = []             # fused: (weight index, fp32 gradient norm on the device), read once per step
-        self._pending = None         # fused: (weight, its gradient's reduction in flight) when it overlaps
+        self._pending = collections.deque()  # fused: (weight, its gradient's reduction in flight), oldest first
         if rounding == "ef":
             for w in self.weights:
                 if w.residual is None:  # converted without EF: the original weights are gone
@@ -223,20 +224,17 @@ class QFTLion(torch.optim.Optimizer):
 
     def _apply(self, w, grad):
         """Fused flow, inside backward: a quantized weight's whole gradient on this rank (called by the
-        flow). Its reduction over ranks starts now; where the strategy overlaps it with the next layer's
-        backward, the previous weight's (started one hook earlier) is finished and applied instead, and
-        _flush finishes the last."""
-        started = (w, self.sharding.reduce(w, grad))
-        self._flush()
-        if self.sharding.overlaps:
-            self._pending = started
-        else:
-            self._finish(*started)
+        flow). Its reduction over ranks starts now; where the strategy overlaps reductions with backward
+        (`overlap_depth` > 0), the oldest of more than that many in flight is finished and applied instead,
+        and _flush finishes the rest. Each weight's update is independent of the others': the order of
+        applying them changes no bits."""
+        self._pending.append((w, self.sharding.reduce(w, grad)))
+        while len(self._pending) > self.sharding.overlap_depth:
+            self._finish(*self._pending.popleft())
 
     def _flush(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            self._finish(*pending)
+        while self._pending:
+            self._finish(*self._pending.popleft())
 
     def _finish(self, w, reduced) -> None:
         """The owned slice of the mean gradient and its whole weight's norm, kept on the device (a host sync

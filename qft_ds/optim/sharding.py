@@ -9,8 +9,8 @@ shards):
 - `owned_range(w)`: that slice's element range [lo, hi) (its momentum's size; checkpoints read it);
 - `reduce(w, grad)`: a fused gradient's reduction over ranks, started now; calling the result gives
   (the owned slice of the mean gradient, a device flag "finite on every rank" or None);
-- `overlaps`: whether the core defers each weight's update to the next hook, so that the reduction
-  runs while the next layer's backward does;
+- `overlap_depth`: how many weights' reductions the core keeps in flight before it applies the oldest
+  (0: each applied at once), so that a reduction runs while the next weights' backward does;
 - `grad_norm(grad, finite)`: the whole weight's gradient norm from the owned slice (NaN if not finite);
 - `after_update(w)`: the gather that follows an owner's update; `reshard(w)` after outliers change;
 - `end_step()`: after every optimizer step (ZeRO-3's gather prefetch follows a trace of one step);
@@ -66,14 +66,17 @@ class NoSharding:
     stage = 0
     reduce_on_push = None  # the stack keeps whole buffers, reduced at the boundary
 
-    def __init__(self, reduce_dtype: torch.dtype = torch.float32):
+    def __init__(self, reduce_dtype: torch.dtype = torch.float32, overlap: int = 1):
         if reduce_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"NoSharding reduces gradients in fp32 or bf16, got {reduce_dtype}")
+        if overlap < 0:
+            raise ValueError(f"overlap must be >= 0 weights, got {overlap}")
         self.reduce_dtype = reduce_dtype
+        self.overlap = overlap  # data parallel: each in flight holds one more reduced gradient
 
     @property
-    def overlaps(self) -> bool:
-        return comm.is_distributed()
+    def overlap_depth(self) -> int:
+        return self.overlap if comm.is_distributed() else 0
 
     def shard(self, weights, block_size: int) -> None:
         pass

@@ -33,7 +33,7 @@ from qft_ds.zero.shards import WeightShard
 
 
 class ZeroSharding:
-    overlaps = True  # each weight's reduce-scatter runs during the next layer's backward
+    overlap_depth = 1  # each weight's reduce-scatter runs during the next weight's backward
 
     def __init__(self, stage: int, prefetch_depth: int = PREFETCH_DEPTH):
         if stage not in (1, 2, 3):
