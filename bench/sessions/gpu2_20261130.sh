@@ -3,6 +3,7 @@
 # bench/device_setup.sh and the model carry (docs/benchmarks.md). Results under $OUT.
 #   bash bench/sessions/gpu2_20261130.sh train_and_dp   # train.py end to end on 2 GPUs; DP speed variants
 #   bash bench/sessions/gpu2_20261130.sh stage3         # ZeRO-3 at 1.1B and 7B, 1 and 2 GPUs
+#   bash bench/sessions/gpu2_20261130.sh dp_overlap     # data parallel: all-reduces in flight, bf16, NCCL protocol
 set -u
 C=$(cat .snap/commit 2>/dev/null || git rev-parse --short HEAD)
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -29,6 +30,13 @@ train_and_dp)
   ;;
 stage3)
   z z3 --runs 1.1b:1:3 1.1b:2:3 7b:1:3 7b:2:3 --bind
+  ;;
+dp_overlap)
+  z dp_o1 --runs 1.1b:1:0 1.1b:2:0
+  z dp_o4 --runs 1.1b:2:0 --overlap 4
+  z dp_o4_bf16 --runs 1.1b:2:0 --overlap 4 --comm_dtype bf16
+  NCCL_PROTO=Simple z dp_o4_simple --runs 1.1b:2:0 --overlap 4
+  z dp_o1_again --runs 1.1b:2:0
   ;;
 esac
 cd "$OUT" && tar -czf all.tar.gz --exclude=all.tar.gz . 2>/dev/null; ls -R | head -40
