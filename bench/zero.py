@@ -253,6 +253,8 @@ def main(argv=None):
                    help="after the timed steps, profile 2 more on rank 0 and write the top ops by GPU time to DIR")
     p.add_argument("--comm_dtype", default="fp32", choices=("fp32", "bf16"),
                    help="the config's communication_data_type: the data-parallel gradient all-reduce's dtype")
+    p.add_argument("--no-warm-machine", dest="warm_machine", action="store_false",
+                   help="skip the discarded first run (by default the first --runs entry runs once more, first)")
     p.add_argument("--bind", action="store_true", help="pin each rank to its own even share of the cores")
     p.add_argument("--overlap", type=int, default=None,
                    help="stage 0: weights' all-reduces kept in flight inside backward (default: NoSharding's, 1)")
@@ -271,6 +273,9 @@ def main(argv=None):
         sys.exit("zero.py measures GPU memory and NCCL traffic: it needs CUDA")
     result = common.header(args.commit)
     result["rows"] = []
+    if args.warm_machine:  # the first run on a fresh machine ran ~30% slow in 4 calls: warm it, keep it apart
+        print("warming the machine (discarded):", flush=True)
+        result["warm_machine_run"] = run(args.runs[0], args)
     for spec in args.runs:
         result["rows"].append(run(spec, args))
         common.write_partial("zero", result, args.out)

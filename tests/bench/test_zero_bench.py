@@ -1,0 +1,23 @@
+"""bench/zero.py end to end on the CPU (--cpu-smoke: gloo ranks, the tiny shape): a data-parallel run on 2
+ranks records per-rank step times, the collectives' payload, its overlap and all-reduce dtype, and the
+discarded first run that warms the machine."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_two_rank_data_parallel_run_records_its_variant(tmp_path):
+    cmd = [sys.executable, str(ROOT / "bench" / "zero.py"), "--cpu-smoke", "--runs", "tiny:2:0", "--iters", "1",
+           "--warmup", "1", "--overlap", "2", "--comm_dtype", "bf16", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads(next(tmp_path.glob("zero_2*.json")).read_text())
+    row, = result["rows"]
+    assert "error" not in row, row
+    assert row["world_size"] == 2 and row["overlap"] == 2 and row["comm_dtype"] == "bf16"
+    assert len(row["step_s_per_rank"]) == 2 and all(t > 0 for t in row["step_s_per_rank"])
+    assert row["tok_s"] > 0 and row["comm_bytes_per_step"] > 0
+    assert result["warm_machine_run"]["world_size"] == 2 and "error" not in result["warm_machine_run"]
