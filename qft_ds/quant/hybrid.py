@@ -11,6 +11,7 @@ from torch import nn
 
 from qft_ds import ops
 from qft_ds.ops import reference as ref
+from qft_ds.quant.chunked import quantize_hybrid
 from qft_ds.quant.qtensor import QTensor
 
 
@@ -47,27 +48,13 @@ class HybridWeight(nn.Module):
         if sum(self.segments) != self.shape[0]:
             raise ValueError(f"segments {self.segments} do not add up to the {self.shape[0]} rows")
         self.n_uses = 0  # modules that read this weight; set by conversion
-        flat = weight.detach().reshape(-1).float().clone()
-        idx, start = [], 0
-        for rows in self.segments:
-            n = rows * self.shape[1]
-            k = int(round(outlier_frac * n))
-            if k > 0:
-                idx.append(torch.topk(flat[start:start + n].abs(), k, sorted=False).indices + start)
-            start += n
-        if idx:
-            idx = torch.cat(idx).sort().values.to(torch.int32)
-            val = flat[idx].clone()
-            flat[idx] = 0.0
-        else:
-            idx = torch.zeros(0, dtype=torch.int32, device=flat.device)
-            val = torch.zeros(0, dtype=torch.float32, device=flat.device)
-        codes, scales = ref.quantize_blockwise(flat, self.group, "rtn")
+        # in row chunks: a 128k vocabulary's head would otherwise make ~6 GiB of fp32 temporaries (issue 15)
+        codes, scales, idx, val = quantize_hybrid(weight.detach(), self.group, outlier_frac, self.segments)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("outlier_idx", idx)
         self.register_buffer("outlier_val", val)
-        self.anchor = nn.Parameter(torch.empty(0, device=flat.device))
+        self.anchor = nn.Parameter(torch.empty(0, device=weight.device))
         self.anchor._qft_weight = self
         # int8 error-feedback carry (units of scale/254), set when rounding == 'ef'
         self.register_buffer("residual", None)
