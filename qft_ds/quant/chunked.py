@@ -86,20 +86,24 @@ def top_magnitude(weight: torch.Tensor, r0: int, r1: int, k: int, chunk_elements
     for a, b in chunks:
         high += torch.bincount(_bits(weight, a, b) >> 16, minlength=_HIGH_BINS)
     b_high, above_high = _kth_bin(high, k)
-    low = torch.zeros(_LOW_BINS, dtype=torch.int64, device=dev)
-    for a, b in chunks:
-        bits = _bits(weight, a, b)
-        low += torch.bincount(bits[(bits >> 16) == b_high] & 0xFFFF, minlength=_LOW_BINS)
-    b_low, above_low = _kth_bin(low, k - above_high)
+    b_low, above_low = 0, 0  # bf16 -> fp32 leaves the low 16 bits 0: the high bin is the threshold
+    if weight.dtype != torch.bfloat16:
+        low = torch.zeros(_LOW_BINS, dtype=torch.int64, device=dev)
+        for a, b in chunks:
+            bits = _bits(weight, a, b)
+            low += torch.bincount(bits[(bits >> 16) == b_high] & 0xFFFF, minlength=_LOW_BINS)
+        b_low, above_low = _kth_bin(low, k - above_high)
     threshold = (b_high << 16) | b_low
     ties_left = k - above_high - above_low  # elements equal to the threshold still to take, >= 1
     picked = []
     for a, b in chunks:
         bits = _bits(weight, a, b)
-        above = (bits > threshold).nonzero().squeeze(1)
-        tied = (bits == threshold).nonzero().squeeze(1)[:ties_left] if ties_left else above[:0]
-        ties_left -= len(tied)
-        picked.append(torch.cat([above, tied]).sort().values + a * cols)
+        keep = bits > threshold
+        if ties_left:
+            tied = (bits == threshold).nonzero().squeeze(1)[:ties_left]
+            keep[tied] = True
+            ties_left -= len(tied)
+        picked.append(keep.nonzero().squeeze(1) + a * cols)  # nonzero is in index order: sorted
     idx = torch.cat(picked)
     if len(idx) != k:  # the histograms and this pass read the same bits: a mismatch is a bug, not data
         raise RuntimeError(f"top_magnitude picked {len(idx)} of rows [{r0}, {r1}), expected {k}")
