@@ -5,9 +5,9 @@ torch.topk, quantize_blockwise's own) cost ~12 bytes per element, 6.4 GiB beside
 set the 8B benchmark's set-up peak (issue 15). Here every temporary is of one chunk of rows (CHUNK_ELEMENTS).
 
 - Outliers: the top k of |w| per segment, found exactly by a radix select on the fp32 bit patterns of |w|
-  (non-negative floats order as their int32 bits): two histogram passes over the chunks fix the k-th largest
-  value T and how many exceed it; a third pass keeps every element above T and, of those equal to T, the
-  first ones in index order. With no tie at T this is the set torch.topk returns; with ties it is a set of
+  (non-negative floats order as their int32 bits): histogram passes over the chunks (the high 15 bits, then
+  the low 16 unless the weight is bf16) fix the k-th largest value T and how many exceed it; a last pass
+  keeps every element above T and, of those equal to T, the first ones in index order. With no tie at T this is the set torch.topk returns; with ties it is a set of
   the same size with the same threshold (torch.topk's choice among ties is unspecified anyway).
 - Dense codes: groups tile the flat layout and chunks start on group boundaries, so quantizing chunk by
   chunk is the whole-tensor quantize_blockwise bit for bit.
