@@ -3,7 +3,7 @@
 # momentum on the play task, and the Shakespeare qft lr below the old grid's edge: one H200 call, 9
 # processes sharing the GPU. Run on the GPU machine after bench/device_setup.sh; results under $OUT.
 set -u
-C=$(cat .snap/commit)
+C=$(cat .snap/commit 2>/dev/null || git rev-parse --short HEAD)
 M=$(python3 -c "from qft_ds import hub; print(hub.prepare_default_model())" | tail -1) || exit 1
 LIM=${LIM:-530}
 PLAY="qft:5e-05:2 qft:5e-05:3 qft:5e-05:4 qft:5e-05:5 fp32_lion:0.0001:2 fp32_lion:0.0001:3 fp32_lion:0.0001:4
