@@ -28,6 +28,12 @@ SWEEP = [dict(layout="3d", chunk=2048, num_warps=4, philox_rounds=10),
 BITS_SWEEP = [dict(momentum_bits=mb, rand_bits=rb, chunk=chunk, num_warps=nw)
               for mb in (8, 4) for rb in (32, 16, 8) for chunk, nw in ((2048, 4), (4096, 4), (8192, 8))]
 
+# The int4 kernel's packed momentum as whole byte tiles (m4_vec: one 8-byte load and store per thread at
+# 16 elements per thread, where today's kernel gathers single bytes and packs through shared memory; the
+# same bits, tests/ops/test_lion_m4_vec.py) against today's, paired, with 1% outliers fused (issue 15 item 4).
+M4_VEC_SWEEP = [dict(momentum_bits=4, rand_bits=rb, chunk=chunk, num_warps=nw, m4_vec=vec)
+                for rb in (32, 8) for chunk, nw in ((2048, 4), (4096, 4)) for vec in (False, True)]
+
 
 def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     """Copy bandwidth (read + write) and the int8 Lion kernel's, on a 4096 x 11008 weight.
@@ -37,7 +43,8 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     kernel is also run over a few launch configurations (`sweep`); `lion_kernel_gbs` is the default one,
     used in training; `lion_m4_*` the same with int4 momentum. `bits_sweep` (the standalone run's; 18 more
     kernels to compile and time, left out of memory_speed.py's runs) times BITS_SWEEP: `lion_bits_sweep`,
-    and `lion_bits_best`, the fastest configuration per (momentum_bits, rand_bits).
+    and `lion_bits_best`, the fastest configuration per (momentum_bits, rand_bits); then M4_VEC_SWEEP,
+    today's int4 kernel and its byte-tile variant paired (`lion_m4_vec_sweep`).
     """
     from qft_ds.ops import get_ops, reference as ref
     from triton.testing import do_bench
@@ -96,6 +103,14 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
               flush=True)
     if bits_sweep:
         out["lion_bits_best"] = best_per_bits(out["lion_bits_sweep"])
+    out["lion_m4_vec_sweep"] = []
+    for knobs in M4_VEC_SWEEP if bits_sweep else []:
+        ms_, gbs = timed(triton_ops, grads["bf16"], layout="3d", fused_outliers=True, outlier_idx=o_idx,
+                         outlier_val=o_val, **knobs)
+        out["lion_m4_vec_sweep"].append({"grad": "bf16", "outliers": 0.01, **knobs, "ms": ms_, "gbs": gbs,
+                                         "frac_of_copy": gbs / copy_gbs})
+        print(f"  lion triton with 1% outliers {knobs}: {ms_:.3f} ms {gbs:.0f} GB/s {gbs / copy_gbs:.0%} of copy",
+              flush=True)
     out["lion_torch_ms"], out["lion_torch_gbs"] = timed(torch_ops, grads["bf16"])
     out["lion_kernel_gbs"] = out["lion_triton_gbs"]
     out["lion_kernel_frac_of_copy"] = out["lion_triton_gbs"] / copy_gbs

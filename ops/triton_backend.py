@@ -112,7 +112,7 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, clip=0.0, quad_rng=None, chunk=None, num_warps=4,
-              philox_rounds=10, layout=None, fused_outliers=None, momentum_bits=8, rand_bits=None):
+              philox_rounds=10, layout=None, fused_outliers=None, momentum_bits=8, rand_bits=None, m4_vec=False):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, or a float
@@ -131,6 +131,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     packed int4 (reference.quantize_momentum; constexpr M4 of both kernels), which needs an even block.
     `rand_bits` (None: 32, the kernels' stream of today; 16 or 8: constexpr RAND_BITS, see triton_rng)
     is the number of random bits per element; reference.lion_step with the same value draws the same bits.
+    `m4_vec` (int4 momentum, layout "3d" only; a benchmark knob until a GPU run says which is faster): the
+    packed momentum loaded and stored as whole byte tiles (constexpr M4_VEC), the same bits.
     """
     ref.check_momentum_bits(momentum_bits)
     rand_bits = ref_rng.check_rand_bits(32 if rand_bits is None else rand_bits)
@@ -155,6 +157,11 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
                          f"per chunk (group {w_block}, block {m_block}, offset {offset}, chunk {chunk})")
     if fused_outliers and layout != "3d":
         raise ValueError("fused_outliers needs layout='3d'")
+    if m4_vec and (momentum_bits != 4 or layout != "3d"):
+        raise ValueError(f"m4_vec needs momentum_bits=4 and layout='3d' (got {momentum_bits}, {layout!r})")
+    if m4_vec and m_codes.numel() != (w_codes.numel() + 1) // 2:  # the kernel masks by the buffer's length
+        raise ValueError(f"m4_vec: m_codes holds {m_codes.numel()} bytes, {w_codes.numel()} int4 codes need "
+                         f"{(w_codes.numel() + 1) // 2}")
     g = grad.reshape(-1)
     if not g.is_contiguous():
         g = g.contiguous()
@@ -167,7 +174,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if has_outliers and fused_outliers:
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
                    beta2, weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps,
-                   philox_rounds, momentum_bits, rand_bits, outlier_idx, outlier_val)
+                   philox_rounds, momentum_bits, rand_bits, outlier_idx, outlier_val, m4_vec)
         return
     if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
         # As few torch ops as the maths allows: the training step is host-bound (bench/NOTES.md).
@@ -184,7 +191,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if layout == "3d":
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
                    beta2, weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps,
-                   philox_rounds, momentum_bits, rand_bits)
+                   philox_rounds, momentum_bits, rand_bits, m4_vec=m4_vec)
     elif layout == "2pass":
         base = math.lcm(w_block, m_block)
         chunk = chunk or base
@@ -269,7 +276,7 @@ def outlier_chunk_ptrs(outlier_idx: torch.Tensor, chunk: int, n_chunks: int) -> 
 
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
                weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps, philox_rounds,
-               momentum_bits=8, rand_bits=32, outlier_idx=None, outlier_val=None):
+               momentum_bits=8, rand_bits=32, outlier_idx=None, outlier_val=None, m4_vec=False):
     rm = max(1, (chunk or 2048) // m_block)  # preconditions checked by lion_step before any write
     chunk = rm * m_block
     n_chunks = triton_cdiv(n, chunk)
@@ -284,10 +291,10 @@ def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residu
         float(lr), float(beta1), float(beta2), float(1 - lr * weight_decay), float(grad_scale),
         *_lion_scalars(beta1, beta2, grad_scale),
         _step_key(seed, step), offset, float(clip),
-        outlier_idx, outlier_val, optr,
+        outlier_idx, outlier_val, optr, m_codes.numel(),
         G=w_block, K=m_block // w_block, RM=rm, ROUNDING=_rounding_id(rounding), ROUNDS=philox_rounds,
         OK_FLOAT=finite.is_floating_point(), CLIP=clip > 0, M4=momentum_bits == 4, RAND_BITS=rand_bits,
-        num_warps=num_warps, **extra)
+        M4_VEC=bool(m4_vec), num_warps=num_warps, **extra)
 
 
 def triton_cdiv(a: int, b: int) -> int:

@@ -94,6 +94,44 @@ def _store_m(m_ptr, base, local, q, mask, N: tl.constexpr, M4: tl.constexpr):
 
 
 @triton.jit
+def _m4_bytes(RM: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
+    """Byte offsets [RM, K, G // 2] of a [RM, K, G] tile's packed int4 momentum, relative to the tile's
+    first byte: contiguous along the last axis, so each thread's bytes load and store as one wide access."""
+    rm = tl.arange(0, RM)
+    k = tl.arange(0, K)
+    b = tl.arange(0, G // 2)
+    return (rm[:, None, None] * K + k[None, :, None]) * (G // 2) + b[None, None, :]
+
+
+@triton.jit
+def _load_m4_tile(m_ptr, start, bytes_left, RM: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
+    """_load_m's codes (fp32) for the whole [RM, K, G] tile at element `start` (even): the packed bytes
+    loaded as one contiguous tile, both nibbles taken in registers (the low one by shifting it to the
+    top and back, arithmetic shifts sign-extending; the high one by the signed byte's shift) and
+    interleaved by a join, so element 2i gets byte i's low nibble as in _load_m. `bytes_left`: the packed
+    bytes from the tile's first on, a count the JIT sees divisible by 16 (a kernel argument of its own):
+    masked by elements (2i < left), the compiler could not prove a thread's bytes all in or all out and
+    split the access into single bytes."""
+    local = _m4_bytes(RM, K, G)
+    byte = tl.load(m_ptr.to(tl.pointer_type(tl.int8)) + start // 2 + local, mask=local < bytes_left, other=0)
+    byte = byte.to(tl.int32)
+    lo = (byte << 28) >> 28
+    hi = byte >> 4
+    return tl.reshape(tl.join(lo, hi), (RM, K, G)).to(tl.float32)
+
+
+@triton.jit
+def _store_m4_tile(m_ptr, start, bytes_left, q, RM: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
+    """_store_m's bytes for the whole [RM, K, G] tile at element `start` (even), without flattening the
+    tile: each pair (2i, 2i + 1) split from the tile's last axis in registers, one contiguous byte tile
+    stored. A masked lane holds code 0 (as _store_m), so a partial tail's last byte is whole."""
+    lo, hi = tl.split(tl.reshape(q.to(tl.int32), (RM, K, G // 2, 2)))
+    local = _m4_bytes(RM, K, G)
+    tl.store(m_ptr.to(tl.pointer_type(tl.int8)) + start // 2 + local, ((lo & 0xF) | (hi << 4)).to(tl.int8),
+             mask=local < bytes_left)
+
+
+@triton.jit
 def _round(y, u, ROUNDING: tl.constexpr):
     """y in units of the scale -> codes as float; u: uniforms (used by SR only)."""
     if ROUNDING == 0:
@@ -254,11 +292,11 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
 
 @triton.jit
 def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
-                   mix, g2, key, offset, clip, oi_ptr, ov_ptr, optr_ptr,
+                   mix, g2, key, offset, clip, oi_ptr, ov_ptr, optr_ptr, m_bytes,
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
                    ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64,
                    OK_FLOAT: tl.constexpr = False, CLIP: tl.constexpr = False, M4: tl.constexpr = False,
-                   RAND_BITS: tl.constexpr = 32):
+                   RAND_BITS: tl.constexpr = 32, M4_VEC: tl.constexpr = False):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
     One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
@@ -269,6 +307,11 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     OUTLIERS: the exact fp32 outliers of this chunk (sorted indices oi[optr[pid]:optr[pid+1]]) are updated
     here too, from the old momentum, and their dense codes zeroed after the tile is stored: the whole
     update is one launch instead of a dozen small torch ops.
+
+    M4_VEC (with M4): the tile's packed momentum is loaded and stored as one contiguous byte tile per
+    program (a wide access per thread), its nibbles (un)packed in registers; `m_bytes` is the packed
+    buffer's length, ceil(n / 2) (unused otherwise). The same bits as M4 alone (tested); without it the
+    codes are gathered byte by byte and the store's pairs pass through shared memory.
     """
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * (RM * K * G)
@@ -285,7 +328,11 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     g = tl.load(g_ptr + start + local, mask=mask, other=0.0).to(tl.float32)
     bmask = rm * (K * G) < left
     ms = tl.load(ms_ptr + start // (K * G) + rm, mask=bmask, other=0.0)
-    mc = _load_m(m_ptr, start, local, mask, M4)
+    if M4 and M4_VEC:
+        bytes_left = m_bytes * ok - start // 2  # not finite: <= 0, as `left`
+        mc = _load_m4_tile(m_ptr, start, bytes_left, RM, K, G)
+    else:
+        mc = _load_m(m_ptr, start, local, mask, M4)
     c = tl.fma(mc, (ms * mix)[:, None, None], g)
     step = _lion_dir(c, lr)
     glocal = rm[:, None] * K + k[None, :]
@@ -331,5 +378,8 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     ms_new = _m_scale(tl.max(tl.max(tl.abs(m), axis=2), axis=1), M4)
     # momentum: always stochastic (unbiased EMA)
     q = _sr_codes(m, _sr_inv(ms_new, RAND_BITS)[:, None, None], bits, True, RAND_BITS)
-    _store_m(m_ptr, start, local, q, mask, RM * K * G, M4)
+    if M4 and M4_VEC:
+        _store_m4_tile(m_ptr, start, bytes_left, q, RM, K, G)
+    else:
+        _store_m(m_ptr, start, local, q, mask, RM * K * G, M4)
     tl.store(ms_ptr + start // (K * G) + rm, ms_new, mask=bmask)
