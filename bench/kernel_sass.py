@@ -6,7 +6,8 @@ that comes first; conversions (I2F, F2I, FRND: a narrower pipe) are listed after
 loops (the outlier ones) count once, however often they run. `--bits-sweep` compiles the one-tile Lion
 kernel as bench/lion_bandwidth.py's BITS_SWEEP launches it (1% outliers fused, the training flags) and
 adds instructions per element and the highest register used (an occupancy estimate; spills as STL/LDL).
-`--m4-vec-sweep` does the same for M4_VEC_SWEEP (today's int4 kernel against its byte-tile variant). Every
+`--m4-vec-sweep` does the same for M4_VEC_SWEEP (today's int4 kernel against its byte-tile variant), and
+`--keep-outliers-sweep` for KEEP_OUTLIERS_SWEEP (the outlier indices kept across the barrier). Every
 row counts its memory instructions by width too (LDG.E.U8 a byte, LDG.E.64 8 bytes, LDG.E.128 16; STS/LDS
 shared memory; BAR barriers), static like the rest.
 
@@ -14,6 +15,7 @@ shared memory; BAR barriers), static like the rest.
     python bench/kernel_sass.py "lion 3d r0 outliers ok=norm"
     python bench/kernel_sass.py --bits-sweep --write # bench/results/kernel_sass_*.json
     python bench/kernel_sass.py --m4-vec-sweep --write
+    python bench/kernel_sass.py --keep-outliers-sweep --write
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def bits_sweep_configs(sweep=None):
                **({"m_ptr": "*u8"} if m4 else {})}
         const = {"G": 128, "K": 2, "RM": knobs["chunk"] // 256, "ROUNDING": 0, "ROUNDS": 10, "OUTLIERS": True,
                  "OB": 64, "OK_FLOAT": True, "CLIP": True, "M4": m4, "RAND_BITS": knobs["rand_bits"],
-                 "M4_VEC": knobs.get("m4_vec", False)}
+                 "M4_VEC": knobs.get("m4_vec", False), "KEEP_OUTLIERS": knobs.get("keep_outliers", False)}
         name = "lion 3d bits sweep " + " ".join(f"{k}={v}" for k, v in knobs.items())
         per_thread = knobs["chunk"] // (32 * knobs["num_warps"])
         yield name, tk.lion_kernel_3d, sig, const, knobs["num_warps"], per_thread, knobs
@@ -104,14 +106,17 @@ def main(argv=None) -> int:
     p.add_argument("names", nargs="*", help="configurations of tests/ops/aot_compile.py (default: all)")
     p.add_argument("--bits-sweep", action="store_true", help="bench/lion_bandwidth.py's BITS_SWEEP instead")
     p.add_argument("--m4-vec-sweep", action="store_true", help="bench/lion_bandwidth.py's M4_VEC_SWEEP instead")
+    p.add_argument("--keep-outliers-sweep", action="store_true", help="its KEEP_OUTLIERS_SWEEP instead")
     p.add_argument("--write", action="store_true", help="write bench/results/kernel_sass_*.json")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON line at the end")
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
-    if args.bits_sweep or args.m4_vec_sweep:
+    if args.bits_sweep or args.m4_vec_sweep or args.keep_outliers_sweep:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import lion_bandwidth
-        configs = list(bits_sweep_configs(lion_bandwidth.M4_VEC_SWEEP if args.m4_vec_sweep else None))
+        sweep = (lion_bandwidth.M4_VEC_SWEEP if args.m4_vec_sweep else
+                 lion_bandwidth.KEEP_OUTLIERS_SWEEP if args.keep_outliers_sweep else None)
+        configs = list(bits_sweep_configs(sweep))
     else:
         configs = [(name, kernel, sig, const, 4, None, {}) for name, kernel, sig, const in aot_compile.configs()
                    if not args.names or name in args.names]

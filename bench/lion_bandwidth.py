@@ -34,6 +34,12 @@ BITS_SWEEP = [dict(momentum_bits=mb, rand_bits=rb, chunk=chunk, num_warps=nw)
 M4_VEC_SWEEP = [dict(momentum_bits=4, rand_bits=rb, chunk=chunk, num_warps=nw, m4_vec=vec)
                 for rb in (32, 8) for chunk, nw in ((2048, 4), (4096, 4)) for vec in (False, True)]
 
+# The outlier loops' first block outside the loops, its indices kept across the barrier for the zeroing
+# (keep_outliers: no second load of the indices before the zeroing stores; the same bits,
+# tests/ops/test_lion_keep_outliers.py) against today's, paired: int8, and int4 with m4_vec.
+KEEP_OUTLIERS_SWEEP = [dict(momentum_bits=mb, rand_bits=32, chunk=2048, num_warps=4, m4_vec=vec, keep_outliers=keep)
+                       for mb, vec in ((8, False), (4, True)) for keep in (False, True)]
+
 
 def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     """Copy bandwidth (read + write) and the int8 Lion kernel's, on a 4096 x 11008 weight.
@@ -44,7 +50,8 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     used in training; `lion_m4_*` the same with int4 momentum. `bits_sweep` (the standalone run's; 18 more
     kernels to compile and time, left out of memory_speed.py's runs) times BITS_SWEEP: `lion_bits_sweep`,
     and `lion_bits_best`, the fastest configuration per (momentum_bits, rand_bits); then M4_VEC_SWEEP,
-    today's int4 kernel and its byte-tile variant paired (`lion_m4_vec_sweep`).
+    today's int4 kernel and its byte-tile variant paired (`lion_m4_vec_sweep`), and KEEP_OUTLIERS_SWEEP
+    (`lion_keep_outliers_sweep`).
     """
     from qft_ds.ops import get_ops, reference as ref
     from triton.testing import do_bench
@@ -93,24 +100,22 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     out["lion_m4_frac_of_copy"] = out["lion_m4_gbs"] / copy_gbs
     print(f"  lion triton int4 momentum: {out['lion_m4_ms']:.3f} ms {out['lion_m4_gbs']:.0f} GB/s; with 1% "
           f"outliers {out['lion_m4_outliers_ms']:.3f} ms", flush=True)
-    out["lion_bits_sweep"] = []
-    for knobs in BITS_SWEEP if bits_sweep else []:
-        ms_, gbs = timed(triton_ops, grads["bf16"], layout="3d", fused_outliers=True, outlier_idx=o_idx,
-                         outlier_val=o_val, **knobs)
-        out["lion_bits_sweep"].append({"grad": "bf16", "outliers": 0.01, **knobs, "ms": ms_, "gbs": gbs,
-                                       "frac_of_copy": gbs / copy_gbs})
-        print(f"  lion triton with 1% outliers {knobs}: {ms_:.3f} ms {gbs:.0f} GB/s {gbs / copy_gbs:.0%} of copy",
-              flush=True)
+    def outlier_sweep(sweep):  # 1% outliers fused, as in training
+        rows = []
+        for knobs in sweep if bits_sweep else []:
+            ms_, gbs = timed(triton_ops, grads["bf16"], layout="3d", fused_outliers=True, outlier_idx=o_idx,
+                             outlier_val=o_val, **knobs)
+            rows.append({"grad": "bf16", "outliers": 0.01, **knobs, "ms": ms_, "gbs": gbs,
+                         "frac_of_copy": gbs / copy_gbs})
+            print(f"  lion triton with 1% outliers {knobs}: {ms_:.3f} ms {gbs:.0f} GB/s {gbs / copy_gbs:.0%} of "
+                  f"copy", flush=True)
+        return rows
+
+    out["lion_bits_sweep"] = outlier_sweep(BITS_SWEEP)
     if bits_sweep:
         out["lion_bits_best"] = best_per_bits(out["lion_bits_sweep"])
-    out["lion_m4_vec_sweep"] = []
-    for knobs in M4_VEC_SWEEP if bits_sweep else []:
-        ms_, gbs = timed(triton_ops, grads["bf16"], layout="3d", fused_outliers=True, outlier_idx=o_idx,
-                         outlier_val=o_val, **knobs)
-        out["lion_m4_vec_sweep"].append({"grad": "bf16", "outliers": 0.01, **knobs, "ms": ms_, "gbs": gbs,
-                                         "frac_of_copy": gbs / copy_gbs})
-        print(f"  lion triton with 1% outliers {knobs}: {ms_:.3f} ms {gbs:.0f} GB/s {gbs / copy_gbs:.0%} of copy",
-              flush=True)
+    out["lion_m4_vec_sweep"] = outlier_sweep(M4_VEC_SWEEP)
+    out["lion_keep_outliers_sweep"] = outlier_sweep(KEEP_OUTLIERS_SWEEP)
     out["lion_torch_ms"], out["lion_torch_gbs"] = timed(torch_ops, grads["bf16"])
     out["lion_kernel_gbs"] = out["lion_triton_gbs"]
     out["lion_kernel_frac_of_copy"] = out["lion_triton_gbs"] / copy_gbs

@@ -112,7 +112,8 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, clip=0.0, quad_rng=None, chunk=None, num_warps=4,
-              philox_rounds=10, layout=None, fused_outliers=None, momentum_bits=8, rand_bits=None, m4_vec=False):
+              philox_rounds=10, layout=None, fused_outliers=None, momentum_bits=8, rand_bits=None, m4_vec=False,
+              keep_outliers=False):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, or a float
@@ -132,7 +133,9 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     `rand_bits` (None: 32, the kernels' stream of today; 16 or 8: constexpr RAND_BITS, see triton_rng)
     is the number of random bits per element; reference.lion_step with the same value draws the same bits.
     `m4_vec` (int4 momentum, layout "3d" only; a benchmark knob until a GPU run says which is faster): the
-    packed momentum loaded and stored as whole byte tiles (constexpr M4_VEC), the same bits.
+    packed momentum loaded and stored as whole byte tiles (constexpr M4_VEC), the same bits. `keep_outliers`
+    (fused outliers only; a benchmark knob too): the first 64 outliers of a chunk updated outside the loops
+    and their indices kept for the zeroing (constexpr KEEP_OUTLIERS), the same bits.
     """
     ref.check_momentum_bits(momentum_bits)
     rand_bits = ref_rng.check_rand_bits(32 if rand_bits is None else rand_bits)
@@ -159,6 +162,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         raise ValueError("fused_outliers needs layout='3d'")
     if m4_vec and (momentum_bits != 4 or layout != "3d"):
         raise ValueError(f"m4_vec needs momentum_bits=4 and layout='3d' (got {momentum_bits}, {layout!r})")
+    if keep_outliers and not fused_outliers:
+        raise ValueError("keep_outliers needs fused_outliers (layout='3d')")
     if m4_vec and m_codes.numel() != (w_codes.numel() + 1) // 2:  # the kernel masks by the buffer's length
         raise ValueError(f"m4_vec: m_codes holds {m_codes.numel()} bytes, {w_codes.numel()} int4 codes need "
                          f"{(w_codes.numel() + 1) // 2}")
@@ -174,7 +179,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if has_outliers and fused_outliers:
         _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1,
                    beta2, weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps,
-                   philox_rounds, momentum_bits, rand_bits, outlier_idx, outlier_val, m4_vec)
+                   philox_rounds, momentum_bits, rand_bits, outlier_idx, outlier_val, m4_vec, keep_outliers)
         return
     if has_outliers:  # exact fp32 outliers, from the *old* momentum, before the kernel overwrites it
         # As few torch ops as the maths allows: the training step is host-bound (bench/NOTES.md).
@@ -276,13 +281,13 @@ def outlier_chunk_ptrs(outlier_idx: torch.Tensor, chunk: int, n_chunks: int) -> 
 
 def _launch_3d(w_codes, w_scales, w_block, m_codes, m_scales, m_block, g, residual, finite, n, lr, beta1, beta2,
                weight_decay, rounding, seed, step, offset, grad_scale, clip, chunk, num_warps, philox_rounds,
-               momentum_bits=8, rand_bits=32, outlier_idx=None, outlier_val=None, m4_vec=False):
+               momentum_bits=8, rand_bits=32, outlier_idx=None, outlier_val=None, m4_vec=False, keep_outliers=False):
     rm = max(1, (chunk or 2048) // m_block)  # preconditions checked by lion_step before any write
     chunk = rm * m_block
     n_chunks = triton_cdiv(n, chunk)
     if outlier_idx is not None:  # chunk c owns outliers optr[c]:optr[c+1] (the indices are sorted)
         optr = outlier_chunk_ptrs(outlier_idx, chunk, n_chunks)
-        extra = dict(OUTLIERS=True)
+        extra = dict(OUTLIERS=True, KEEP_OUTLIERS=bool(keep_outliers))
     else:
         outlier_idx = outlier_val = optr = w_codes  # unused pointers
         extra = {}

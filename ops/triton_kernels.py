@@ -159,6 +159,27 @@ def _lion_w(wc, s, step, r_ptrs, mask, decay, ROUNDING: tl.constexpr):
 
 
 @triton.jit
+def _outlier_step(oi, om, ov_ptrs, m_ptr, ms_ptr, g_ptr, lr, beta1, decay, grad_scale, B: tl.constexpr,
+                  M4: tl.constexpr):
+    """Exact fp32 Lion step of the outliers at indices oi (mask om; values at ov_ptrs), from the old momentum
+    (codes of B-element blocks): lion_kernel_3d's OUTLIERS."""
+    mo = _load_m(m_ptr, 0, oi, om, M4) * tl.load(ms_ptr + oi // B, mask=om, other=0.0)
+    go = tl.load(g_ptr + oi, mask=om, other=0.0).to(tl.float32) * grad_scale
+    co = mo + (1.0 - beta1) * (go - mo)  # torch.lerp's form, as the reference
+    uo = tl.where(co > 0, 1.0, tl.where(co < 0, -1.0, 0.0))
+    vo = tl.load(ov_ptrs, mask=om, other=0.0)
+    tl.store(ov_ptrs, vo * decay - lr * uo, mask=om)
+
+
+@triton.jit
+def _outlier_zero(oi, om, w_ptr, r_ptr, OB: tl.constexpr, ROUNDING: tl.constexpr):
+    """An outlier's dense code (and its EF carry) stays 0."""
+    tl.store(w_ptr + oi, tl.zeros([OB], dtype=tl.int8), mask=om)
+    if ROUNDING == 2:
+        tl.store(r_ptr + oi, tl.zeros([OB], dtype=tl.int8), mask=om)
+
+
+@triton.jit
 def _dequant_tile(codes_ptr, scales_ptr, out_ptr, n, pid, G: tl.constexpr, BLOCK: tl.constexpr):
     """out[tile] = codes * scale of their group, for program `pid`'s BLOCK elements."""
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -296,7 +317,8 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
                    ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64,
                    OK_FLOAT: tl.constexpr = False, CLIP: tl.constexpr = False, M4: tl.constexpr = False,
-                   RAND_BITS: tl.constexpr = 32, M4_VEC: tl.constexpr = False):
+                   RAND_BITS: tl.constexpr = 32, M4_VEC: tl.constexpr = False,
+                   KEEP_OUTLIERS: tl.constexpr = False):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
     One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
@@ -312,6 +334,10 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     program (a wide access per thread), its nibbles (un)packed in registers; `m_bytes` is the packed
     buffer's length, ceil(n / 2) (unused otherwise). The same bits as M4 alone (tested); without it the
     codes are gathered byte by byte and the store's pairs pass through shared memory.
+
+    KEEP_OUTLIERS (with OUTLIERS): the chunk's first OB outliers (all of them at 1% and chunk <= 6400) are
+    updated outside the loop and their indices kept in registers across the barrier for the zeroing, which
+    then stores at once instead of waiting on a second load of the indices. The same bits (tested).
     """
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * (RM * K * G)
@@ -344,15 +370,17 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
         o_lo = tl.load(optr_ptr + pid)
         o_hi = o_lo + (tl.load(optr_ptr + pid + 1) - o_lo) * ok  # not finite: no outlier is written
         ob = tl.arange(0, OB)
-        for j in range(o_lo, o_hi, OB):
+        o_rest = o_lo
+        if KEEP_OUTLIERS:  # the first OB outliers outside the loops, their indices kept for the zeroing
+            om0 = o_lo + ob < o_hi
+            oi0 = tl.load(oi_ptr + o_lo + ob, mask=om0, other=0).to(tl.int64)
+            _outlier_step(oi0, om0, ov_ptr + o_lo + ob, m_ptr, ms_ptr, g_ptr, lr, beta1, decay, grad_scale,
+                          K * G, M4)
+            o_rest = o_lo + OB
+        for j in range(o_rest, o_hi, OB):
             om = j + ob < o_hi
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
-            mo = _load_m(m_ptr, 0, oi, om, M4) * tl.load(ms_ptr + oi // (K * G), mask=om, other=0.0)
-            go = tl.load(g_ptr + oi, mask=om, other=0.0).to(tl.float32) * grad_scale
-            co = mo + (1.0 - beta1) * (go - mo)  # torch.lerp's form, as the reference
-            uo = tl.where(co > 0, 1.0, tl.where(co < 0, -1.0, 0.0))
-            vo = tl.load(ov_ptr + j + ob, mask=om, other=0.0)
-            tl.store(ov_ptr + j + ob, vo * decay - lr * uo, mask=om)
+            _outlier_step(oi, om, ov_ptr + j + ob, m_ptr, ms_ptr, g_ptr, lr, beta1, decay, grad_scale, K * G, M4)
     bits = _bits_3d(key, start + offset, RM, K, G, ROUNDS, RAND_BITS)  # one draw per element feeds both roundings
     if ROUNDING == 0:
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) * SR_PER_QMAX)
@@ -368,12 +396,12 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
         tl.store(r_ptr + start + local, _ef_carry(y, q, bits, RAND_BITS), mask=mask)
     if OUTLIERS:  # an outlier's dense code stays 0 (and its EF carry): after the tile's store, same CTA
         tl.debug_barrier()
-        for j in range(o_lo, o_hi, OB):
+        if KEEP_OUTLIERS:
+            _outlier_zero(oi0, om0, w_ptr, r_ptr, OB, ROUNDING)
+        for j in range(o_rest, o_hi, OB):
             om = j + ob < o_hi
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
-            tl.store(w_ptr + oi, tl.zeros([OB], dtype=tl.int8), mask=om)
-            if ROUNDING == 2:
-                tl.store(r_ptr + oi, tl.zeros([OB], dtype=tl.int8), mask=om)
+            _outlier_zero(oi, om, w_ptr, r_ptr, OB, ROUNDING)
     m = tl.fma(mc, (ms * beta2)[:, None, None], g * g2)
     ms_new = _m_scale(tl.max(tl.max(tl.abs(m), axis=2), axis=1), M4)
     # momentum: always stochastic (unbiased EMA)

@@ -64,6 +64,12 @@ def configs():
     yield "lion 3d r0 outliers ok=norm clip m4 vec", tk.lion_kernel_3d, {**LION_3D_ARGS, **m4}, \
         {"G": 128, "K": 2, "RM": 8, "ROUNDING": 0, "ROUNDS": 10, "OUTLIERS": True, "OB": 64, "OK_FLOAT": True,
          "CLIP": True, "M4": True, "M4_VEC": True}
+    # the outlier indices kept across the barrier (KEEP_OUTLIERS: KEEP_OUTLIERS_SWEEP), int8 EF, int4 SR
+    yield "lion 3d r2 outliers keep", tk.lion_kernel_3d, LION_3D_ARGS, \
+        {"G": 128, "K": 2, "RM": 8, "ROUNDING": 2, "ROUNDS": 10, "OUTLIERS": True, "OB": 64, "KEEP_OUTLIERS": True}
+    yield "lion 3d r0 outliers ok=norm clip m4 vec keep", tk.lion_kernel_3d, {**LION_3D_ARGS, **m4}, \
+        {"G": 128, "K": 2, "RM": 8, "ROUNDING": 0, "ROUNDS": 10, "OUTLIERS": True, "OB": 64, "OK_FLOAT": True,
+         "CLIP": True, "M4": True, "M4_VEC": True, "KEEP_OUTLIERS": True}
     yield "lion 3d r2 m4 vec", tk.lion_kernel_3d, {**LION_3D_ARGS, "m_ptr": "*u8"}, \
         {"G": 128, "K": 2, "RM": 1, "ROUNDING": 2, "ROUNDS": 10, "M4": True, "M4_VEC": True}
     yield "lion 3d r2 outliers m4", tk.lion_kernel_3d, {**LION_3D_ARGS, "m_ptr": "*u8"}, \
