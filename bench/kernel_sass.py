@@ -14,8 +14,8 @@ shared memory; BAR barriers), static like the rest.
     python bench/kernel_sass.py                      # every kernel configuration of the compile check
     python bench/kernel_sass.py "lion 3d r0 outliers ok=norm"
     python bench/kernel_sass.py --bits-sweep --write # bench/results/kernel_sass_*.json
-    python bench/kernel_sass.py --m4-vec-sweep --write
-    python bench/kernel_sass.py --keep-outliers-sweep --write
+    python bench/kernel_sass.py --m4-vec-sweep --write   # bench/results/kernel_sass_m4_vec_*.json
+    python bench/kernel_sass.py --keep-outliers-sweep --write  # ..._keep_outliers_*.json
 """
 from __future__ import annotations
 
@@ -133,7 +133,9 @@ def main(argv=None) -> int:
     if args.write:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import common
-        path = common.write_result("kernel_sass", {**common.header(args.commit), "target": "sm_90 (static)",
+        name = "kernel_sass" + ("_m4_vec" if args.m4_vec_sweep else
+                                "_keep_outliers" if args.keep_outliers_sweep else "")
+        path = common.write_result(name, {**common.header(args.commit), "target": "sm_90 (static)",
                                                    "triton": triton.__version__, "configs": rows})
         print(f"wrote {path}")
     if args.json:
