@@ -73,14 +73,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         gw = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if want_grad else None
         for i in range(0, x.shape[0], chunk):
             xc = x[i:i + chunk].to(cdt)
-            with torch.enable_grad():
-                logits = F.linear(xc, w).float().requires_grad_(want_grad)  # as ForCausalLMLoss: fp32
-                loss = F.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
-                total += loss.detach()
-                if not want_grad:
-                    continue
-                (g,) = torch.autograd.grad(loss, logits, scale)
-            del logits, loss
+            loss, g = _chunk_loss(F.linear(xc, w), targets[i:i + chunk], scale, want_grad)
+            total += loss
+            if not want_grad:
+                continue
             gy = g.to(cdt)  # QLinear's backward takes the logits' gradient in the compute dtype too
             del g
             gx[i:i + chunk] = (gy @ w).to(x.dtype)
@@ -130,17 +126,24 @@ def _keep_way(x, weight, cdt, targets, scale, chunk: int):
     head.each(project)
     total = torch.zeros((), dtype=torch.float32, device=x.device)
     for i in range(0, n, chunk):
-        with torch.enable_grad():
-            logits = gy_all[i:i + chunk].float().requires_grad_()  # as ForCausalLMLoss: fp32
-            loss = F.cross_entropy(logits, targets[i:i + chunk], reduction="sum")
-            total += loss.detach()
-            (g,) = torch.autograd.grad(loss, logits, scale)
-        del logits, loss
+        loss, g = _chunk_loss(gy_all[i:i + chunk], targets[i:i + chunk], scale, True)
+        total += loss
         gy_all[i:i + chunk].copy_(g)  # QLinear's backward takes the logits' gradient in the compute dtype too
         del g
     gx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     head.each(lambda rows, w: add_mm_fp32(gx, gy_all[:, rows], w))
     return total, gx.to(cdt).to(x.dtype), gy_all
+
+
+def _chunk_loss(logits, targets, scale, want_grad: bool):
+    """A chunk's summed cross-entropy over its logits taken to fp32 (as ForCausalLMLoss), detached, and the
+    fp32 gradient of `scale` times it with respect to those logits (None without grad). The fp32 logits
+    and the loss's graph are gone on return: only the gradient is alive."""
+    with torch.enable_grad():
+        logits = logits.float().requires_grad_(want_grad)
+        loss = F.cross_entropy(logits, targets, reduction="sum")
+        grad = torch.autograd.grad(loss, logits, scale)[0] if want_grad else None
+    return loss.detach(), grad
 
 
 # bytes of one dequantized slice of the head in the keep way: a 128k x 4096 bf16 head in 16 slices
