@@ -151,7 +151,7 @@ def all_reduce_mean_(t: torch.Tensor) -> torch.Tensor:
 
 
 class PendingMean:
-    """An all-reduce in flight: wait() gives the mean over ranks (fp32, on the input's device)."""
+    """An all-reduce in flight: wait() gives the mean over ranks (in the reduce dtype, on the input's device)."""
 
     def __init__(self, work, buf: torch.Tensor, divide_by: int, back: torch.device):
         self.work, self.buf, self.divide_by, self.back = work, buf, divide_by, back

@@ -12,10 +12,11 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent / "zero"))
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "bench"))
 import harness as H  # noqa: E402
+from common import OpNames  # noqa: E402  (bench/common.py: the aten ops a code path runs)
 
 from qft_ds import comm  # noqa: E402
 
@@ -64,25 +65,15 @@ def test_other_inputs_are_divided_after_the_sum():
     assert torch.equal((a + a) / 2, a) and torch.equal(a / 2 + a / 2, torch.zeros(1))
 
 
-class _Ops(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
-        self.names.append(func.__name__.split(".")[0])
-        return func(*args, **(kwargs or {}))
-
-
 def _two_rank_means(rank, world, out):
     g = [_wide_values(torch.bfloat16, 50_000, seed) for seed in range(world)]
     comm.all_reduce_mean_async(g[rank]).wait()  # the first call makes the cached 1/world
-    with _Ops() as ops:
+    with OpNames() as ops:
         mean = comm.all_reduce_mean_async(g[rank]).wait()
     g32 = [g[r].float().clone() for r in range(world)]
     fp32 = comm.all_reduce_mean_(g32[rank])  # fp32: reduced in place, divided after
     if rank == 0:
-        torch.save({"mean": mean, "expect": (g[0].float() + g[1].float()) / 2, "ops": ops.names,
+        torch.save({"mean": mean, "expect": (g[0].float() + g[1].float()) / 2, "ops": ops.ops,
                     "fp32": fp32, "fp32_expect": (g[0].float() + g[1].float()) / 2}, out)
 
 
@@ -156,13 +147,13 @@ def _two_rank_slices(rank, world, out):
         g = [_wide_values(torch.bfloat16, n, seed) for seed in range(world)]
         flag = torch.tensor(float(rank))
         comm.reduce_scatter_mean(g[rank], bounds, flag)  # warm: the cached 1/world
-        with _Ops() as ops:
+        with OpNames() as ops:
             part, summed = comm.reduce_scatter_mean(g[rank], bounds, flag)
         lo, hi = bounds[rank]
         g32 = [x.float() for x in g]
         part32, _ = comm.reduce_scatter_mean(g32[rank], bounds, flag)  # fp32: divided after the sum
         res[name] = {"part": part, "part32": part32, "expect": ((g32[0] + g32[1]) / 2)[lo:hi], "flag": summed,
-                     "ops": ops.names}
+                     "ops": ops.ops}
     torch.save(res, f"{out}.{rank}")
 
 
