@@ -112,7 +112,7 @@ def quantize_blockwise(x, block, rounding="rtn", key=None, offset=0, scales=None
 def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, lr, beta1, beta2,
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, clip=0.0, quad_rng=None, chunk=None, num_warps=4,
-              philox_rounds=10, layout=None, fused_outliers=None, momentum_bits=8, rand_bits=None, m4_vec=False,
+              philox_rounds=10, layout=None, fused_outliers=None, momentum_bits=8, rand_bits=None, m4_vec=None,
               keep_outliers=False):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
@@ -150,6 +150,11 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
             layout = "3d" if _fits_3d(w_block, m_block, offset, chunk, pieces) else "2pass"
     if fused_outliers is None:
         fused_outliers = layout == "3d"
+    if m4_vec is None:
+        flag = os.environ.get("QFT_DS_LION_M4_VEC", "0")
+        if flag not in ("0", "1"):
+            raise ValueError(f"QFT_DS_LION_M4_VEC must be '0' or '1', got {flag!r}")
+        m4_vec = flag == "1" and momentum_bits == 4 and layout == "3d"
     if m_block & (m_block - 1):
         raise ValueError(f"the triton Lion kernel needs a power-of-two momentum block_size, got {m_block}")
     if layout not in ("2pass", "3d"):

@@ -142,3 +142,18 @@ def test_m4_vec_loads_and_stores_the_packed_momentum_wide():
     assert new["memory"]["LDG.E.U8"] < old["memory"]["LDG.E.U8"]
     assert new["memory"]["STG.E.U8"] < old["memory"]["STG.E.U8"]
     assert new["instructions"] < old["instructions"]
+
+
+def test_m4_vec_env_switch(tb, monkeypatch):
+    """QFT_DS_LION_M4_VEC=1 (bench/memory_speed.py's qft_m4vec_* methods) turns the byte tiles on where
+    m4_vec is left None: the same bits as asking for them; a value other than 0 or 1 is an error naming it."""
+    be, dev = tb
+    inputs, idx, val = _inputs(4096 + 16, seed_offset=7)
+    asked = _step(_kernel(be, True), dev, inputs, idx, val)
+    monkeypatch.setenv("QFT_DS_LION_M4_VEC", "1")
+    from_env = _step(_kernel(be, None), dev, inputs, idx, val)
+    for i, (a, b) in enumerate(zip(asked, from_env)):
+        assert (a is None and b is None) or torch.equal(a, b), f"output {i} differs (seed {SEED})"
+    monkeypatch.setenv("QFT_DS_LION_M4_VEC", "yes")
+    with pytest.raises(ValueError, match="QFT_DS_LION_M4_VEC"):
+        _step(_kernel(be, None), dev, inputs, idx, val)
