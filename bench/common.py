@@ -56,7 +56,12 @@ def header(commit: str | None) -> dict:
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}_{time.strftime('%Y%m%d-%H%M')}.json"
+    stamp = time.strftime('%Y%m%d-%H%M')
+    path = out_dir / f"{name}_{stamp}.json"
+    n = 1
+    while path.exists():  # two runs in one minute (one command's runs) keep both
+        n += 1
+        path = out_dir / f"{name}_{stamp}-{n}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(payload, indent=1) + "\n")
     tmp.replace(path)

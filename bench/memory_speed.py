@@ -19,8 +19,8 @@ model size with the card sizes 12, 16, 24, 80 and 141 GB drawn (bench/memory_plo
 
 Methods: qft (through DeepSpeed, as users run it; Triton kernels where they run), qft_m4 (`qft.momentum_bits:
 4`, int4 Lion momentum), qft_chunked (`qft.chunked_loss`: the loss and the LM head's logits --chunk tokens at a
-time), qft_m4_chunked (both), qft_m4vec_chunked (qft_m4_chunked with QFT_DS_LION_M4_VEC=1: the int4 momentum
-as whole byte tiles, the same bits), qft_unfused (the same
+time), qft_m4_chunked (both), qft_m4_bytewise_chunked (qft_m4_chunked with QFT_DS_LION_M4_VEC=0: the int4
+kernel's byte-wise momentum, the default before 2026-11-30; the same bits), qft_unfused (the same
 with `qft.fuse_projections: false` and `qft.fuse_norms: false`: one weight per projection and HF's own
 RMSNorm, the model as before those keys), qft_torch (the same
 with the PyTorch reference ops), fp32_adamw (fp32 master weights, fused torch AdamW), bf16_adamw and
@@ -59,7 +59,7 @@ from shapes import SHAPES, batch_seq, build, build_quantized, shape_sizes  # noq
 QFT_VARIANTS = {
     "qft": {}, "qft_m4": {"momentum_bits": 4}, "qft_chunked": {"chunked": True},
     "qft_m4_chunked": {"momentum_bits": 4, "chunked": True},
-    "qft_m4vec_chunked": {"momentum_bits": 4, "chunked": True}, "qft_noclip": {"clip": 0.0},
+    "qft_m4_bytewise_chunked": {"momentum_bits": 4, "chunked": True}, "qft_noclip": {"clip": 0.0},
     "qft_two_pass": {"clip_mode": "two_pass"}, "qft_unfused": {"fuse": False}, "qft_2pass": {}, "qft_sync": {},
     "qft_jit": {}, "qft_nonreentrant": {"reentrant": False}, "qft_torch": {"backend": "torch"},
 }
@@ -86,7 +86,7 @@ def method_env(method: str) -> None:
     """Set the kernel switches a method variant stands for (each block of steps sets its own)."""
     from qft_ds.ops import triton_launch
     os.environ["QFT_DS_LION_LAYOUT"] = "2pass" if method == "qft_2pass" else "auto"
-    os.environ["QFT_DS_LION_M4_VEC"] = "1" if method.startswith("qft_m4vec") else "0"
+    os.environ["QFT_DS_LION_M4_VEC"] = "0" if method == "qft_m4_bytewise_chunked" else "1"
     triton_launch.MODE = "jit" if method == "qft_jit" else "direct"
 
 

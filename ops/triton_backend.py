@@ -113,7 +113,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
               weight_decay, rounding, seed, step, offset, outlier_idx=None, outlier_val=None,
               residual=None, grad_scale=1.0, finite=None, clip=0.0, quad_rng=None, chunk=None, num_warps=4,
               philox_rounds=10, layout=None, fused_outliers=None, momentum_bits=8, rand_bits=None, m4_vec=None,
-              keep_outliers=False):
+              keep_outliers=None):
     """Same contract as reference.lion_step; the dense part is one fused kernel per tensor.
 
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, or a float
@@ -132,10 +132,13 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     packed int4 (reference.quantize_momentum; constexpr M4 of both kernels), which needs an even block.
     `rand_bits` (None: 32, the kernels' stream of today; 16 or 8: constexpr RAND_BITS, see triton_rng)
     is the number of random bits per element; reference.lion_step with the same value draws the same bits.
-    `m4_vec` (int4 momentum, layout "3d" only; a benchmark knob until a GPU run says which is faster): the
-    packed momentum loaded and stored as whole byte tiles (constexpr M4_VEC), the same bits. `keep_outliers`
-    (fused outliers only; a benchmark knob too): the first 64 outliers of a chunk updated outside the loops
-    and their indices kept for the zeroing (constexpr KEEP_OUTLIERS), the same bits.
+    `m4_vec` (int4 momentum, layout "3d" only): the packed momentum loaded and stored as whole byte tiles
+    (constexpr M4_VEC), the same bits as the byte-wise kernel, 1.9x its speed on the H200 (22% -> 43% of copy
+    with 1% outliers, bench/results/lion_sweep_20261130-0204.json). None (the default) takes it wherever it
+    applies unless QFT_DS_LION_M4_VEC=0 (the byte-wise kernel, for A/B runs: bench/memory_speed.py's
+    qft_m4_bytewise_chunked). `keep_outliers` (fused outliers only; None: whenever the outliers are fused):
+    the first 64 outliers of a chunk updated outside the loops and their indices kept for the zeroing
+    (constexpr KEEP_OUTLIERS), the same bits, 2-5% faster on the H200 (same file).
     """
     ref.check_momentum_bits(momentum_bits)
     rand_bits = ref_rng.check_rand_bits(32 if rand_bits is None else rand_bits)
@@ -151,10 +154,13 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if fused_outliers is None:
         fused_outliers = layout == "3d"
     if m4_vec is None:
-        flag = os.environ.get("QFT_DS_LION_M4_VEC", "0")
+        flag = os.environ.get("QFT_DS_LION_M4_VEC", "1")
         if flag not in ("0", "1"):
             raise ValueError(f"QFT_DS_LION_M4_VEC must be '0' or '1', got {flag!r}")
-        m4_vec = flag == "1" and momentum_bits == 4 and layout == "3d"
+        m4_vec = (flag == "1" and momentum_bits == 4 and layout == "3d"
+                  and m_codes.numel() == (w_codes.numel() + 1) // 2)
+    if keep_outliers is None:
+        keep_outliers = bool(fused_outliers)
     if m_block & (m_block - 1):
         raise ValueError(f"the triton Lion kernel needs a power-of-two momentum block_size, got {m_block}")
     if layout not in ("2pass", "3d"):

@@ -144,16 +144,21 @@ def test_m4_vec_loads_and_stores_the_packed_momentum_wide():
     assert new["instructions"] < old["instructions"]
 
 
-def test_m4_vec_env_switch(tb, monkeypatch):
-    """QFT_DS_LION_M4_VEC=1 (bench/memory_speed.py's qft_m4vec_* methods) turns the byte tiles on where
-    m4_vec is left None: the same bits as asking for them; a value other than 0 or 1 is an error naming it."""
+def test_m4_vec_is_the_default_and_the_env_switch(tb, monkeypatch):
+    """m4_vec left None takes the byte tiles, keep_outliers left None keeps the outliers (both the same bits:
+    the tests above); QFT_DS_LION_M4_VEC=0 (bench/memory_speed.py's qft_m4_bytewise_chunked) gives the
+    byte-wise kernel's bits, which are the same again; a value other than 0 or 1 is an error naming it."""
     be, dev = tb
     inputs, idx, val = _inputs(4096 + 16, seed_offset=7)
-    asked = _step(_kernel(be, True), dev, inputs, idx, val)
-    monkeypatch.setenv("QFT_DS_LION_M4_VEC", "1")
-    from_env = _step(_kernel(be, None), dev, inputs, idx, val)
-    for i, (a, b) in enumerate(zip(asked, from_env)):
+    seen = []
+    launch = be._launch_3d
+    monkeypatch.setattr(be, "_launch_3d", lambda *a, **kw: (seen.append(a[-2:]), launch(*a, **kw))[1])
+    default = _step(lambda *a, **kw: be.lion_step(*a, **kw), dev, inputs, idx, val)
+    monkeypatch.setenv("QFT_DS_LION_M4_VEC", "0")
+    bytewise = _step(lambda *a, **kw: be.lion_step(*a, **kw), dev, inputs, idx, val)
+    assert seen == [(True, True), (False, True)]  # (m4_vec, keep_outliers) as launched
+    for i, (a, b) in enumerate(zip(default, bytewise)):
         assert (a is None and b is None) or torch.equal(a, b), f"output {i} differs (seed {SEED})"
     monkeypatch.setenv("QFT_DS_LION_M4_VEC", "yes")
     with pytest.raises(ValueError, match="QFT_DS_LION_M4_VEC"):
-        _step(_kernel(be, None), dev, inputs, idx, val)
+        _step(lambda *a, **kw: be.lion_step(*a, **kw), dev, inputs, idx, val)
