@@ -55,8 +55,10 @@ class QFTConfig:
     gradient_accumulation_steps: int = 1
     zero_stage: int = 0             # <- "zero_optimization": {"stage": 0-3}; qft_ds.zero shards the int8 state
     comm_dtype: str = "fp32"        # <- "communication_data_type": the data-parallel gradient all-reduce's dtype
+    cpu_checkpointing: bool = False  # <- "activation_checkpointing": {"cpu_checkpointing": true} (qft_ds.nn.offload)
 
-    _FROM_DS = ("max_grad_norm", "compute_bf16", "gradient_accumulation_steps", "zero_stage", "comm_dtype")
+    _FROM_DS = ("max_grad_norm", "compute_bf16", "gradient_accumulation_steps", "zero_stage", "comm_dtype",
+                "cpu_checkpointing")
 
     @classmethod
     def keys(cls) -> list[str]:
@@ -206,7 +208,8 @@ def take_deepspeed_sections(cfg: QFTConfig, ds: dict, world_size: int = 1) -> No
       casts every Parameter (QFT's norms and outliers, PEQA's scales, QST's side network) to bf16 and adds
       fp32 master copies;
     - "gradient_clipping" is applied by qft_ds, over what qft_ds trains; DeepSpeed's (default 1.0) is set to 0;
-    - the gradient accumulation steps, which qft_ds's flow must know before DeepSpeed starts."""
+    - the gradient accumulation steps, which qft_ds's flow must know before DeepSpeed starts;
+    - "activation_checkpointing" (take_activation_checkpointing)."""
     if (ds.get("fp16") or {}).get("enabled"):
         raise ValueError('"fp16" is not supported by qft_ds: use "bf16": {"enabled": true} (bf16 compute)')
     cfg.compute_bf16 = bool((ds.get("bf16") or {}).get("enabled", False))
@@ -215,3 +218,40 @@ def take_deepspeed_sections(cfg: QFTConfig, ds: dict, world_size: int = 1) -> No
     cfg.max_grad_norm = float(ds.get("gradient_clipping", 0.0) or 0.0)
     ds["gradient_clipping"] = 0.0
     cfg.gradient_accumulation_steps = gradient_accumulation_steps(ds, world_size)
+    take_activation_checkpointing(cfg, ds)
+
+
+# DeepSpeed's "activation_checkpointing" keys and their defaults (deepspeed.runtime.activation_checkpointing)
+_ACTIVATION_CHECKPOINTING = {"partition_activations": False, "contiguous_memory_optimization": False,
+                             "number_checkpoints": None, "synchronize_checkpoint_boundary": False,
+                             "profile": False, "cpu_checkpointing": False}
+
+
+def take_activation_checkpointing(cfg: QFTConfig, ds: dict) -> None:
+    """DeepSpeed's "activation_checkpointing" section configures DeepSpeed's own checkpoint function
+    (deepspeed.checkpointing), which a model checkpointed by transformers (`qft.gradient_checkpointing`)
+    never calls: DeepSpeed would ignore the section silently. qft_ds implements `cpu_checkpointing` (the
+    layer inputs kept in host memory: qft_ds.nn.offload) and refuses the other keys set to anything but
+    their defaults. The section is removed from what DeepSpeed gets."""
+    section = ds.pop("activation_checkpointing", None)
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ValueError(f"'activation_checkpointing' must be a JSON object, got {section!r}")
+    for key, value in section.items():
+        where = f"activation_checkpointing.{key}"
+        if key not in _ACTIVATION_CHECKPOINTING:
+            hint = difflib.get_close_matches(key, list(_ACTIVATION_CHECKPOINTING), n=1)
+            raise ValueError(f"unknown key '{where}'" + (f"; did you mean 'activation_checkpointing.{hint[0]}'?"
+                                                        if hint else ""))
+        if key == "cpu_checkpointing":
+            cfg.cpu_checkpointing = _check(where, value, bool)
+        elif value is not _ACTIVATION_CHECKPOINTING[key]:  # `is`: 0 is not false here
+            raise ValueError(f"'{where}' is not supported by qft_ds (it configures DeepSpeed's own checkpoint "
+                             f"function; qft_ds checkpoints through transformers): remove it")
+    if cfg.cpu_checkpointing and cfg.method != "qft":
+        raise ValueError(f"'activation_checkpointing.cpu_checkpointing' applies to method qft only; remove it "
+                         f"for method {cfg.method!r}")
+    if cfg.cpu_checkpointing and not cfg.gradient_checkpointing:
+        raise ValueError("'activation_checkpointing.cpu_checkpointing' keeps checkpointed layers' inputs in host "
+                         "memory: it needs 'qft.gradient_checkpointing': true")

@@ -5,9 +5,9 @@ What it does with the JSON config before DeepSpeed sees it:
 - the "optimizer" section is built here and handed to DeepSpeed as a client optimizer: QFTLion for QFT
   (DeepSpeed would hand an optimizer only parameters, and int8 weights need their modules), a torch
   optimizer for PEQA and QST (qft_ds.methods.setup);
-- "fp16", "bf16", "gradient_clipping" and the accumulation steps are taken over the same way for every
-  method (config.take_deepspeed_sections); QFT's ZeRO stage too (DeepSpeed gets stage 0, qft_ds.zero
-  shards the int8 state).
+- "fp16", "bf16", "gradient_clipping", "activation_checkpointing" and the accumulation steps are taken
+  over the same way for every method (config.take_deepspeed_sections); QFT's ZeRO stage too (DeepSpeed
+  gets stage 0, qft_ds.zero shards the int8 state).
 Everything else (batch sizes, the "scheduler" section, logging) stays DeepSpeed's. After DeepSpeed's
 initialize, the quantized weights (buffers, which DeepSpeed does not broadcast) are broadcast from rank
 0, and the engine's `backward` is guarded: a non-finite loss on any rank skips the step on every rank.
@@ -30,6 +30,7 @@ from qft_ds.nn.convert import convert_model, is_converted, quantized_weights
 from qft_ds.nn.chunked_loss import install_chunked_loss
 from qft_ds.nn.coverage import decays
 from qft_ds.nn.norms import fuse_rms_norms
+from qft_ds.nn.offload import offload_saved_tensors
 from qft_ds.nn.precision import autocast_forward
 from qft_ds.nn.qmodules import enable_checkpointing, mark_checkpointed
 from qft_ds.optim.lion import QFTLion
@@ -169,6 +170,8 @@ def prepare_model(model: torch.nn.Module, cfg: QFTConfig, progress: bool = False
         install_chunked_loss(model, cfg.chunked_loss)
     if cfg.compute_bf16:
         autocast_forward(model, torch.bfloat16)
+    if cfg.cpu_checkpointing:  # around the whole forward, so the chunked loss's saved tensors go too
+        offload_saved_tensors(model)
     if cfg.gradient_checkpointing:
         # Reentrant (default): each layer's first forward runs under no_grad, with no autograd graph and no
         # saved-tensor hooks, and backward recomputes then backpropagates it: 1.15-1.23x faster 1.1B steps
