@@ -19,8 +19,10 @@ model size with the card sizes 12, 16, 24, 80 and 141 GB drawn (bench/memory_plo
 
 Methods: qft (through DeepSpeed, as users run it; Triton kernels where they run), qft_m4 (`qft.momentum_bits:
 4`, int4 Lion momentum), qft_chunked (`qft.chunked_loss`: the loss and the LM head's logits --chunk tokens at a
-time), qft_m4_chunked (both), qft_m4_bytewise_chunked (qft_m4_chunked with QFT_DS_LION_M4_VEC=0: the int4
-kernel's byte-wise momentum, the default before 2026-11-30; the same bits), qft_unfused (the same
+time), qft_m4_chunked (both), qft_m4_chunked_offload (qft_m4_chunked with `"activation_checkpointing":
+{"cpu_checkpointing": true}`: the checkpointed layers' inputs in host memory), qft_m4_bytewise_chunked
+(qft_m4_chunked with QFT_DS_LION_M4_VEC=0: the int4 kernel's byte-wise momentum, the default before
+2026-11-30; the same bits), qft_unfused (the same
 with `qft.fuse_projections: false` and `qft.fuse_norms: false`: one weight per projection and HF's own
 RMSNorm, the model as before those keys), qft_torch (the same
 with the PyTorch reference ops), fp32_adamw (fp32 master weights, fused torch AdamW), bf16_adamw and
@@ -59,6 +61,7 @@ from shapes import SHAPES, batch_seq, build, build_quantized, shape_sizes  # noq
 QFT_VARIANTS = {
     "qft": {}, "qft_m4": {"momentum_bits": 4}, "qft_chunked": {"chunked": True},
     "qft_m4_chunked": {"momentum_bits": 4, "chunked": True},
+    "qft_m4_chunked_offload": {"momentum_bits": 4, "chunked": True, "cpu_checkpointing": True},
     "qft_m4_bytewise_chunked": {"momentum_bits": 4, "chunked": True}, "qft_noclip": {"clip": 0.0},
     "qft_two_pass": {"clip_mode": "two_pass"}, "qft_unfused": {"fuse": False}, "qft_2pass": {}, "qft_sync": {},
     "qft_jit": {}, "qft_nonreentrant": {"reentrant": False}, "qft_torch": {"backend": "torch"},
@@ -73,9 +76,10 @@ def log(msg: str) -> None:
 
 
 def qft_config(batch, backend="auto", fuse=True, reentrant=True, clip=1.0, clip_mode="budget", momentum_bits=8,
-               chunked_loss=0):
-    return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
-            "bf16": {"enabled": True}, "steps_per_print": 10**9,
+               chunked_loss=0, cpu_checkpointing=False):
+    offload = {"activation_checkpointing": {"cpu_checkpointing": True}} if cpu_checkpointing else {}
+    return {**offload, "train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1,
+            "gradient_clipping": clip, "bf16": {"enabled": True}, "steps_per_print": 10**9,
             "optimizer": {"type": "QFTLion", "params": {"lr": 1e-5, "weight_decay": 0.1}},
             "qft": {"backend": backend, "gradient_checkpointing": True, "fuse_projections": fuse,
                     "fuse_norms": fuse, "checkpoint_reentrant": reentrant, "clip_mode": clip_mode,
@@ -163,7 +167,8 @@ def setup(method, shape, batch, seq, dev, chunk=256):
         n = st["quantized_params"] + st["float_params"]
         return step, {"state_bytes_per_param": (st["quantized_bytes"] + st["float_bytes"]) / n, "params": n,
                       "quantized_params": st["quantized_params"], "float_params": st["float_params"],
-                      "momentum_bits": st["momentum_bits"], "qft": config["qft"], "build_s": built}
+                      "momentum_bits": st["momentum_bits"], "qft": config["qft"], "build_s": built,
+                      "cpu_checkpointing": "activation_checkpointing" in config}
     if method == "ds_fusedadam":
         import deepspeed
         t0 = time.perf_counter()
