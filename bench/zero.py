@@ -88,20 +88,35 @@ def _sync() -> None:
 
 
 def profile_steps(step, out: Path | None, name: str, n: int = 2) -> None:
-    """`n` more steps under torch.profiler (after the timed ones, so the timing has no profiler in it): the
-    top ops by GPU time, and how much of the steps' wall time the GPU's compute stream was busy."""
-    from torch.profiler import ProfilerActivity, profile
+    """`n` more steps under torch.profiler (after the timed ones, so the timing has no profiler in it), each
+    in a `timeline_step_<i>` annotation. Every rank that is given `out` writes the top ops by GPU time and
+    by own host time, its gzipped Chrome trace, and step_timeline.analyse's reading of it (GPU busy and
+    idle per step, the host's waits, the largest idle gaps and what the host ran at each)."""
+    import gzip
+    import json
+    from torch.profiler import ProfilerActivity, profile, record_function
+    from step_timeline import LABEL, analyse
     _sync()
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            step()
-        _sync()
+        for i in range(n):
+            with record_function(f"{LABEL}{i}"):
+                step()
+                _sync()
     wall = time.perf_counter() - t0
     if out is None:
         return
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    (out / f"profile_{name}.txt").write_text(f"{n} steps, {wall:.3f} s wall under the profiler\n{table}\n")
+    out.mkdir(parents=True, exist_ok=True)
+    avg = prof.key_averages()
+    (out / f"profile_{name}.txt").write_text(
+        f"{n} steps, {wall:.3f} s wall under the profiler\n{avg.table(sort_by='cuda_time_total', row_limit=30)}\n"
+        f"{avg.table(sort_by='self_cpu_time_total', row_limit=40)}\n")
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        prof.export_chrome_trace(f.name)
+        trace = json.loads(Path(f.name).read_text())
+    with gzip.open(out / f"trace_{name}.json.gz", "wt") as f:
+        json.dump(trace, f)
+    (out / f"timeline_{name}.json").write_text(json.dumps(analyse(trace), indent=1))
 
 
 def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int, iters: int, out: str,
@@ -139,7 +154,7 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         g = torch.Generator().manual_seed(rank)
-        times, comm_bytes = [], []
+        times, host_times, comm_bytes = [], [], []
         def step():
             x = torch.randint(0, sh["vocab_size"], (sh["batch"], sh["seq"]), generator=g).to(dev)
             engine.backward(engine(input_ids=x, labels=x).loss)
@@ -150,16 +165,18 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
             _sync()
             b0, t0 = COMM["bytes"], time.perf_counter()
             step()
+            t_host = time.perf_counter()  # the host has queued the step (one sync inside: the loss check)
             _sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
+                host_times.append(t_host - t0)
                 comm_bytes.append(COMM["bytes"] - b0)
-        row.update(peak_gib=common.peak_gib(), step_s=statistics.median(times),
+        row.update(peak_gib=common.peak_gib(), step_s=statistics.median(times), host_s=statistics.median(host_times),
                    comm_bytes_per_step=statistics.median(comm_bytes))
         if prefetcher is not None:  # misses should stay 0 after the first step
             row["prefetch"] = prefetcher.stats()
         if profile_dir:  # every rank steps (the steps communicate); rank 0 writes
-            profile_steps(step, Path(profile_dir) if rank == 0 else None, f"{shape}_x{world}_z{stage}")
+            profile_steps(step, Path(profile_dir), f"{shape}_x{world}_z{stage}_rank{rank}")
     except torch.OutOfMemoryError:
         row.update(oom=True, peak_gib=common.peak_gib())
     except Exception as e:  # recorded; the other runs go on
@@ -200,6 +217,8 @@ def run(spec: str, args) -> dict:
         for key in ("setup_peak_gib", "state_bytes_per_param", "params", "step_s", "comm_bytes_per_step", "prefetch"):
             row[key] = r0.get(key)
         row["step_s_per_rank"] = [r.get("step_s") for r in ranks]  # lockstep: a slow host shows on every rank
+        # host-bound: the host has queued the step only just before the GPU finishes it
+        row["host_s_per_rank"] = [r.get("host_s") for r in ranks]
         row["cores_per_rank"] = [r.get("cores") for r in ranks]
         if r0.get("step_s"):
             row["tok_s"] = world * sh["batch"] * sh["seq"] / r0["step_s"]
@@ -250,7 +269,8 @@ def main(argv=None):
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--profile", default=None, metavar="DIR",
-                   help="after the timed steps, profile 2 more on rank 0 and write the top ops by GPU time to DIR")
+                   help="after the timed steps, profile 2 more on every rank and write, per rank, the top ops, the "
+                        "gzipped Chrome trace and its GPU busy/idle reading (step_timeline.analyse) to DIR")
     p.add_argument("--comm_dtype", default="fp32", choices=("fp32", "bf16"),
                    help="the config's communication_data_type: the data-parallel gradient all-reduce's dtype")
     p.add_argument("--no-warm-machine", dest="warm_machine", action="store_false",

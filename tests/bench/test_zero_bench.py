@@ -1,5 +1,5 @@
 """bench/zero.py end to end on the CPU (--cpu-smoke: gloo ranks, the tiny shape): a data-parallel run on 2
-ranks records per-rank step times, the collectives' payload, its overlap and all-reduce dtype, and the
+ranks records per-rank step and host times, every rank's profile, the collectives' payload, its overlap and all-reduce dtype, and the
 discarded first run that warms the machine."""
 import json
 import subprocess
@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_two_rank_data_parallel_run_records_its_variant(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "zero.py"), "--cpu-smoke", "--runs", "tiny:2:0", "--iters", "1",
-           "--warmup", "1", "--overlap", "2", "--comm_dtype", "bf16", "--out", str(tmp_path)]
+           "--warmup", "1", "--overlap", "2", "--comm_dtype", "bf16", "--out", str(tmp_path),
+           "--profile", str(tmp_path / "prof")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads(next(tmp_path.glob("zero_2*.json")).read_text())
@@ -20,4 +21,10 @@ def test_two_rank_data_parallel_run_records_its_variant(tmp_path):
     assert row["world_size"] == 2 and row["overlap"] == 2 and row["comm_dtype"] == "bf16"
     assert len(row["step_s_per_rank"]) == 2 and all(t > 0 for t in row["step_s_per_rank"])
     assert row["tok_s"] > 0 and row["comm_bytes_per_step"] > 0
+    assert all(0 < h <= t for h, t in zip(row["host_s_per_rank"], row["step_s_per_rank"]))
+    for rank in (0, 1):  # --profile: every rank's trace and its per-step reading
+        name = f"tiny_x2_z0_rank{rank}"
+        assert (tmp_path / "prof" / f"trace_{name}.json.gz").stat().st_size > 0
+        steps = json.loads((tmp_path / "prof" / f"timeline_{name}.json").read_text())
+        assert len(steps) == 2 and all(s["step_ms"] > 0 for s in steps)
     assert result["warm_machine_run"]["world_size"] == 2 and "error" not in result["warm_machine_run"]
