@@ -160,7 +160,8 @@ def load_ds_config(config) -> dict:
         from qft_ds.config_schema import validate_ds_config
         try:
             validate_ds_config(ds)
-            QFTConfig.from_dict(ds.get("qft"))
+            # (on a shallow copy: the section stays for initialize to take)
+            take_activation_checkpointing(QFTConfig.from_dict(ds.get("qft")), dict(ds))
         except ValueError as e:
             raise ValueError(f"{source}: {e}") from None
     return ds

@@ -6,6 +6,7 @@ originals are freed, that backward gets the same values back (training bit-ident
 clipping's second backward unpacking every tensor twice), and the config's errors."""
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ import qft_ds
 import qft_ds.nn.offload as offload
 from conftest import make_tiny_llama
 from qft_ds.checkpoint import state_hash
+from qft_ds.config import load_ds_config
 from qft_ds.engine import split_config
 from qft_ds.nn.offload import HostOffload
 
@@ -168,6 +170,18 @@ def test_config_errors_name_the_key(section, match):
     cfg["activation_checkpointing"] = section
     with pytest.raises(ValueError, match=match):
         split_config(cfg)
+
+
+def test_a_bad_section_is_named_when_the_file_is_read(tmp_path):
+    """Before any model loads (train.py reads the config first), with the file's name."""
+    cfg = config()
+    cfg["activation_checkpointing"]["partition_activations"] = True
+    path = tmp_path / "offload.json"
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: 'activation_checkpointing.partition_activations'"):
+        load_ds_config(str(path))
+    del cfg["activation_checkpointing"]["partition_activations"]
+    assert load_ds_config(cfg)["activation_checkpointing"] == {"cpu_checkpointing": True}
 
 
 def test_cpu_checkpointing_needs_gradient_checkpointing():
