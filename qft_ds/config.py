@@ -254,5 +254,8 @@ def take_activation_checkpointing(cfg: QFTConfig, ds: dict) -> None:
         raise ValueError(f"'activation_checkpointing.cpu_checkpointing' applies to method qft only; remove it "
                          f"for method {cfg.method!r}")
     if cfg.cpu_checkpointing and not cfg.gradient_checkpointing:
+        # the config is checked before qft_ds sees the model, so a model checkpointed by its caller (HF Trainer's
+        # activation_checkpointing/gradient_checkpointing=True, on by default in TRL) cannot stand in for the key
         raise ValueError("'activation_checkpointing.cpu_checkpointing' keeps checkpointed layers' inputs in host "
-                         "memory: it needs 'qft.gradient_checkpointing': true")
+                         "memory: it needs 'qft.gradient_checkpointing': true (HF Trainer's or TRL's "
+                         "gradient_checkpointing=True does not set it: add the key to the config; both may be on)")
