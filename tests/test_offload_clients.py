@@ -45,14 +45,13 @@ def fresh_accelerate_state():
     reset_accelerate_state()
 
 
-def write_config(path: Path, base: str, section=None, qft_gc=True, **top) -> Path:
+def write_config(path: Path, base: str, section=None, qft_gc=True) -> Path:
     """ds_configs/BASE with qft.gradient_checkpointing set to `qft_gc` and the activation_checkpointing section
     (none if None)."""
     cfg = json.loads((ROOT / "ds_configs" / base).read_text())
     cfg["qft"]["gradient_checkpointing"] = qft_gc
     if section is not None:
         cfg["activation_checkpointing"] = section
-    cfg.update(top)
     path.write_text(json.dumps(cfg))
     return path
 
@@ -64,6 +63,7 @@ def run_train_py(cfg_path, model_dir, text, out):
     train.main(["--deepspeed", str(cfg_path), "--model", str(model_dir), "--dataset", str(text), "--output_dir",
                 str(out), "--max_steps", str(STEPS), "--seq_len", "16", "--eval_blocks", "2"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == STEPS and not any(r["skipped"] for r in rows)
     return [r["loss"] for r in rows], json.loads((out / "summary.json").read_text())["state_sha256"]
 
 
@@ -128,7 +128,8 @@ PATHS = {"train.py": (run_train_py, "qft.json"), "hf_trainer": (run_hf_trainer, 
 
 @pytest.fixture
 def configs(tmp_path, monkeypatch):
-    """train.py's config with an lr whose int8 weights move in three steps, and its own data cache."""
+    """write_config in tmp_path; for train.py's qft.json also an lr whose int8 weights move in three steps, a
+    three-step schedule, and a data cache of the test's own."""
     monkeypatch.setenv("QFT_DS_CACHE", str(tmp_path / "cache"))
 
     def config(base, name, section):
@@ -143,24 +144,24 @@ def configs(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-def test_each_path_offloads_and_trains_bit_identically(path, forwards, configs, tiny_model_dir, tiny_text_file, tmp_path):
+def test_each_path_offloads_and_trains_bit_identically(path, forwards, configs, tiny_model_dir, tiny_text_file,
+                                                      tmp_path):
     runner, base = PATHS[path]
-    want_losses, want_state = runner(configs(base, "plain.json", None), tiny_model_dir, tiny_text_file, tmp_path / "a")
+    data = (tiny_model_dir, tiny_text_file)
+    want_losses, want_state = runner(configs(base, "plain.json", None), *data, tmp_path / "a")
     assert forwards == []  # no section, no offload
-    got_losses, got_state = runner(configs(base, "offload.json", OFFLOAD), tiny_model_dir, tiny_text_file, tmp_path / "b")
+    got_losses, got_state = runner(configs(base, "offload.json", OFFLOAD), *data, tmp_path / "b")
     # every training forward ran under the offload and copied something (evaluation runs without grad: none)
     assert len(forwards) == STEPS and all(f.offloaded_bytes > 0 for f in forwards)
     assert all(r() is None for f in forwards for r in f.copies)  # backward freed every host copy
     assert len(got_losses) == STEPS and got_losses == want_losses
     assert got_state == want_state
-    assert len(set(got_losses)) > 1  # it trained: the steps saw different weights (or batches)
 
 
-def test_trainer_gradient_checkpointing_with_the_qft_key_trains_the_same(forwards, tiny_model_dir, tiny_text_file,
-                                                                           tmp_path):
-    """TrainingArguments(activation_checkpointing=True) (gradient_checkpointing before transformers 5.23) beside qft.gradient_checkpointing (TRL's default): Trainer
-    checkpoints the layers first, qft_ds re-enables them with its own reentrant choice; the offload runs and
-    the run is the one without Trainer's flag and without the section."""
+def test_trainer_checkpointing_with_the_qft_key_trains_the_same(forwards, tiny_model_dir, tiny_text_file, tmp_path):
+    """TrainingArguments(activation_checkpointing=True) (TRL's default) beside qft.gradient_checkpointing: Trainer
+    checkpoints the layers first, qft_ds re-enables them with its own reentrant choice; the offload runs and the
+    run is the one without Trainer's flag and without the section."""
     plain = write_config(tmp_path / "plain.json", "qft_hf.json")
     want = run_hf_trainer(plain, tiny_model_dir, tiny_text_file, tmp_path / "a")
     cfg = write_config(tmp_path / "offload.json", "qft_hf.json", OFFLOAD)
@@ -198,3 +199,26 @@ def test_a_bad_section_fails_on_each_path_naming_the_key(path, bad, forwards, ti
     if bad == "no_gradient_checkpointing" and path in ("hf_trainer", "sft_trainer"):
         assert info.match(r"gradient_checkpointing=True.*does not")
     assert forwards == []
+
+
+@pytest.mark.parametrize("qft_gc", [True, False])
+def test_qft_gradient_checkpointing_replaces_the_callers_checkpointing(qft_gc, tmp_path):
+    """What docs/usage.md says of Trainer's checkpointing: with qft.gradient_checkpointing, qft_ds checkpoints
+    every layer again with its own reentrant choice (Trainer's every_n_layers and transformers' `offload` no
+    longer apply); without it, the model keeps the caller's set-up."""
+    from conftest import make_tiny_llama
+    model = make_tiny_llama(layers=4)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                          every_n_layers=2, offload=True)
+
+    def setup():
+        return [(layer.gradient_checkpointing, layer._gradient_checkpointing_func) for layer in model.model.layers]
+
+    callers = setup()
+    assert [on for on, _ in callers] == [True, False, True, False]
+    qft_ds.initialize(model=model, config=str(write_config(tmp_path / "c.json", "qft.json", qft_gc=qft_gc)))
+    if not qft_gc:
+        assert setup() == callers
+        return
+    for on, fn in setup():
+        assert on and fn.func is torch.utils.checkpoint.checkpoint and fn.keywords == {"use_reentrant": True}
