@@ -202,7 +202,7 @@ def test_a_bad_section_fails_on_each_path_naming_the_key(path, bad, forwards, ti
 
 
 @pytest.mark.parametrize("qft_gc", [True, False])
-def test_qft_gradient_checkpointing_replaces_the_callers_checkpointing(qft_gc, tmp_path):
+def test_qft_gradient_checkpointing_replaces_the_callers_checkpointing(qft_gc, tmp_path, caplog):
     """What docs/usage.md says of Trainer's checkpointing: with qft.gradient_checkpointing, qft_ds checkpoints
     every layer again with its own reentrant choice (Trainer's every_n_layers and transformers' `offload` no
     longer apply); without it, the model keeps the caller's set-up."""
@@ -216,9 +216,12 @@ def test_qft_gradient_checkpointing_replaces_the_callers_checkpointing(qft_gc, t
 
     callers = setup()
     assert [on for on, _ in callers] == [True, False, True, False]
-    qft_ds.initialize(model=model, config=str(write_config(tmp_path / "c.json", "qft.json", qft_gc=qft_gc)))
+    with caplog.at_level("WARNING", logger="qft_ds"):
+        qft_ds.initialize(model=model, config=str(write_config(tmp_path / "c.json", "qft.json", qft_gc=qft_gc)))
+    replaced = [r.getMessage() for r in caplog.records if "replaces the model's own checkpointing" in r.getMessage()]
     if not qft_gc:
-        assert setup() == callers
+        assert setup() == callers and not replaced
         return
+    assert len(replaced) == 1 and "2 of 4 layers" in replaced[0], replaced  # said once, not silently
     for on, fn in setup():
         assert on and fn.func is torch.utils.checkpoint.checkpoint and fn.keywords == {"use_reentrant": True}

@@ -284,6 +284,7 @@ def enable_checkpointing(model: nn.Module, reentrant: bool) -> None:
     transformers >= 5.23 calls it `activation_checkpointing_enable` (the old name warns); older ones
     `gradient_checkpointing_enable`. Reentrant needs an input that requires grad: the embedding's output
     is made to."""
+    _warn_if_replacing(model, reentrant)
     enable = getattr(model, "activation_checkpointing_enable", None)
     if enable is not None:
         enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -293,6 +294,29 @@ def enable_checkpointing(model: nn.Module, reentrant: bool) -> None:
         raise ValueError("qft.gradient_checkpointing needs a transformers model")
     if reentrant and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
+
+
+def _warn_if_replacing(model: nn.Module, reentrant: bool) -> None:
+    """Say so when `qft.gradient_checkpointing` replaces a different set-up the caller made (HF Trainer's
+    every_n_layers, transformers' offload, another use_reentrant): every layer is checkpointed again with
+    qft_ds's choice, and the caller's settings no longer apply."""
+    def ckpt(m):
+        return hasattr(m, "_gradient_checkpointing_func")
+    # the checkpointed layers: modules with the attribute and none below them (the model has it too)
+    layers = [m for m in model.modules() if ckpt(m) and not any(ckpt(c) for c in m.modules() if c is not m)]
+    on = [m for m in layers if getattr(m, "gradient_checkpointing", False)]
+    if not on:
+        return
+    mine = {"use_reentrant": reentrant}
+    theirs = {str(getattr(getattr(m, "_gradient_checkpointing_func"), "keywords", None)) for m in on}
+    differs = len(on) < len(layers) or theirs != {str(mine)}
+    if differs:
+        import logging
+        logging.getLogger("qft_ds").warning(
+            f"qft_ds: qft.gradient_checkpointing replaces the model's own checkpointing ({len(on)} of "
+            f"{len(layers)} layers, {' / '.join(sorted(theirs))}): every layer is now checkpointed with "
+            f"use_reentrant={reentrant} (qft.checkpoint_reentrant). Leave qft.gradient_checkpointing out to "
+            f"keep the model's set-up.")
 
 
 def mark_checkpointed(model: nn.Module) -> int:
