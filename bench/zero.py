@@ -156,16 +156,20 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
         g = torch.Generator().manual_seed(rank)
         times, host_times, comm_bytes = [], [], []
         def step():
+            """One step; returns when the host had queued forward and backward. The optimizer's step ends
+            in one host sync (its checks), so only this earlier moment says whether the host or the GPU
+            set the pace: a host-bound step has queued its backward just before the GPU finished it."""
             x = torch.randint(0, sh["vocab_size"], (sh["batch"], sh["seq"]), generator=g).to(dev)
             engine.backward(engine(input_ids=x, labels=x).loss)
+            queued = time.perf_counter()
             engine.step()
+            return queued
 
         for i in range(warmup + iters):
             dist.barrier()
             _sync()
             b0, t0 = COMM["bytes"], time.perf_counter()
-            step()
-            t_host = time.perf_counter()  # the host has queued the step (one sync inside: the loss check)
+            t_host = step()  # one sync inside before it: the loss check after forward
             _sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
@@ -217,7 +221,7 @@ def run(spec: str, args) -> dict:
         for key in ("setup_peak_gib", "state_bytes_per_param", "params", "step_s", "comm_bytes_per_step", "prefetch"):
             row[key] = r0.get(key)
         row["step_s_per_rank"] = [r.get("step_s") for r in ranks]  # lockstep: a slow host shows on every rank
-        # host-bound: the host has queued the step only just before the GPU finishes it
+        # forward and backward queued (the step's own sync comes after): near step_s when host-bound
         row["host_s_per_rank"] = [r.get("host_s") for r in ranks]
         row["cores_per_rank"] = [r.get("cores") for r in ranks]
         if r0.get("step_s"):
