@@ -39,3 +39,32 @@ def test_slices_update_like_the_whole_weight(backend, rounding):
                       residual=res[lo:hi] if rounding == "ef" else None, **kw)
     for a, b in zip(whole, sliced):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_int4_slices_update_like_the_whole_weight(backend):
+    """The same with int4 momentum, whose default Triton kernel loads and stores the packed bytes as whole
+    tiles (m4_vec, chosen when a slice's packed momentum is exactly its own): slices cut on block
+    boundaries (even) and a short last slice, each with its own offset, write the whole update's bits."""
+    ops, n, group, block, world = get_ops(backend, "cpu"), 96 * 64 + 128, 64, 128, 3
+    g = torch.Generator().manual_seed(1)
+    w, ws = ref.quantize_blockwise(torch.randn(n, generator=g) * 0.02, group)
+    m, ms = ref.quantize_momentum(torch.randn(n, generator=g) * 1e-3, block, ref.rng_key(3, 0, 1), 1024, bits=4)
+    idx = torch.randperm(n, generator=g)[: n // 50].sort().values.to(torch.int32)
+    w[idx.long()] = 0
+    whole = [w, ws, m, ms, torch.randn(len(idx), generator=g) * 0.1]
+    sliced = [t.clone() for t in whole]
+    grad = torch.randn(n, generator=g) * 0.01
+    kw = dict(lr=1e-3, beta1=0.9, beta2=0.99, weight_decay=0.1, rounding="sr", seed=3, step=5, momentum_bits=4)
+    w, ws, m, ms, val = whole
+    ops.lion_step(w, ws, group, m, ms, block, grad, offset=1024, outlier_idx=idx, outlier_val=val, **kw)
+    w, ws, m, ms, val = sliced
+    part = Partition(n, group, block, world, 0)
+    assert len({hi - lo for lo, hi in part.bounds}) > 1  # uneven slices: 17, 16 and 16 blocks
+    obounds = outlier_bounds(idx, part.bounds)
+    for (lo, hi), (sa, sb), (ma, mb), (oa, ob) in zip(part.bounds, part.scale_bounds(group), part.scale_bounds(block),
+                                                      obounds):
+        ops.lion_step(w[lo:hi], ws[sa:sb], group, m[lo // 2:hi // 2], ms[ma:mb], block, grad[lo:hi],
+                      offset=1024 + lo, outlier_idx=idx[oa:ob] - lo, outlier_val=val[oa:ob], **kw)
+    for name, a, b in zip(("w", "ws", "m", "ms", "outliers"), whole, sliced):
+        assert torch.equal(a, b), name
