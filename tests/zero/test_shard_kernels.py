@@ -42,11 +42,16 @@ def test_slices_update_like_the_whole_weight(backend, rounding):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_int4_slices_update_like_the_whole_weight(backend):
+def test_int4_slices_update_like_the_whole_weight(backend, monkeypatch):
     """The same with int4 momentum, whose default Triton kernel loads and stores the packed bytes as whole
     tiles (m4_vec, chosen when a slice's packed momentum is exactly its own): slices cut on block
     boundaries (even) and a short last slice, each with its own offset, write the whole update's bits."""
     ops, n, group, block, world = get_ops(backend, "cpu"), 96 * 64 + 128, 64, 128, 3
+    launched = []  # (m4_vec, keep_outliers) of each Triton launch
+    if backend == "triton":
+        from qft_ds.ops import triton_backend
+        real = triton_backend._launch_3d
+        monkeypatch.setattr(triton_backend, "_launch_3d", lambda *a, **k: (launched.append(a[-2:]), real(*a, **k))[1])
     g = torch.Generator().manual_seed(1)
     w, ws = ref.quantize_blockwise(torch.randn(n, generator=g) * 0.02, group)
     m, ms = ref.quantize_momentum(torch.randn(n, generator=g) * 1e-3, block, ref.rng_key(3, 0, 1), 1024, bits=4)
@@ -68,3 +73,4 @@ def test_int4_slices_update_like_the_whole_weight(backend):
                       offset=1024 + lo, outlier_idx=idx[oa:ob] - lo, outlier_val=val[oa:ob], **kw)
     for name, a, b in zip(("w", "ws", "m", "ms", "outliers"), whole, sliced):
         assert torch.equal(a, b), name
+    assert backend != "triton" or launched == [(True, True)] * (1 + world)  # the whole weight, then each slice
