@@ -87,6 +87,28 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def thread_cpu() -> dict:
+    """CPU seconds used so far by each thread of this process, {(tid, name): s}, from /proc (Linux; {} where
+    there is none): which threads besides the main one burn a core while the ranks step (NCCL's proxy,
+    autograd's device thread, OpenMP pools) and may slow a host-paced step down."""
+    out, tick = {}, os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            name = (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[(task.name, name)] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+def busiest_threads(before: dict, after: dict, wall: float, top: int = 6) -> list[dict]:
+    """The threads that used the most CPU between two thread_cpu() readings, as a fraction of a core."""
+    used = [(after[k] - before.get(k, 0.0), k) for k in after]
+    return [{"thread": name, "tid": tid, "core_frac": round(s / wall, 3)}
+            for s, (tid, name) in sorted(used, reverse=True)[:top] if wall > 0]
+
+
 def profile_steps(step, out: Path | None, name: str, n: int = 2) -> None:
     """`n` more steps under torch.profiler (after the timed ones, so the timing has no profiler in it), each
     in a `timeline_step_<i>` annotation. Every rank that is given `out` writes the top ops by GPU time and
@@ -168,6 +190,8 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
         for i in range(warmup + iters):
             dist.barrier()
             _sync()
+            if i == warmup:
+                cpu0, wall0 = thread_cpu(), time.perf_counter()
             b0, t0 = COMM["bytes"], time.perf_counter()
             t_host = step()  # one sync inside before it: the loss check after forward
             _sync()
@@ -176,7 +200,8 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
                 host_times.append(t_host - t0)
                 comm_bytes.append(COMM["bytes"] - b0)
         row.update(peak_gib=common.peak_gib(), step_s=statistics.median(times), host_s=statistics.median(host_times),
-                   comm_bytes_per_step=statistics.median(comm_bytes))
+                   comm_bytes_per_step=statistics.median(comm_bytes),
+                   busy_threads=busiest_threads(cpu0, thread_cpu(), time.perf_counter() - wall0))
         if prefetcher is not None:  # misses should stay 0 after the first step
             row["prefetch"] = prefetcher.stats()
         if profile_dir:  # every rank steps (the steps communicate); rank 0 writes
@@ -221,6 +246,7 @@ def run(spec: str, args) -> dict:
         for key in ("setup_peak_gib", "state_bytes_per_param", "params", "step_s", "comm_bytes_per_step", "prefetch"):
             row[key] = r0.get(key)
         row["step_s_per_rank"] = [r.get("step_s") for r in ranks]  # lockstep: a slow host shows on every rank
+        row["busy_threads_per_rank"] = [r.get("busy_threads") for r in ranks]
         # forward and backward queued (the step's own sync comes after): near step_s when host-bound
         row["host_s_per_rank"] = [r.get("host_s") for r in ranks]
         row["cores_per_rank"] = [r.get("cores") for r in ranks]

@@ -22,6 +22,9 @@ def test_two_rank_data_parallel_run_records_its_variant(tmp_path):
     assert len(row["step_s_per_rank"]) == 2 and all(t > 0 for t in row["step_s_per_rank"])
     assert row["tok_s"] > 0 and row["comm_bytes_per_step"] > 0
     assert all(0 < h <= t for h, t in zip(row["host_s_per_rank"], row["step_s_per_rank"]))
+    for threads in row["busy_threads_per_rank"]:  # each rank's busiest threads over the timed steps
+        assert threads and all(t["core_frac"] >= 0 for t in threads)
+        assert max(t["core_frac"] for t in threads) > 0.2  # the stepping thread itself
     for rank in (0, 1):  # --profile: every rank's trace and its per-step reading
         name = f"tiny_x2_z0_rank{rank}"
         assert (tmp_path / "prof" / f"trace_{name}.json.gz").stat().st_size > 0
