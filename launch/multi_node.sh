@@ -9,7 +9,7 @@
 # --launcher torchrun: run the same command on every node (no ssh); they meet at MASTER_ADDR:MASTER_PORT.
 # Defaults come from the environment: HOSTFILE, MASTER_ADDR (the hostfile's first host), MASTER_PORT (29500),
 # NUM_NODES (all hosts), NUM_GPUS (each host's slots), CONFIG (ds_configs/qft.json), LAUNCHER, RDZV_ID (qft),
-# DRY_RUN (0). Paths are relative to the repo root. NCCL_NVLS_ENABLE defaults to 0 (see README).
+# DRY_RUN (0). Paths are relative to the repo root. NCCL_NVLS_ENABLE defaults to 0 (see docs/multi_gpu.md).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # shellcheck source=launch/lib.sh

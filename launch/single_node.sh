@@ -4,7 +4,7 @@
 #   launch/single_node.sh [--gpus N] [--config PATH] [--master_port P] [--dry-run] [-- TRAIN.PY ARGS...]
 #
 # Defaults come from the environment: NUM_GPUS (1), CONFIG (ds_configs/qft.json), MASTER_PORT (29500),
-# DRY_RUN (0). Paths are relative to the repo root. NCCL_NVLS_ENABLE defaults to 0 (see README).
+# DRY_RUN (0). Paths are relative to the repo root. NCCL_NVLS_ENABLE defaults to 0 (see docs/multi_gpu.md).
 # Example: launch/single_node.sh --gpus 8 -- --max_steps 1000 --output_dir runs/a
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
