@@ -48,7 +48,7 @@ from qft_ds.run_data import evaluate, load_data, train_batches
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--deepspeed", default="ds_configs/qft.json", metavar="PATH", help="DeepSpeed JSON config")
-    p.add_argument("--model", default="smollm2-135m", help="HF model id, local folder, or smollm2-135m")
+    p.add_argument("--model", default="smollm2-135m", help="HF model id, local folder, .gguf file, or smollm2-135m")
     p.add_argument("--dataset", default="shakespeare",
                    help="shakespeare, a .txt/.jsonl file or folder, or HF name; .jsonl may hold instruction data")
     p.add_argument("--eval_dataset", default=None, metavar="PATH.jsonl",
