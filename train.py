@@ -239,19 +239,26 @@ def main(argv=None):
 
     import qft_ds
     from qft_ds import comm, hub, textdata
+    from qft_ds.ops import resolve_backend
 
     with user_input("--deepspeed", args.deepspeed):  # the whole config, before minutes of model loading
         ds_config = qft_ds.config.load_ds_config(args.deepspeed)
-        qft_ds.engine.split_config(ds_config, int(os.environ["WORLD_SIZE"]))
+        cfg = qft_ds.engine.split_config(ds_config, int(os.environ["WORLD_SIZE"]))[0]
+        resolve_backend(cfg.backend, "cuda" if torch.cuda.is_available() else "cpu")  # e.g. triton, no GPU
     deepspeed.init_distributed()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     from qft_ds.startup import StartupClock
     clock = StartupClock(rank == 0, started)  # a line per start-up phase: the first step is minutes away
     if rank == 0:  # fetch and convert the default model and data once, before the others read them
-        if args.model == hub.DEFAULT_MODEL:
-            hub.prepare_default_model()
-        if args.dataset == textdata.DEFAULT_DATASET:
-            textdata.prepare_shakespeare()
+        try:
+            if args.model == hub.DEFAULT_MODEL:
+                hub.prepare_default_model()
+            if args.dataset == textdata.DEFAULT_DATASET:
+                textdata.prepare_shakespeare()
+        except RuntimeError as e:  # offline or a bad download: the message says what to fetch and where
+            if os.environ.get("QFT_DS_TRACEBACK"):
+                raise
+            sys.exit(f"train.py: {e}")
     comm.barrier()
 
     clock.say(f"loading the model {args.model}")
@@ -387,7 +394,7 @@ def main(argv=None):
                       if k in ("skipped_steps", "partial_steps")},
                    "state_sha256": checkpoint.state_hash(engine.module, optimizer), "config": args.deepspeed}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"held-out loss: {eval_start:.4f} -> {eval_end:.4f}   ({end} steps, {tokens:,} tokens, "
+        print(f"held-out loss: {eval_start:.4f} -> {eval_end:.4f}   ({end} step{'s' * (end != 1)}, {tokens:,} tokens, "
               f"{summary['seconds']:.0f} s)   metrics: {out_dir / 'metrics.jsonl'}")
 
 

