@@ -47,14 +47,18 @@ def dense_norm_pass(monkeypatch):
     monkeypatch.setattr(lion, "norm_only_gradients", lambda enabled: qmodules.norm_only_gradients(False))
 
 
+def each_way(monkeypatch):
+    """'dense' (the old norm pass patched in), then 'rows' (today's, the patch undone)."""
+    dense_norm_pass(monkeypatch)
+    yield "dense"
+    monkeypatch.undo()
+    yield "rows"
+
+
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_norm_pass_norms_match_the_dense_gradient(tie, monkeypatch):
     refs = {}
-    for way in ("dense", "rows"):
-        if way == "dense":
-            dense_norm_pass(monkeypatch)
-        else:
-            monkeypatch.undo()
+    for way in each_way(monkeypatch):
         engine, opt = engine_for(tie)
         ids = batch()
         engine.backward(engine(input_ids=ids, labels=ids).loss)  # step 0: the norm pass, then the real one
@@ -69,11 +73,7 @@ def test_training_gives_the_dense_pass_int8_state(monkeypatch):
     """3 steps: the step-0 clipping budgets come from the pass's norms; with norms equal to fp32 rounding
     every int8 weight and momentum code is the same here."""
     states = {}
-    for way in ("dense", "rows"):
-        if way == "dense":
-            dense_norm_pass(monkeypatch)
-        else:
-            monkeypatch.undo()
+    for way in each_way(monkeypatch):
         engine, opt = engine_for(False)
         ids = batch()
         for _ in range(3):

@@ -71,9 +71,14 @@ def test_kernel_draws_are_the_reference_draws(tb, rand_bits):
 
 # -- the rounding rule, over every value of its random bits ---------------------------------------
 @triton.jit
-def _sr_probe(x_ptr, bits_ptr, amax_ptr, out_ptr, BLOCK: tl.constexpr, HIGH: tl.constexpr, RAND_BITS: tl.constexpr):
+def _sr_probe(x_ptr, bits_ptr, amax_ptr, out_ptr, BLOCK: tl.constexpr, HIGH: tl.constexpr, RAND_BITS: tl.constexpr,
+              M4: tl.constexpr = False):
+    """The kernels' stochastic rounding of x, with the int8 (or, M4, the int4) scale margin of amax."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inv = trng._sr_inv(tl.load(amax_ptr) * trng.SR_PER_QMAX, RAND_BITS)
+    if M4:
+        inv = trng._sr_inv(tl.load(amax_ptr) * tk.SR_PER_QMAX4, RAND_BITS)
+    else:
+        inv = trng._sr_inv(tl.load(amax_ptr) * trng.SR_PER_QMAX, RAND_BITS)
     bits = tl.load(bits_ptr + i).to(tl.uint32, bitcast=True)
     tl.store(out_ptr + i, trng._sr_codes(tl.load(x_ptr + i), inv, bits, HIGH, RAND_BITS))
 
@@ -237,14 +242,6 @@ def test_weight_steps_are_unbiased_to_1_256_of_a_step_on_the_philox_stream(tb, r
             assert (q == 10).all()
 
 
-@triton.jit
-def _sr4_probe(x_ptr, bits_ptr, amax_ptr, out_ptr, BLOCK: tl.constexpr, HIGH: tl.constexpr, RAND_BITS: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inv = trng._sr_inv(tl.load(amax_ptr) * tk.SR_PER_QMAX4, RAND_BITS)
-    bits = tl.load(bits_ptr + i).to(tl.uint32, bitcast=True)
-    tl.store(out_ptr + i, trng._sr_codes(tl.load(x_ptr + i), inv, bits, HIGH, RAND_BITS))
-
-
 @pytest.mark.parametrize("rand_bits", [32, 16, 8])
 @pytest.mark.parametrize("high", [False, True])
 def test_int4_momentum_codes_stay_within_7_unclamped_at_the_absmax(tb, rand_bits, high):
@@ -258,7 +255,7 @@ def test_int4_momentum_codes_stay_within_7_unclamped_at_the_absmax(tb, rand_bits
         xs = torch.tensor([amax, -amax, amax * (1 - 2**-24), -amax * (1 - 2**-24)], dtype=torch.float32)
         n = len(xs) * share
         out = torch.empty(n, dtype=torch.int8, device=dev)
-        _sr4_probe[(n // 256,)](xs.repeat_interleave(share).to(dev), bits.repeat(len(xs)).to(torch.int32).to(dev),
-                                torch.tensor([amax], device=dev), out, BLOCK=256, HIGH=high, RAND_BITS=rand_bits)
+        _sr_probe[(n // 256,)](xs.repeat_interleave(share).to(dev), bits.repeat(len(xs)).to(torch.int32).to(dev),
+                               torch.tensor([amax], device=dev), out, BLOCK=256, HIGH=high, RAND_BITS=rand_bits, M4=True)
         q = out.cpu().view(len(xs), share)
         assert q.abs().max() <= 7 and (q[0] >= 6).all() and (q[1] <= -6).all(), (amax, q.unique())
