@@ -143,7 +143,8 @@ def profile_steps(step, out: Path | None, name: str, n: int = 2) -> None:
 
 def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int, iters: int, out: str,
            depth: int | None = None, profile_dir: str | None = None, comm_dtype: str = "fp32",
-           bind: bool = False, overlap: int | None = None) -> None:
+           bind: bool = False, overlap: int | None = None, sample: bool = False,
+           batch: int | None = None) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0")
     cores = bind_cores(rank, world) if bind else None
@@ -160,10 +161,11 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
     try:
         dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
         sh = SHAPES[shape]
+        batch = batch or sh["batch"]
         # drawn and quantized one weight at a time on the GPU, the same seed on every rank (initialize broadcasts
         # rank 0's anyway): building a 7B shape on the CPU first took minutes per rank
         model = build_quantized(shape, dev)
-        engine, opt, _, _ = qft_ds.initialize(model=model, config=config(stage, sh["batch"], comm_dtype))
+        engine, opt, _, _ = qft_ds.initialize(model=model, config=config(stage, batch, comm_dtype))
         prefetcher = getattr(opt.sharding, "prefetcher", None)  # stage 3
         if depth is not None:
             prefetcher.depth = depth
@@ -181,17 +183,21 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
             """One step; returns when the host had queued forward and backward. The optimizer's step ends
             in one host sync (its checks), so only this earlier moment says whether the host or the GPU
             set the pace: a host-bound step has queued its backward just before the GPU finished it."""
-            x = torch.randint(0, sh["vocab_size"], (sh["batch"], sh["seq"]), generator=g).to(dev)
+            x = torch.randint(0, sh["vocab_size"], (batch, sh["seq"]), generator=g).to(dev)
             engine.backward(engine(input_ids=x, labels=x).loss)
             queued = time.perf_counter()
             engine.step()
             return queued
 
+        sampler = None
         for i in range(warmup + iters):
             dist.barrier()
             _sync()
             if i == warmup:
                 cpu0, wall0 = thread_cpu(), time.perf_counter()
+                if sample:  # the main thread's stack over the timed steps (bench/host_sampler.py)
+                    from host_sampler import HostSampler
+                    sampler = HostSampler().__enter__()
             b0, t0 = COMM["bytes"], time.perf_counter()
             t_host = step()  # one sync inside before it: the loss check after forward
             _sync()
@@ -199,6 +205,9 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
                 times.append(time.perf_counter() - t0)
                 host_times.append(t_host - t0)
                 comm_bytes.append(COMM["bytes"] - b0)
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
+            row["host_samples"] = sampler.summary()
         row.update(peak_gib=common.peak_gib(), step_s=statistics.median(times), host_s=statistics.median(host_times),
                    comm_bytes_per_step=statistics.median(comm_bytes),
                    busy_threads=busiest_threads(cpu0, thread_cpu(), time.perf_counter() - wall0))
@@ -218,7 +227,8 @@ def run(spec: str, args) -> dict:
     shape, world, stage, *depth = spec.split(":")
     world, stage, depth = int(world), int(stage), int(depth[0]) if depth else None
     sh = SHAPES[shape]
-    row = {"model": shape, "world_size": world, "stage": stage, "method": f"qft_zero{stage}", "batch": sh["batch"],
+    batch = args.batch or sh["batch"]
+    row = {"model": shape, "world_size": world, "stage": stage, "method": f"qft_zero{stage}", "batch": batch,
            "seq": sh["seq"], "peak_gib": None, "peak_gib_per_rank": None, "tok_s": None, "oom": False}
     if depth is not None:
         row["prefetch_depth"] = depth
@@ -229,7 +239,7 @@ def run(spec: str, args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             mp.spawn(worker, args=(world, common_port(), shape, stage, args.warmup, args.iters, tmp, depth,
-                                   args.profile, args.comm_dtype, args.bind, args.overlap),
+                                   args.profile, args.comm_dtype, args.bind, args.overlap, args.sample, batch),
                      nprocs=world)
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -247,11 +257,12 @@ def run(spec: str, args) -> dict:
             row[key] = r0.get(key)
         row["step_s_per_rank"] = [r.get("step_s") for r in ranks]  # lockstep: a slow host shows on every rank
         row["busy_threads_per_rank"] = [r.get("busy_threads") for r in ranks]
+        row["host_samples_per_rank"] = [r.get("host_samples") for r in ranks]
         # forward and backward queued (the step's own sync comes after): near step_s when host-bound
         row["host_s_per_rank"] = [r.get("host_s") for r in ranks]
         row["cores_per_rank"] = [r.get("cores") for r in ranks]
         if r0.get("step_s"):
-            row["tok_s"] = world * sh["batch"] * sh["seq"] / r0["step_s"]
+            row["tok_s"] = world * batch * sh["seq"] / r0["step_s"]
             row["comm_gb_per_step"] = r0["comm_bytes_per_step"] / 1e9
     print(f"  {shape:>5} x{world} stage {stage}: peak {row['peak_gib_per_rank']} GiB  tok/s "
           f"{row['tok_s'] and round(row['tok_s'])}  comm/step {row.get('comm_gb_per_step')} GB  oom={row['oom']} "
@@ -308,6 +319,11 @@ def main(argv=None):
     p.add_argument("--bind", action="store_true", help="pin each rank to its own even share of the cores")
     p.add_argument("--overlap", type=int, default=None,
                    help="stage 0: weights' all-reduces kept in flight inside backward (default: NoSharding's, 1)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="micro-batch per GPU for every run (default: the shape's, bench/shapes.py)")
+    p.add_argument("--sample", action="store_true",
+                   help="sample each rank's main-thread Python stack every 2 ms over the timed steps "
+                        "(bench/host_sampler.py): where a host-paced step's time goes, without the profiler")
     p.add_argument("--cpu-smoke", action="store_true",
                    help="check the script end to end on the CPU with gloo (use the tiny shape; no memory figures)")
     args = p.parse_args(argv)
