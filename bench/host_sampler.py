@@ -51,16 +51,23 @@ class HostSampler:
                     f = f.f_back
                 self.ours[f"{who} {_where(f) if f is not None else '(outside qft_ds)'}"] += 1
 
-    def __enter__(self):
+    def start(self) -> "HostSampler":
+        """Start sampling; call on the main thread (its CPU time is read here and in stop())."""
         self.wall0, self.cpu0 = time.perf_counter(), time.thread_time()
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
         self.wall = time.perf_counter() - self.wall0
-        self.main_cpu = time.thread_time() - self.cpu0  # __exit__ runs on the main thread
+        self.main_cpu = time.thread_time() - self.cpu0
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
     def summary(self, top: int = 25) -> dict:
         """Shares of the samples (of the wall time), the top innermost lines and the top qft_ds lines."""

@@ -200,7 +200,7 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
                 cpu0, wall0 = thread_cpu(), time.perf_counter()
                 if sample:  # the main thread's stack over the timed steps (bench/host_sampler.py)
                     from host_sampler import HostSampler
-                    sampler = HostSampler().__enter__()
+                    sampler = HostSampler().start()
             b0, t0 = COMM["bytes"], time.perf_counter()
             t_host = step()  # one sync inside before it: the loss check after forward
             _sync()
@@ -209,7 +209,7 @@ def worker(rank: int, world: int, port: int, shape: str, stage: int, warmup: int
                 host_times.append(t_host - t0)
                 comm_bytes.append(COMM["bytes"] - b0)
         if sampler is not None:
-            sampler.__exit__(None, None, None)
+            sampler.stop()
             row["host_samples"] = sampler.summary()
         row.update(peak_gib=common.peak_gib(), step_s=statistics.median(times), host_s=statistics.median(host_times),
                    comm_bytes_per_step=statistics.median(comm_bytes),

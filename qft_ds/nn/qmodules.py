@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import weakref
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from torch import nn
 from qft_ds.flow import deliver
 from qft_ds.nn.precision import linear_in
 from qft_ds.quant.hybrid import HybridWeight
+
+logger = logging.getLogger("qft_ds")
 
 
 def _uses(readers) -> int:
@@ -311,8 +314,7 @@ def _warn_if_replacing(model: nn.Module, reentrant: bool) -> None:
     theirs = {str(getattr(getattr(m, "_gradient_checkpointing_func"), "keywords", None)) for m in on}
     differs = len(on) < len(layers) or theirs != {str(mine)}
     if differs:
-        import logging
-        logging.getLogger("qft_ds").warning(
+        logger.warning(
             f"qft_ds: qft.gradient_checkpointing replaces the model's own checkpointing ({len(on)} of "
             f"{len(layers)} layers, {' / '.join(sorted(theirs))}): every layer is now checkpointed with "
             f"use_reentrant={reentrant} (qft.checkpoint_reentrant). Leave qft.gradient_checkpointing out to "
