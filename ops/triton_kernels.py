@@ -10,7 +10,9 @@ float-rounding flips (tested).
 The Lion kernel is issue-bound on the H100 (fewer Philox rounds made it faster; a variant that built
 floats from int8 codes and random bits by bit tricks, fewer conversions but more instructions, was slower:
 0.153 against 0.139 ms), so its arithmetic is written for the fewest SASS instructions per element
-(bench/kernel_sass.py counts them).
+(bench/kernel_sass.py counts them). On the H200 Nsight Compute found it also short of warps (register-
+limited occupancy, 31%) and stalled at barriers: lion_kernel_3d's tile order and statement order fix
+both (bench/NOTES.md).
 """
 import triton
 import triton.language as tl
@@ -245,10 +247,13 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
                    KEEP_OUTLIERS: tl.constexpr = False):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
-    One [RM, K, G] tile holds RM momentum blocks of K weight groups each, so g, m and w are loaded once and
-    both absmax reductions run on the same registers (over G for a weight group, over K and G for a
-    momentum block); no reshape of data. In-tile offsets are int32 (the int64 chunk start is added to the
-    pointers once). The random numbers are those of lion_kernel (tests compare the outputs).
+    One [K, RM, G] tile holds RM momentum blocks of K weight groups each (element (k, r, c) at
+    (r * K + k) * G + c), so g, m and w are loaded once and both absmax reductions run on the same
+    registers (over G for a weight group, over K and G for a momentum block); no reshape of data. K comes
+    first so that Triton's default layout keeps a momentum block inside one warp: its absmax by shuffles,
+    not through shared memory and two barriers (an [RM, K, G] tile put K across warps). In-tile offsets
+    are int32 (the int64 chunk start is added to the pointers once). The random numbers are those of
+    lion_kernel (tests compare the outputs).
 
     OUTLIERS: the exact fp32 outliers of this chunk (sorted indices oi[optr[pid]:optr[pid+1]]) are updated
     here too, from the old momentum, and their dense codes zeroed after the tile is stored: the whole
@@ -262,6 +267,9 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     KEEP_OUTLIERS (with OUTLIERS): the chunk's first OB outliers (all of them at 1% and chunk <= 6400) are
     updated outside the loop and their indices kept in registers across the barrier for the zeroing, which
     then stores at once instead of waiting on a second load of the indices. The same bits (tested).
+
+    The new momentum is computed before the weight's half, so that g and the old codes die early
+    (registers ~90 -> ~62 on sm_90: 8 CTAs of 4 warps per SM instead of 5).
     """
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * (RM * K * G)
@@ -271,22 +279,21 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
         grad_scale, mix, g2 = _clip_scalars(ok_ptr, clip, grad_scale, beta1, beta2)
     left = n - start
     rm = tl.arange(0, RM)
-    k = tl.arange(0, K)
-    col = tl.arange(0, G)
-    local = (rm[:, None, None] * K + k[None, :, None]) * G + col[None, None, :]
+    glocal = rm[None, :] * K + tl.arange(0, K)[:, None]  # the tile's weight groups, [K, RM]
+    local = glocal[:, :, None] * G + tl.arange(0, G)[None, None, :]
     mask = local < left
-    g = tl.load(g_ptr + start + local, mask=mask, other=0.0).to(tl.float32)
+    gmask = glocal * G < left
     bmask = rm * (K * G) < left
-    ms = tl.load(ms_ptr + start // (K * G) + rm, mask=bmask, other=0.0)
+    g = tl.load(g_ptr + start + local, mask=mask, other=0.0).to(tl.float32)
+    ms = tl.load(ms_ptr + start // (K * G) + rm, mask=bmask, other=0.0)[None, :, None]
     if M4 and M4_VEC:
         bytes_left = m_bytes * ok - start // 2  # not finite: <= 0, as `left`
         mc = _load_m4_tile(m_ptr, start, bytes_left, RM, K, G)
     else:
         mc = _load_m(m_ptr, start, local, mask, M4)
-    c = tl.fma(mc, (ms * mix)[:, None, None], g)
-    step = _lion_dir(c, lr)
-    glocal = rm[:, None] * K + k[None, :]
-    gmask = glocal * G < left
+    step = _lion_dir(tl.fma(mc, ms * mix, g), lr)
+    m = tl.fma(mc, ms * beta2, g * g2)  # the new momentum now: g and mc die here (registers)
+    ms_new = _m_scale(tl.max(tl.max(tl.abs(m), axis=2), axis=0), M4)
     s = tl.load(ws_ptr + start // G + glocal, mask=gmask, other=0.0)
     w = _lion_w(tl.load(w_ptr + start + local, mask=mask, other=0).to(tl.float32), s[:, :, None], step,
                 r_ptr + start + local, mask, decay, ROUNDING)
@@ -305,7 +312,8 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             om = j + ob < o_hi
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
             _outlier_step(oi, om, ov_ptr + j + ob, m_ptr, ms_ptr, g_ptr, lr, beta1, decay, grad_scale, K * G, M4)
-    bits = _bits_3d(key, start + offset, RM, K, G, ROUNDS, RAND_BITS)  # one draw per element feeds both roundings
+    # one draw per element feeds both roundings
+    bits = _bits_3d(key, start + offset, RM, K, G, ROUNDS, RAND_BITS)
     if ROUNDING == 0:
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) * SR_PER_QMAX)
         q = _sr_codes(w, _sr_inv(s_new, RAND_BITS)[:, :, None], bits, False, RAND_BITS)
@@ -326,10 +334,8 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             om = j + ob < o_hi
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
             _outlier_zero(oi, om, w_ptr, r_ptr, OB, ROUNDING)
-    m = tl.fma(mc, (ms * beta2)[:, None, None], g * g2)
-    ms_new = _m_scale(tl.max(tl.max(tl.abs(m), axis=2), axis=1), M4)
     # momentum: always stochastic (unbiased EMA)
-    q = _sr_codes(m, _sr_inv(ms_new, RAND_BITS)[:, None, None], bits, True, RAND_BITS)
+    q = _sr_codes(m, _sr_inv(ms_new, RAND_BITS)[None, :, None], bits, True, RAND_BITS)
     if M4 and M4_VEC:
         _store_m4_tile(m_ptr, start, bytes_left, q, RM, K, G)
     else:

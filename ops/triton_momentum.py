@@ -49,17 +49,16 @@ def _store_m(m_ptr, base, local, q, mask, N: tl.constexpr, M4: tl.constexpr):
 
 @triton.jit
 def _m4_bytes(RM: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
-    """Byte offsets [RM, K, G // 2] of a [RM, K, G] tile's packed int4 momentum, relative to the tile's
-    first byte: contiguous along the last axis, so each thread's bytes load and store as one wide access."""
-    rm = tl.arange(0, RM)
-    k = tl.arange(0, K)
-    b = tl.arange(0, G // 2)
-    return (rm[:, None, None] * K + k[None, :, None]) * (G // 2) + b[None, None, :]
+    """Byte offsets [K, RM, G // 2] of lion_kernel_3d's tile's packed int4 momentum (element (k, r, c) at
+    (r * K + k) * G + c), relative to the tile's first byte: contiguous along the last axis, so each
+    thread's bytes load and store as one wide access."""
+    rows = tl.arange(0, RM)[None, :] * K + tl.arange(0, K)[:, None]
+    return rows[:, :, None] * (G // 2) + tl.arange(0, G // 2)[None, None, :]
 
 
 @triton.jit
 def _load_m4_tile(m_ptr, start, bytes_left, RM: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
-    """_load_m's codes (fp32) for the whole [RM, K, G] tile at element `start` (even): the packed bytes
+    """_load_m's codes (fp32) for the whole [K, RM, G] tile at element `start` (even): the packed bytes
     loaded as one contiguous tile, both nibbles taken in registers (the low one by shifting it to the
     top and back, arithmetic shifts sign-extending; the high one by the signed byte's shift) and
     interleaved by a join, so element 2i gets byte i's low nibble as in _load_m. `bytes_left`: the packed
@@ -71,15 +70,15 @@ def _load_m4_tile(m_ptr, start, bytes_left, RM: tl.constexpr, K: tl.constexpr, G
     byte = byte.to(tl.int32)
     lo = (byte << 28) >> 28
     hi = byte >> 4
-    return tl.reshape(tl.join(lo, hi), (RM, K, G)).to(tl.float32)
+    return tl.reshape(tl.join(lo, hi), (K, RM, G)).to(tl.float32)
 
 
 @triton.jit
 def _store_m4_tile(m_ptr, start, bytes_left, q, RM: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
-    """_store_m's bytes for the whole [RM, K, G] tile at element `start` (even), without flattening the
+    """_store_m's bytes for the whole [K, RM, G] tile at element `start` (even), without flattening the
     tile: each pair (2i, 2i + 1) split from the tile's last axis in registers, one contiguous byte tile
     stored. A masked lane holds code 0 (as _store_m), so a partial tail's last byte is whole."""
-    lo, hi = tl.split(tl.reshape(q.to(tl.int32), (RM, K, G // 2, 2)))
+    lo, hi = tl.split(tl.reshape(q.to(tl.int32), (K, RM, G // 2, 2)))
     local = _m4_bytes(RM, K, G)
     tl.store(m_ptr.to(tl.pointer_type(tl.int8)) + start // 2 + local, ((lo & 0xF) | (hi << 4)).to(tl.int8),
              mask=local < bytes_left)

@@ -116,14 +116,13 @@ def _bits_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.con
 @triton.jit
 def _bits_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUNDS: tl.constexpr = 10,
              RAND_BITS: tl.constexpr = 32):
-    """_bits_rows for a [R, K, G] tile at base + (r * K + k) * G + c: the same bits, one Philox call
-    per P elements. Needs base and G divisible by P = 128 / RAND_BITS."""
-    r = tl.arange(0, R)
-    k = tl.arange(0, K)
+    """_bits_rows for lion_kernel_3d's [K, R, G] tile, element (k, r, c) at base + (r * K + k) * G + c: the
+    same bits, one Philox call per P elements. Needs base and G divisible by P = 128 / RAND_BITS."""
     j = tl.arange(0, G * RAND_BITS // 128)
-    counters = (base + (r[:, None, None] * K + k[None, :, None]) * G) // (128 // RAND_BITS) + j[None, None, :]
+    rows = tl.arange(0, R)[None, :] * K + tl.arange(0, K)[:, None]
+    counters = (base + rows[:, :, None] * G) // (128 // RAND_BITS) + j[None, None, :]
     r0, r1, r2, r3 = _philox(key, counters, ROUNDS)
-    return tl.reshape(_pieces(r0, r1, r2, r3, RAND_BITS), (R, K, G))
+    return tl.reshape(_pieces(r0, r1, r2, r3, RAND_BITS), (K, R, G))
 
 
 @triton.jit

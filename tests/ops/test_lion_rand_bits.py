@@ -38,7 +38,7 @@ def _bits_probe(out_ptr, tile_ptr, key, base, N: tl.constexpr, RAND_BITS: tl.con
     tile = trng._bits_3d(key, base, 2, 2, N // 4, 10, RAND_BITS)
     r = tl.arange(0, 2)
     c = tl.arange(0, N // 4)
-    local = (r[:, None, None] * 2 + r[None, :, None]) * (N // 4) + c[None, None, :]
+    local = (r[None, :, None] * 2 + r[:, None, None]) * (N // 4) + c[None, None, :]  # a [K, R, G] tile
     tl.store(tile_ptr + local, tile.to(tl.int64))
 
 
