@@ -1,16 +1,14 @@
-"""Launch the training Lion kernel a few times for Nsight Compute: which limit holds it at ~50% of copy?
+"""Launch the training Lion kernel a few times for Nsight Compute (bench/sessions/h200_next_ncu.sh runs it).
 
-The static count (bench/kernel_sass.py) says ~60 instructions per element; the timing (lion_bandwidth.py)
-says 51% (int8) and 45% (int4) of copy with 1% outliers. Whether the kernel is issue-bound (issue slots
-busy near 100%) or latency-bound (few eligible warps: long-scoreboard stalls on the outlier gathers, low
-occupancy from its ~88 registers) decides the next lever, and only a profile tells them apart:
-
-    ncu -k regex:lion_kernel --launch-skip 2 --launch-count 1 --set full -o lion_int8 \
-        python bench/lion_ncu.py --momentum_bits 8
+    ncu --clock-control none -k regex:lion_kernel --launch-skip 2 --launch-count 1 --set full \
+        --import-source yes -o lion_int8 python bench/lion_ncu.py --momentum_bits 8
     ncu --import lion_int8.ncu-rep --page details > lion_int8.txt
 
 One LLaMA-7B MLP weight (4096 x 11008), bf16 gradient, 1% outliers fused, the training defaults (the
-kernels and inputs of lion_bandwidth.py's KEEP_OUTLIERS_SWEEP row that training runs).
+kernels and inputs of lion_bandwidth.py's KEEP_OUTLIERS_SWEEP row that training runs). The first profile
+(2026-11-30) found the kernel short of warps, not of issue slots: 84 registers allowed 5 CTAs per SM (31%
+occupancy), issue slots were 60% busy, and warps waited on memory and on three CTA barriers; bench/NOTES.md
+has the readings and what changed.
 """
 from __future__ import annotations
 

@@ -238,6 +238,20 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
 
 
 @triton.jit
+def _store_rows(ptr, value, mask):
+    """tl.store of a per-row vector reduced from a tile (each value held by every thread of its row),
+    without the layout conversion Triton puts before such a store (shared memory and a CTA barrier):
+    each holder stores the value itself, and a warp's identical stores to one address coalesce. The
+    interpreter has no inline asm: tl.store there."""
+    if INTERPRETED:
+        tl.store(ptr, value, mask=mask)
+    else:
+        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $3, 0; @p st.global.b32 [$1], $2; mov.b32 $0, 0; }",
+                                  "=r,l,r,r", [ptr.to(tl.int64, bitcast=True), value, mask.to(tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1, beta2, decay, grad_scale,
                    mix, g2, key, offset, clip, oi_ptr, ov_ptr, optr_ptr, m_bytes,
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
@@ -269,7 +283,8 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     then stores at once instead of waiting on a second load of the indices. The same bits (tested).
 
     The new momentum is computed before the weight's half, so that g and the old codes die early
-    (registers ~90 -> ~62 on sm_90: 8 CTAs of 4 warps per SM instead of 5).
+    (registers ~90 -> ~62 on sm_90: 8 CTAs of 4 warps per SM instead of 5). The per-group and per-block
+    scales are stored by _store_rows: one CTA barrier (the outliers') where Triton's stores put three.
     """
     pid = tl.program_id(0)
     start = pid.to(tl.int64) * (RM * K * G)
@@ -323,7 +338,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
         y = w * inv[:, :, None]
         q = _round(y, 0.0, ROUNDING)
     tl.store(w_ptr + start + local, q.to(tl.int8), mask=mask)
-    tl.store(ws_ptr + start // G + glocal, s_new, mask=gmask)
+    _store_rows(ws_ptr + start // G + glocal, s_new, gmask)  # no barrier: see _store_rows
     if ROUNDING == 2:
         tl.store(r_ptr + start + local, _ef_carry(y, q, bits, RAND_BITS), mask=mask)
     if OUTLIERS:  # an outlier's dense code stays 0 (and its EF carry): after the tile's store, same CTA
@@ -340,4 +355,4 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
         _store_m4_tile(m_ptr, start, bytes_left, q, RM, K, G)
     else:
         _store_m(m_ptr, start, local, q, mask, RM * K * G, M4)
-    tl.store(ms_ptr + start // (K * G) + rm, ms_new, mask=bmask)
+    _store_rows(ms_ptr + start // (K * G) + rm, ms_new, bmask)
