@@ -49,6 +49,7 @@ def _philox(key, counter, ROUNDS: tl.constexpr = 10):
     seed = tlc.to_tensor(key).to(tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    counter = counter.to(tl.int64)  # an int32 counter's >> 32 is undefined once compiled (a no-op for int64)
     ha, c3 = _mulhilo(counter.to(tl.uint32), 0xD2511F53)
     c0 = (counter >> 32).to(tl.uint32) ^ k0  # round 1: c2 = c3 = 0
     c1 = tl.zeros_like(c3)
