@@ -27,6 +27,6 @@ for t in runs:
 ratios = [h["tok_s"] / b["tok_s"] for b, h in zip(runs["base"], runs["head"]) if b["tok_s"] and h["tok_s"]]
 summary = {"shape": "7b", "batch": 1, "seq": 512, "method": "qft", "baseline_commit": "23a6478", "runs": runs,
            "head_over_base_per_round": ratios, "median_ratio": statistics.median(ratios) if ratios else None}
-json.dump(summary, open(f"{out}/memory_speed_7b_vs_23a6478.json", "w"), indent=1)
+json.dump(summary, open(f"{out}/pairs_7b_vs_23a6478.json", "w"), indent=1)
 print(json.dumps({"ratios": ratios, "median": summary["median_ratio"]}))
 PY
