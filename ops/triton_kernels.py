@@ -21,7 +21,7 @@ from triton.language import core as tlc  # to_tensor: triton 3.6 has it only her
 from .triton_momentum import (SR_PER_QMAX4, _load_m, _load_m4_tile, _m_scale, _store_m,  # noqa: F401
                               _store_m4_tile)
 from .triton_rng import (INTERPRETED, SR_MAGIC, SR_PER_QMAX, _bits, _bits_3d, _bits_rows,  # noqa: F401
-                         _mulhilo, _philox, _sr_codes, _sr_inv, _uniform)
+                         _mulhilo, _philox, _sr_codes, _sr_inv, _tile_groups, _uniform)
 
 SR, RTN, EF = 0, 1, 2
 
@@ -294,7 +294,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
         grad_scale, mix, g2 = _clip_scalars(ok_ptr, clip, grad_scale, beta1, beta2)
     left = n - start
     rm = tl.arange(0, RM)
-    glocal = rm[None, :] * K + tl.arange(0, K)[:, None]  # the tile's weight groups, [K, RM]
+    glocal = _tile_groups(RM, K)  # the tile's weight groups, [K, RM]
     local = glocal[:, :, None] * G + tl.arange(0, G)[None, None, :]
     mask = local < left
     gmask = glocal * G < left

@@ -4,7 +4,7 @@ per element or (M4_VEC) as whole byte tiles. Twin of reference.pack_int4 / quant
 import triton
 import triton.language as tl
 
-from .triton_rng import SR_PER_QMAX
+from .triton_rng import SR_PER_QMAX, _tile_groups
 
 # int4 momentum (M4): codes in [-7, 7], two per byte (element 2i in the low nibble, two's complement), as
 # reference.pack_int4. The SR scale is absmax / 7 with the same margin as SR_PER_QMAX.
@@ -52,8 +52,7 @@ def _m4_bytes(RM: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
     """Byte offsets [K, RM, G // 2] of lion_kernel_3d's tile's packed int4 momentum (element (k, r, c) at
     (r * K + k) * G + c), relative to the tile's first byte: contiguous along the last axis, so each
     thread's bytes load and store as one wide access."""
-    rows = tl.arange(0, RM)[None, :] * K + tl.arange(0, K)[:, None]
-    return rows[:, :, None] * (G // 2) + tl.arange(0, G // 2)[None, None, :]
+    return _tile_groups(RM, K)[:, :, None] * (G // 2) + tl.arange(0, G // 2)[None, None, :]
 
 
 @triton.jit

@@ -115,13 +115,20 @@ def _bits_rows(key, base, ROWS: tl.constexpr, STRIDE: tl.constexpr, COLS: tl.con
 
 
 @triton.jit
+def _tile_groups(R: tl.constexpr, K: tl.constexpr):
+    """[K, R]: the weight-group index r * K + k of each row of lion_kernel_3d's [K, R, G] tile (K first, so
+    that Triton's default layout keeps a momentum block of K groups in one warp). The kernel's offsets, its
+    random bits and its packed int4 bytes all index the tile through this."""
+    return tl.arange(0, R)[None, :] * K + tl.arange(0, K)[:, None]
+
+
+@triton.jit
 def _bits_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUNDS: tl.constexpr = 10,
              RAND_BITS: tl.constexpr = 32):
     """_bits_rows for lion_kernel_3d's [K, R, G] tile, element (k, r, c) at base + (r * K + k) * G + c: the
     same bits, one Philox call per P elements. Needs base and G divisible by P = 128 / RAND_BITS."""
     j = tl.arange(0, G * RAND_BITS // 128)
-    rows = tl.arange(0, R)[None, :] * K + tl.arange(0, K)[:, None]
-    counters = (base + rows[:, :, None] * G) // (128 // RAND_BITS) + j[None, None, :]
+    counters = (base + _tile_groups(R, K)[:, :, None] * G) // (128 // RAND_BITS) + j[None, None, :]
     r0, r1, r2, r3 = _philox(key, counters, ROUNDS)
     return tl.reshape(_pieces(r0, r1, r2, r3, RAND_BITS), (K, R, G))
 
