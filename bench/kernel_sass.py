@@ -78,7 +78,8 @@ def bits_sweep_configs(sweep=None):
         m4 = knobs["momentum_bits"] == 4
         sig = {**aot_compile.LION_3D_ARGS, "ok_ptr": "*fp32",
                **({"m_ptr": "*u8"} if m4 else {})}
-        const = {"G": 128, "K": 2, "RM": knobs["chunk"] // 256, "ROUNDING": 0, "ROUNDS": 10, "OUTLIERS": True,
+        const = {"G": 128, "K": 2, "RM": knobs["chunk"] // 256, "ROUNDING": 0, "ROUNDS": knobs.get("philox_rounds", 10),
+                 "OUTLIERS": True,
                  "OB": 64, "OK_FLOAT": True, "CLIP": True, "M4": m4, "RAND_BITS": knobs["rand_bits"],
                  "M4_VEC": knobs.get("m4_vec", False), "KEEP_OUTLIERS": knobs.get("keep_outliers", False)}
         name = "lion 3d bits sweep " + " ".join(f"{k}={v}" for k, v in knobs.items())

@@ -20,24 +20,23 @@ SWEEP = [dict(layout="3d", chunk=2048, num_warps=4, philox_rounds=10),
          dict(layout="3d", chunk=2048, num_warps=4, philox_rounds=7),
          dict(layout="3d", chunk=2048, num_warps=4, philox_rounds=4)]
 
-# Random bits per element (ops/triton_rng.py: 16 and 8 halve and quarter the Philox work, rounding
-# probabilities quantized to 1/256) against today's 32, for int8 and int4 momentum with 1% outliers fused
-# (the training path; issue 15's >= 80% of copy target), with larger tiles per program beside the default
-# (16 elements per thread): 32 per thread at chunk 4096 x 4 warps and 8192 x 8 (~150 registers, no spills;
-# the outlier loops' fixed cost per warp spread over twice the elements: bench/kernel_sass.py --bits-sweep).
-BITS_SWEEP = [dict(momentum_bits=mb, rand_bits=rb, chunk=chunk, num_warps=nw)
-              for mb in (8, 4) for rb in (32, 16, 8) for chunk, nw in ((2048, 4), (4096, 4), (8192, 8))]
+# Random bits per element (ops/triton_rng.py: 16, the default, halves 32's Philox work at the same 2^-16
+# rounding resolution; 8 quarters it, rounding probabilities quantized to 1/256), for int8 and int4 momentum
+# with 1% outliers fused (the training path; issue 15's >= 80% of copy target), and 7 Philox rounds with 16
+# bits. Larger tiles (32 elements per thread) measured slower at every setting (lion_sweep_20261130-0558.json)
+# and are left out.
+BITS_SWEEP = [dict(momentum_bits=mb, rand_bits=rb, chunk=2048, num_warps=4, philox_rounds=rounds)
+              for mb in (8, 4) for rb, rounds in ((16, 10), (32, 10), (8, 10), (16, 7))]
 
 # The int4 kernel's packed momentum as whole byte tiles (m4_vec: one 8-byte load and store per thread at
-# 16 elements per thread, where today's kernel gathers single bytes and packs through shared memory; the
-# same bits, tests/ops/test_lion_m4_vec.py) against today's, paired, with 1% outliers fused (issue 15 item 4).
-M4_VEC_SWEEP = [dict(momentum_bits=4, rand_bits=rb, chunk=chunk, num_warps=nw, m4_vec=vec)
-                for rb in (32, 8) for chunk, nw in ((2048, 4), (4096, 4)) for vec in (False, True)]
+# 16 elements per thread, where the byte-wise kernel gathers single bytes and packs through shared memory;
+# the same bits, tests/ops/test_lion_m4_vec.py) against the byte-wise one, paired, 1% outliers fused.
+M4_VEC_SWEEP = [dict(momentum_bits=4, rand_bits=16, chunk=2048, num_warps=4, m4_vec=vec) for vec in (False, True)]
 
 # The outlier loops' first block outside the loops, its indices kept across the barrier for the zeroing
 # (keep_outliers: no second load of the indices before the zeroing stores; the same bits,
-# tests/ops/test_lion_keep_outliers.py) against today's, paired: int8, and int4 with m4_vec.
-KEEP_OUTLIERS_SWEEP = [dict(momentum_bits=mb, rand_bits=32, chunk=2048, num_warps=4, m4_vec=vec, keep_outliers=keep)
+# tests/ops/test_lion_keep_outliers.py) against without, paired: int8, and int4 with m4_vec.
+KEEP_OUTLIERS_SWEEP = [dict(momentum_bits=mb, rand_bits=16, chunk=2048, num_warps=4, m4_vec=vec, keep_outliers=keep)
                        for mb, vec in ((8, False), (4, True)) for keep in (False, True)]
 
 
@@ -47,7 +46,7 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     Bytes counted per param: int8 w and m read + written (4; int4 momentum: 3), the gradient read (2 in
     bf16, as training passes it; 4 in fp32), plus the fp32 group/block scales read + written. The triton
     kernel is also run over a few launch configurations (`sweep`); `lion_kernel_gbs` is the default one,
-    used in training; `lion_m4_*` the same with int4 momentum. `bits_sweep` (the standalone run's; 18 more
+    used in training; `lion_m4_*` the same with int4 momentum. `bits_sweep` (the standalone run's; 14 more
     kernels to compile and time, left out of memory_speed.py's runs) times BITS_SWEEP: `lion_bits_sweep`,
     and `lion_bits_best`, the fastest configuration per (momentum_bits, rand_bits); then M4_VEC_SWEEP,
     today's int4 kernel and its byte-tile variant paired (`lion_m4_vec_sweep`), and KEEP_OUTLIERS_SWEEP
@@ -128,10 +127,11 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
 
 
 def best_per_bits(rows):
-    """The fastest launch configuration for each (momentum_bits, rand_bits) of the bits sweep."""
+    """The fastest launch configuration for each (momentum_bits, rand_bits, philox_rounds) of the bits sweep."""
     best = {}
     for row in rows:
-        key = f"m{row['momentum_bits']}_bits{row['rand_bits']}"
+        rounds = row.get("philox_rounds", 10)
+        key = f"m{row['momentum_bits']}_bits{row['rand_bits']}" + (f"_rounds{rounds}" if rounds != 10 else "")
         if key not in best or row["gbs"] > best[key]["gbs"]:
             best[key] = row
     return best

@@ -213,7 +213,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     `finite` must then be the gradient's fp32 norm; the kernels compute that scale on the device, so the
     fused flow clips each tensor without a host sync.
     `momentum_bits` 4: m_codes are packed int4 (quantize_momentum), drawn under the same key and offsets.
-    `rand_bits` (32, 16 or 8): round as the Triton kernels do with that many random bits per element, from
+    `rand_bits` (16, 32 or 8): round as the Triton kernels do with that many random bits per element, from
     their Philox stream (reference_rng.py: the same bits, the kernels' SR scales); None: this module's
     own generator (uniform), the default.
     """
@@ -233,10 +233,10 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     if rand_bits is None:
         mq, ms = quantize_momentum(m, m_block, rng_key(seed, step, STREAM_MOMENTUM), offset, momentum_bits)
     else:  # the kernels' stream: one draw per element under the weight stream's key feeds both roundings
-        hw, hm, shift = rr.shares(rr.draws(rng_key(seed, step, STREAM_WEIGHT), offset, m.numel(), rand_bits,
+        hw, hm = rr.shares(rr.draws(rng_key(seed, step, STREAM_WEIGHT), offset, m.numel(), rand_bits,
                                            m.device), rand_bits)
         ms = rr.sr_scales(_blocks(m, m_block).abs().amax(dim=1), QMAX if momentum_bits == 8 else QMAX4)
-        mq = rr.sr_codes(m, rr.sr_inverse(ms, shift).repeat_interleave(m_block)[: m.numel()], hm, shift)
+        mq = rr.sr_codes(m, rr.sr_inverse(ms).repeat_interleave(m_block)[: m.numel()], hm)
         mq = mq if momentum_bits == 8 else pack_int4(mq)
     m_codes.copy_(mq)
     m_scales.copy_(ms)
@@ -254,8 +254,8 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     key = rng_key(seed, step, STREAM_WEIGHT)
     if rand_bits is not None and rounding == "sr":  # the kernels' integer SR, at their scale
         new_scales = torch.maximum(w_scales, rr.sr_scales(_blocks(w, w_block).abs().amax(dim=1), QMAX))
-        inv = rr.sr_inverse(new_scales, shift).repeat_interleave(w_block)[: w.numel()]
-        q = rr.sr_codes(w, inv, hw, shift)
+        inv = rr.sr_inverse(new_scales).repeat_interleave(w_block)[: w.numel()]
+        q = rr.sr_codes(w, inv, hw)
     else:
         new_scales = torch.maximum(w_scales, absmax_scales(w, w_block))
         inv = torch.where(new_scales > 0, 1.0 / new_scales, torch.zeros_like(new_scales))
@@ -265,7 +265,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
         if rand_bits is None:
             residual.copy_(round_codes((y - q.float()) * 254.0, "sr", key, offset))
         else:
-            residual.copy_(rr.sr_codes((y - q.float()) * 254.0, torch.tensor(2.0**shift), hw, shift))
+            residual.copy_(rr.sr_codes((y - q.float()) * 254.0, torch.tensor(2.0**rr.SR_SHIFT), hw))
     if has_outliers:
         q[outlier_idx.long()] = 0
         if residual is not None:

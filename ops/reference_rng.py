@@ -1,6 +1,6 @@
 """The Triton Lion kernels' random stream and integer stochastic rounding, in torch (triton_rng.py's twin).
 
-reference.lion_step(..., rand_bits=32 | 16 | 8) rounds with these, so the reference draws the kernels'
+reference.lion_step(..., rand_bits=16 | 32 | 8) rounds with these, so the reference draws the kernels'
 bits: kernel and reference then agree up to rare flips where their float arithmetic rounds differently
 (an FMA against two roundings), instead of only in distribution. Without `rand_bits` the reference keeps
 its own generator (reference.uniform). uint32 values are held in int64 tensors.
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-RAND_BITS_CHOICES = (32, 16, 8)
+RAND_BITS_CHOICES = (16, 32, 8)
+DEFAULT_RAND_BITS = 16  # the kernels' default (triton_rng's module docstring)
 _M32 = 0xFFFFFFFF
 # Philox4x32's constants (Random123; triton.language.random)
 _ROUND_A, _ROUND_B = 0xD2511F53, 0xCD9E8D57
@@ -57,17 +58,19 @@ def draws(key: int, offset: int, n: int, rand_bits: int, device, rounds: int = 1
     return (w >> ((piece % per_word) * rand_bits)) & ((1 << rand_bits) - 1)
 
 
-def shares(d: torch.Tensor, rand_bits: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(the weight's bits, the momentum's bits, S): how one element's draw feeds its two roundings, each
-    of S bits. 8: one byte for both, the momentum's antithetic (255 - h)."""
+def shares(d: torch.Tensor, rand_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the weight's addend, the momentum's addend), each 16 bits: how one element's draw feeds its two
+    roundings (triton_rng's module docstring). 16: the piece and its byte swap; 32: the low and high
+    halves; 8: the byte b as (b << 8) + 128 and, antithetic, ((255 - b) << 8) + 128."""
     if rand_bits == 32:
-        return d & 0x7FFF, d >> 17, 15
+        return d & 0xFFFF, d >> 16
     if rand_bits == 16:
-        return d & 0xFF, d >> 8, 8
-    return d, 255 - d, 8
+        return d, ((d & 0xFF) << 8) | (d >> 8)
+    return (d << 8) + 128, ((255 - d) << 8) + 128
 
 
 SR_MARGIN = 1.0 + 2.0**-20  # the kernels' SR scale: absmax / qmax times this, so |codes| <= qmax unclamped
+SR_SHIFT = 15  # the FMA lands y * 2^15 on the integer grid; doubled, the 16-bit addend rounds it
 
 
 def sr_scales(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
@@ -75,14 +78,14 @@ def sr_scales(absmax: torch.Tensor, qmax: int) -> torch.Tensor:
     return absmax.float() * torch.tensor(SR_MARGIN / qmax, dtype=torch.float32)
 
 
-def sr_inverse(scales: torch.Tensor, shift: int) -> torch.Tensor:
-    """fp32 2^S / scale, 0 where scale <= 1e-30 (as triton_rng._sr_inv)."""
-    return torch.where(scales > 1e-30, (2.0**shift) / scales, torch.zeros_like(scales))
+def sr_inverse(scales: torch.Tensor) -> torch.Tensor:
+    """fp32 2^15 / scale, 0 where scale <= 1e-30 (as triton_rng._sr_inv)."""
+    return torch.where(scales > 1e-30, (2.0**SR_SHIFT) / scales, torch.zeros_like(scales))
 
 
-def sr_codes(x: torch.Tensor, inv: torch.Tensor, h: torch.Tensor, shift: int) -> torch.Tensor:
-    """int8 codes floor((Y + h) / 2^S), Y = x * inv rounded half to even: E[q] = Y / 2^S, within
-    2^-(S+1) of x * inv / 2^S. The product of two fp32 numbers is exact in fp64, so Y is what the
-    kernels' fma(x, inv, 1.5 * 2^23) leaves in the float's bits."""
+def sr_codes(x: torch.Tensor, inv: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """int8 codes floor((2Y + h) / 2^16), Y = x * inv rounded half to even, h a 16-bit addend (shares):
+    E[q] = Y / 2^15, within 2^-16 of x * inv / 2^15. The product of two fp32 numbers is exact in fp64, so
+    Y is what the kernels' fma(x, inv, 1.5 * 2^23) leaves in the float's bits."""
     y = torch.round(x.double() * inv.double()).long()
-    return torch.div(y + h, 2**shift, rounding_mode="floor").to(torch.int8)
+    return torch.div(2 * y + h, 2**(SR_SHIFT + 1), rounding_mode="floor").to(torch.int8)

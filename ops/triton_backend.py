@@ -119,7 +119,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     `grad` may be bf16 or fp32 (read once, upcast in registers). `finite` (a device bool, or a float
     tensor such as the gradient's norm, which counts as "finite" when it is) masks every write without
     a host sync. Tuning knobs: `quad_rng`
-    (default: whenever the layout allows) draws one Philox call per 4 elements, False forces the
+    (default: whenever the layout allows) draws one Philox call per 128 / rand_bits elements, False forces the
     element-wise path, which yields the same numbers (tests compare them); `chunk` elements per program;
     `philox_rounds` (10, Random123's default; fewer rounds are another stream, for the benchmark's sweep);
     `layout` "3d" runs lion_kernel_3d (one load of g, m, w when the weight group divides the momentum
@@ -130,7 +130,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     (the kernels fold it into the sign test, see _lion_scalars). `clip` > 0: a clipping budget, applied on
     the device from the norm passed as `finite` (see reference.lion_step). `momentum_bits` 4: m_codes are
     packed int4 (reference.quantize_momentum; constexpr M4 of both kernels), which needs an even block.
-    `rand_bits` (None: 32, the kernels' stream of today; 16 or 8: constexpr RAND_BITS, see triton_rng)
+    `rand_bits` (None: reference_rng.DEFAULT_RAND_BITS, 16; or 32 or 8: constexpr RAND_BITS, see triton_rng)
     is the number of random bits per element; reference.lion_step with the same value draws the same bits.
     `m4_vec` (int4 momentum, layout "3d" only): the packed momentum loaded and stored as whole byte tiles
     (constexpr M4_VEC), the same bits as the byte-wise kernel, 1.9x its speed on the H200 (22% -> 43% of copy
@@ -141,7 +141,7 @@ def lion_step(w_codes, w_scales, w_block, m_codes, m_scales, m_block, grad, *, l
     (constexpr KEEP_OUTLIERS), the same bits, 2-5% faster on the H200 (same file).
     """
     ref.check_momentum_bits(momentum_bits)
-    rand_bits = ref_rng.check_rand_bits(32 if rand_bits is None else rand_bits)
+    rand_bits = ref_rng.check_rand_bits(ref_rng.DEFAULT_RAND_BITS if rand_bits is None else rand_bits)
     pieces = 128 // rand_bits  # elements per Philox call: tiles start on a call's first element
     if momentum_bits == 4 and m_block % 2:
         raise ValueError(f"int4 momentum packs element pairs within a block: block_size must be even, got {m_block}")

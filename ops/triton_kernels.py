@@ -21,7 +21,7 @@ from triton.language import core as tlc  # to_tensor: triton 3.6 has it only her
 from .triton_momentum import (SR_PER_QMAX4, _load_m, _load_m4_tile, _m_scale, _store_m,  # noqa: F401
                               _store_m4_tile)
 from .triton_rng import (INTERPRETED, SR_MAGIC, SR_PER_QMAX, _bits, _bits_3d, _bits_rows,  # noqa: F401
-                         _mulhilo, _philox, _sr_codes, _sr_inv, _tile_groups, _uniform)
+                         _mulhilo, _philox, _shares, _sr_codes, _sr_inv, _tile_groups, _uniform)
 
 SR, RTN, EF = 0, 1, 2
 
@@ -47,14 +47,12 @@ def _clip_scalars(norm_ptr, clip, grad_scale, beta1, beta2):
 
 
 @triton.jit
-def _ef_carry(y, q, bits, RAND_BITS: tl.constexpr = 32):
-    """Error feedback's int8 carry, (y - q) in units of s/254, stochastically rounded (the weight's share of
-    the draw): unbiased at any lr (to 1/256 of a carry step for RAND_BITS 16 and 8). Rounded to nearest, an
-    update below s/508 (lr 1e-5 on a group of absmax 0.65, or any warm-up's first steps) was lost every
-    step. |y - q| <= 1/2, so no clamp is needed."""
-    if RAND_BITS == 32:
-        return _sr_codes((y - q) * 254.0, 32768.0, bits, False, RAND_BITS)
-    return _sr_codes((y - q) * 254.0, 256.0, bits, False, RAND_BITS)
+def _ef_carry(y, q, hw):
+    """Error feedback's int8 carry, (y - q) in units of s/254, stochastically rounded with the weight's
+    addend hw (triton_rng._shares): unbiased at any lr (to 1/256 of a carry step for RAND_BITS 8). Rounded
+    to nearest, an update below s/508 (lr 1e-5 on a group of absmax 0.65, or any warm-up's first steps) was
+    lost every step. |y - q| <= 1/2, so no clamp is needed."""
+    return _sr_codes((y - q) * 254.0, 32768.0, hw)
 
 
 @triton.jit
@@ -160,7 +158,7 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
                 G: tl.constexpr, GP2: tl.constexpr, RW: tl.constexpr, RWP2: tl.constexpr,
                 B: tl.constexpr, RM: tl.constexpr, RMP2: tl.constexpr, ROUNDING: tl.constexpr,
                 QUAD_RNG: tl.constexpr, ROUNDS: tl.constexpr = 10, OK_FLOAT: tl.constexpr = False,
-                CLIP: tl.constexpr = False, M4: tl.constexpr = False, RAND_BITS: tl.constexpr = 32):
+                CLIP: tl.constexpr = False, M4: tl.constexpr = False, RAND_BITS: tl.constexpr = 16):
     """One INT8 Lion step over a chunk of RW*G = RM*B elements (a common multiple of both groupings).
 
     The weight half runs first, in weight-group rows, reading the *old* momentum to get sign(c); the
@@ -175,8 +173,8 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     c = m_code * (ms * mix) + g has the sign of b1*m + (1-b1)*gs*g; w = w_code * (s * decay) - lr*sign(c);
     m = m_code * (ms * b2) + g * g2. Masked lanes load 0 and so stay 0: no select before the absmax.
     M4: the momentum is int4, two codes per byte (_load_m, _store_m), drawn from the same bits.
-    RAND_BITS: the random bits per element, 32 (the default), 16 or 8 (triton_rng.py: 2x or 4x less
-    Philox work, rounding probabilities quantized to 1/256 instead of 2^-15).
+    RAND_BITS: the random bits per element, 16 (the default), 32 or 8 (triton_rng.py: how each element's
+    draw feeds its two roundings).
     """
     start = tl.program_id(0).to(tl.int64) * (RW * G)
     n = n * _load_ok(ok_ptr, OK_FLOAT).to(tl.int64)  # not finite: n = 0 masks every load and store
@@ -196,13 +194,14 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     s = tl.load(ws_ptr + grow, mask=rmask, other=0.0)
     w = _lion_w(tl.load(w_ptr + offs, mask=mask, other=0).to(tl.float32), s[:, None], step, r_ptr + offs, mask,
                 decay, ROUNDING)
-    if ROUNDING == 0:  # the low bits of each element's draw (the momentum half takes the high ones)
+    if ROUNDING == 0:  # the weight's share of each element's draw (the momentum half takes the other)
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=1) * SR_PER_QMAX)
         if QUAD_RNG:
             bits = _bits_rows(key, start + offset, RWP2, G, GP2, ROUNDS, RAND_BITS)
         else:
             bits = _bits(key, offs + offset, ROUNDS, RAND_BITS)
-        q = _sr_codes(w, _sr_inv(s_new, RAND_BITS)[:, None], bits, False, RAND_BITS)
+        hw, _ = _shares(bits, RAND_BITS)
+        q = _sr_codes(w, _sr_inv(s_new)[:, None], hw)
     else:
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=1) / 127.0)
         inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
@@ -210,12 +209,13 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
         q = _round(y, 0.0, ROUNDING)
     tl.store(w_ptr + offs, q.to(tl.int8), mask=mask)
     tl.store(ws_ptr + grow, s_new, mask=rmask)
-    if ROUNDING == 2:  # the weight was rounded to nearest: its draws' low bits round the carry
+    if ROUNDING == 2:  # the weight was rounded to nearest: its share of the draws rounds the carry
         if QUAD_RNG:
             bits = _bits_rows(key, start + offset, RWP2, G, GP2, ROUNDS, RAND_BITS)
         else:
             bits = _bits(key, offs + offset, ROUNDS, RAND_BITS)
-        tl.store(r_ptr + offs, _ef_carry(y, q, bits, RAND_BITS), mask=mask)
+        hw, _ = _shares(bits, RAND_BITS)
+        tl.store(r_ptr + offs, _ef_carry(y, q, hw), mask=mask)
     # ---- momentum: rows are blocks of B
     rm = tl.arange(0, RMP2)
     cb = tl.arange(0, B)
@@ -227,12 +227,13 @@ def lion_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, beta1
     ms = tl.load(ms_ptr + brow, mask=bmask, other=0.0)
     m = tl.fma(_load_m(m_ptr, 0, offs, mask, M4), (ms * beta2)[:, None], g * g2)
     ms_new = _m_scale(tl.max(tl.abs(m), axis=1), M4)
-    if QUAD_RNG:  # the same draws again (this layout's rows): their high bits
+    if QUAD_RNG:  # the same draws again (this layout's rows): the momentum's share
         bits = _bits_rows(key, start + offset, RMP2, B, B, ROUNDS, RAND_BITS)
     else:
         bits = _bits(key, offs + offset, ROUNDS, RAND_BITS)
     # momentum: always stochastic (unbiased EMA)
-    q = _sr_codes(m, _sr_inv(ms_new, RAND_BITS)[:, None], bits, True, RAND_BITS)
+    _, hm = _shares(bits, RAND_BITS)
+    q = _sr_codes(m, _sr_inv(ms_new)[:, None], hm)
     _store_m(m_ptr, 0, offs, q, mask, RMP2 * B, M4)
     tl.store(ms_ptr + brow, ms_new, mask=bmask)
 
@@ -257,7 +258,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
                    G: tl.constexpr, K: tl.constexpr, RM: tl.constexpr, ROUNDING: tl.constexpr,
                    ROUNDS: tl.constexpr = 10, OUTLIERS: tl.constexpr = False, OB: tl.constexpr = 64,
                    OK_FLOAT: tl.constexpr = False, CLIP: tl.constexpr = False, M4: tl.constexpr = False,
-                   RAND_BITS: tl.constexpr = 32, M4_VEC: tl.constexpr = False,
+                   RAND_BITS: tl.constexpr = 16, M4_VEC: tl.constexpr = False,
                    KEEP_OUTLIERS: tl.constexpr = False):
     """lion_kernel when the weight group G (a power of two) divides the momentum block B = K * G.
 
@@ -328,10 +329,10 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
             _outlier_step(oi, om, ov_ptr + j + ob, m_ptr, ms_ptr, g_ptr, lr, beta1, decay, grad_scale, K * G, M4)
     # one draw per element feeds both roundings
-    bits = _bits_3d(key, start + offset, RM, K, G, ROUNDS, RAND_BITS)
+    hw, hm = _shares(_bits_3d(key, start + offset, RM, K, G, ROUNDS, RAND_BITS), RAND_BITS)
     if ROUNDING == 0:
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) * SR_PER_QMAX)
-        q = _sr_codes(w, _sr_inv(s_new, RAND_BITS)[:, :, None], bits, False, RAND_BITS)
+        q = _sr_codes(w, _sr_inv(s_new)[:, :, None], hw)
     else:
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) / 127.0)
         inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
@@ -340,7 +341,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     tl.store(w_ptr + start + local, q.to(tl.int8), mask=mask)
     _store_rows(ws_ptr + start // G + glocal, s_new, gmask)  # no barrier: see _store_rows
     if ROUNDING == 2:
-        tl.store(r_ptr + start + local, _ef_carry(y, q, bits, RAND_BITS), mask=mask)
+        tl.store(r_ptr + start + local, _ef_carry(y, q, hw), mask=mask)
     if OUTLIERS:  # an outlier's dense code stays 0 (and its EF carry): after the tile's store, same CTA
         tl.debug_barrier()
         if KEEP_OUTLIERS:
@@ -350,7 +351,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
             _outlier_zero(oi, om, w_ptr, r_ptr, OB, ROUNDING)
     # momentum: always stochastic (unbiased EMA)
-    q = _sr_codes(m, _sr_inv(ms_new, RAND_BITS)[None, :, None], bits, True, RAND_BITS)
+    q = _sr_codes(m, _sr_inv(ms_new)[None, :, None], hm)
     if M4 and M4_VEC:
         _store_m4_tile(m_ptr, start, bytes_left, q, RM, K, G)
     else:

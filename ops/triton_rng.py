@@ -1,20 +1,21 @@
 """The Lion kernels' random bits and stochastic rounding (Triton), twinned in torch by reference_rng.py.
 
-Random draws are counter-based Philox (the bits of `tl.randint4x`, see _philox). RAND_BITS (32, 16 or 8)
+Random draws are counter-based Philox (the bits of `tl.randint4x`, see _philox). RAND_BITS (16, 32 or 8)
 is the number of random bits each element gets: element e gets piece e % P of philox(key, e // P),
 P = 128 / RAND_BITS, the 128 output bits read as P little-endian pieces of RAND_BITS bits (r0's low
 piece first). So a rerun is bit-identical and a shard draws what the whole tensor would.
 
-One element's draw feeds both of its roundings (the weight's and the momentum's):
-- 32 (the default): the low 15 bits round the weight, the high 15 the momentum (independent bits); one
-  Philox call covers 4 elements. Rounding probabilities are quantized to 2^-15.
-- 16: the low byte rounds the weight, the high byte the momentum (independent); 8 elements per call.
-- 8: one byte rounds both, the momentum with 255 - h (antithetic: the two roundings of an element are
-  not independent, each is unbiased on its own); 16 elements per call.
-With 8 bits per rounding the rounding probability is quantized to 1/256: E[q] = round(y * 256) / 256, off
-y by up to 1/512 of a step. For the weight that rounds Lion's step lr/s to a multiple of 1/256 of the
-group's step (a step below s/512 is lost, one of 1.5 s/256 becomes 2 s/256): the option saves Philox
-work (2x or 4x) and must pass the fidelity benchmark before it can be a default.
+One element's draw feeds both of its roundings (the weight's and the momentum's), each of which adds a
+16-bit addend h (_shares) below the code's unit:
+- 16 (the default): the weight adds the piece p = (a << 8) | b, the momentum its byte swap (b << 8) | a.
+  Each rounding is unbiased to 2^-16 of a step; the weight's up-or-down is decided by a alone except when
+  a sits on its threshold (probability 1/256), the momentum's by b alone except when b does, so the two
+  are independent but for those two 1/256 cases. One Philox call covers 8 elements.
+- 32: the low 16 bits round the weight, the high 16 the momentum (independent); 4 elements per call.
+- 8: one byte b for both, the weight adding (b << 8) + 128 and the momentum ((255 - b) << 8) + 128
+  (antithetic: each is unbiased only to 1/256 of a step, E[q] = y rounded to a multiple of 1/256, off y
+  by up to 1/512 of a step, so a Lion step below s/512 is lost); 16 elements per call. An option for the
+  benchmark's sweeps.
 
 With one Philox call per element (`tl.rand`), the 10 Philox rounds made the Lion kernel compute-bound at
 a third of copy bandwidth; the kernel is issue-bound (bench/NOTES.md), so the helpers here are written for
@@ -28,7 +29,6 @@ from triton.language import core as tlc  # to_tensor: triton 3.6 has it only her
 
 # Read once, as @triton.jit reads it: interpreted kernels run no inline asm (_mulhilo)
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-RAND_BITS_CHOICES = (32, 16, 8)
 
 
 @triton.jit
@@ -136,40 +136,51 @@ def _bits_3d(key, base, R: tl.constexpr, K: tl.constexpr, G: tl.constexpr, ROUND
 @triton.jit
 def _uniform(key, offs, ROUNDS: tl.constexpr = 10):
     """U[0,1) (32-bit) for global element offsets of any shape."""
-    return tl.uint_to_uniform_float(_bits(key, offs, ROUNDS))
+    return tl.uint_to_uniform_float(_bits(key, offs, ROUNDS, 32))
 
 
-# Stochastic rounding in integers. x = w * (2^S / s) + 1.5 * 2^23 (one FMA) lands on the integer grid
-# (ulp 1 for |w * 2^S / s| < 2^22), so the float's bits are 0x4B400000 + Y, Y = round_nearest(y * 2^S)
-# with y = w / s. Adding S random bits h and shifting right S floors: q = (Y + h) >> S rounds up with
-# probability (Y mod 2^S) / 2^S, so E[q] = Y / 2^S exactly, within 2^-(S+1) of y either way. S = 15 for
-# RAND_BITS 32, 8 for 16 and 8. No conversion, no float floor: the kernel is issue-bound. The SR scale is
-# absmax / 127 times (1 + 2^-20): with the division's and the products' rounding, |Y| stays below
-# 127 * 2^S - 1, so q needs no clamp.
+@triton.jit
+def _byteswap16(p):
+    """(b << 8) | a for p = (a << 8) | b: one PRMT compiled (the interpreter has no inline asm)."""
+    if INTERPRETED:
+        return ((p & 0xFF) << 8) | (p >> 8)
+    return tl.inline_asm_elementwise("prmt.b32 $0, $1, 0, 0x4401;", "=r,r", [p], dtype=tl.uint32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _shares(bits, RAND_BITS: tl.constexpr = 16):
+    """(the weight's h, the momentum's h): the 16-bit addends of an element's two roundings, from its draw
+    (the module docstring says how each RAND_BITS splits it)."""
+    bits = bits.to(tl.uint32)
+    if RAND_BITS == 32:
+        return bits & 0xFFFF, bits >> 16
+    if RAND_BITS == 16:
+        return bits, _byteswap16(bits)
+    return (bits << 8) | 0x80, ((bits ^ 0xFF) << 8) | 0x80  # + 1/2 of the byte's unit: round to nearest
+
+
+# Stochastic rounding in integers. x = w * (2^15 / s) + 1.5 * 2^23 (one FMA) lands on the integer grid
+# (ulp 1 for |w * 2^15 / s| < 2^22), so the float's bits are 0x4B400000 + Y, Y = round_nearest(y * 2^15)
+# with y = w / s. Doubling them and adding a 16-bit random h, the code is byte 2: q = (2Y + h) >> 16 rounds
+# up with probability (2Y mod 2^16) / 2^16, so E[q] = Y / 2^15 exactly, within 2^-16 of y either way.
+# No conversion, no float floor: the kernel is issue-bound. The SR scale is absmax / 127 times
+# (1 + 2^-20): with the division's and the products' rounding, |Y| stays below 127 * 2^15 - 1, so q
+# needs no clamp.
 SR_PER_QMAX = tl.constexpr((1.0 + 2.0**-20) / 127.0)
 SR_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23, bits 0x4B400000
+SR_UNMAGIC2 = tl.constexpr(0x69800000)  # -2 * 0x4B400000 mod 2^32: removes the doubled magic
 
 
 @triton.jit
-def _sr_inv(s, RAND_BITS: tl.constexpr = 32):
-    """2^S / s (S: the rounding's random bits); 0 for s = 0, and for s < 1e-30, where it would overflow
-    (such a block rounds to 0)."""
-    if RAND_BITS == 32:
-        return tl.where(s > 1e-30, 32768.0 / s, 0.0)
-    return tl.where(s > 1e-30, 256.0 / s, 0.0)
+def _sr_inv(s):
+    """2^15 / s; 0 for s = 0, and for s < 1e-30, where it would overflow (such a block rounds to 0)."""
+    return tl.where(s > 1e-30, 32768.0 / s, 0.0)
 
 
 @triton.jit
-def _sr_codes(x, inv, bits, HIGH: tl.constexpr, RAND_BITS: tl.constexpr = 32):
-    """int8 codes of x * inv / 2^S (inv from _sr_inv), stochastically rounded with S bits of each draw:
-    the weight's (HIGH False) or the momentum's (HIGH True) share, as the module docstring says."""
-    t = tl.fma(x, inv, SR_MAGIC).to(tl.int32, bitcast=True)
-    if RAND_BITS == 32:
-        h = ((bits >> 17) if HIGH else (bits & 0x7FFF)).to(tl.int32)
-        return ((t + h - 0x4B400000) >> 15).to(tl.int8)
-    if RAND_BITS == 16:
-        h = ((bits >> 8) if HIGH else (bits & 0xFF)).to(tl.int32)
-        return ((t + h - 0x4B400000) >> 8).to(tl.int8)
-    if HIGH:  # antithetic: 255 - h, as cheap as h
-        return ((t - bits.to(tl.int32) + (255 - 0x4B400000)) >> 8).to(tl.int8)
-    return ((t + bits.to(tl.int32) - 0x4B400000) >> 8).to(tl.int8)
+def _sr_codes(x, inv, h):
+    """int8 codes of x * inv / 2^15 (inv from _sr_inv), stochastically rounded with the 16-bit addend h
+    (from _shares), as the comment above says. uint32 arithmetic: its wrap-around is the point."""
+    t = tl.fma(x, inv, SR_MAGIC).to(tl.uint32, bitcast=True)
+    return ((t + t + h + SR_UNMAGIC2) >> 16).to(tl.int8)

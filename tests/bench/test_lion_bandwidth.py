@@ -19,12 +19,11 @@ def test_the_sweep_and_the_int4_momentum_timings_run(monkeypatch):
     calls = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode=None: (calls.append(fn()), 1.0)[1])
     monkeypatch.setattr(lb, "SWEEP", lb.SWEEP[:1])
-    bits = [k for k in lb.BITS_SWEEP if k["chunk"] == 4096 and k["num_warps"] == 4 and
-            (k["momentum_bits"] == 8 or k["rand_bits"] == 8)]
-    assert len(bits) == 4  # int8 momentum at 32, 16 and 8 bits; int4 at 8
+    bits = [k for k in lb.BITS_SWEEP if k["momentum_bits"] == 8 or (k["rand_bits"] == 8)]
+    assert len(bits) == 5  # int8 momentum at 16, 32 and 8 bits and at 16 bits with 7 Philox rounds; int4 at 8
     monkeypatch.setattr(lb, "BITS_SWEEP", bits)
-    vec = [k for k in lb.M4_VEC_SWEEP if k["chunk"] == 2048 and k["rand_bits"] == 8]
-    assert [k["m4_vec"] for k in vec] == [False, True]  # paired: today's int4 kernel, then the byte-tile one
+    vec = lb.M4_VEC_SWEEP
+    assert [k["m4_vec"] for k in vec] == [False, True]  # paired: the byte-wise int4 kernel, then the byte-tile one
     monkeypatch.setattr(lb, "M4_VEC_SWEEP", vec)
     keep = [k for k in lb.KEEP_OUTLIERS_SWEEP if k["momentum_bits"] == 4]
     assert [k["keep_outliers"] for k in keep] == [False, True]
@@ -36,10 +35,10 @@ def test_the_sweep_and_the_int4_momentum_timings_run(monkeypatch):
     # the same time over fewer bytes: the int4 kernel's GB/s is int8's times 5/6 (bf16 gradient)
     assert out["lion_m4_gbs"] / out["lion_triton_gbs"] == pytest.approx(out["lion_m4_bytes_per_param"]
                                                                         / out["lion_bytes_per_param"], rel=1e-3)
-    assert len(calls) == 2 + 2 + 2 + 1 + 1 + 2 + 4 + 2 + 2  # copies, sweep (bf16, fp32), outliers, int8, torch,
+    assert len(calls) == 2 + 2 + 2 + 1 + 1 + 2 + 5 + 2 + 2  # copies, sweep (bf16, fp32), outliers, int8, torch,
     # int4 (+ outliers), the bits sweep, the m4_vec pair, the keep_outliers pair
     assert [(r["m4_vec"], r["outliers"]) for r in out["lion_m4_vec_sweep"]] == [(False, 0.01), (True, 0.01)]
     assert [r["keep_outliers"] for r in out["lion_keep_outliers_sweep"]] == [False, True]
-    assert sorted(out["lion_bits_best"]) == ["m4_bits8", "m8_bits16", "m8_bits32", "m8_bits8"]
+    assert sorted(out["lion_bits_best"]) == ["m4_bits8", "m8_bits16", "m8_bits16_rounds7", "m8_bits32", "m8_bits8"]
     for row in out["lion_bits_sweep"]:
         assert row["outliers"] == 0.01 and row["frac_of_copy"] == pytest.approx(row["gbs"] / out["copy_gbs"])

@@ -101,14 +101,6 @@ def _philox_probe(out_ptr, key, base, N: tl.constexpr, ROUNDS: tl.constexpr):
     tl.store(out_ptr + i, ((a0 == b0) & (a1 == b1) & (a2 == b2) & (a3 == b3)).to(tl.int8))
 
 
-@triton.jit
-def _sr_probe(x_ptr, bits_ptr, amax_ptr, out_ptr, BLOCK: tl.constexpr, HIGH: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    inv = tk._sr_inv(tl.load(amax_ptr) * tk.SR_PER_QMAX)  # the kernels' SR scale of a block
-    bits = tl.load(bits_ptr + i).to(tl.uint32, bitcast=True)
-    tl.store(out_ptr + i, tk._sr_codes(tl.load(x_ptr + i), inv, bits, HIGH))
-
-
 @pytest.mark.parametrize("rounds", [10, 7, 1])
 def test_philox_draws_the_bits_of_tl_randint4x(tb, rounds):
     """The kernels' Philox (wide multiplies compiled, the first round folded) is tl.randint4x bit for bit,
@@ -118,36 +110,6 @@ def test_philox_draws_the_bits_of_tl_randint4x(tb, rounds):
     for key, base in ((ref.rng_key(0, 3, 0), 2**32 - 512), (12345, 0)):
         _philox_probe[(1,)](out, key, base, N=1024, ROUNDS=rounds)
         assert out.all()
-
-
-@pytest.mark.parametrize("high", [False, True])
-def test_sr_codes_are_unbiased_and_in_range(tb, high):
-    """Integer stochastic rounding (_sr_codes) over all 2^15 values of its random bits: the mean code is
-    exactly Y / 2^15 with Y = y * 2^15 rounded to nearest, within 2^-16 of y either way (no bias beyond
-    that; the former float floor(y + u) was biased down by up to 2^-16), and the block's absmax element
-    stays within [-127, 127] with no clamp (its SR scale is absmax / 127 * (1 + 2^-20)), whatever the draw.
-    The other bits of the draw (the other stream's) must not matter."""
-    _, dev = tb
-    amax = 0.0123
-    s = amax * (1 + 2**-20) / 127
-    ys = torch.tensor([0.3, -0.3, 1.5, -2.75, 0.0, 3.9999, 1 / 3, -5e-5], dtype=torch.float64)
-    xs = torch.cat([(ys * s).float(), torch.tensor([amax, -amax])])  # the absmax element, both signs
-    h = torch.arange(2**15, dtype=torch.int64)
-    other = torch.randint(0, 2**17, (2**15,), generator=torch.Generator().manual_seed(0))
-    bits = (h << 17 | other) if high else (h | other << 15)
-    n = len(xs) * 2**15
-    x = xs.repeat_interleave(2**15)
-    b = bits.repeat(len(xs)).to(torch.uint32).view(torch.int32)
-    out = torch.empty(n, dtype=torch.int8, device=dev)
-    _sr_probe[(n // 1024,)](x.to(dev), b.to(dev), torch.tensor([amax], device=dev), out, BLOCK=1024, HIGH=high)
-    q = out.cpu().view(len(xs), 2**15).double()
-    mean = q.mean(dim=1)
-    assert torch.equal(mean * 2**15, (mean * 2**15).round())  # E over every draw: Y / 2^15 exactly
-    y = xs.double() / s
-    err = (mean - y).abs()
-    assert (err[:-2] <= 2**-16 + 1e-6 * y[:-2].abs()).all(), err
-    assert q.abs().max() <= 127 and (q[-2] >= 126).all() and (q[-1] <= -126).all()
-    assert (err[-2:] <= 2**-16 + 127 * 2**-21).all()  # fp32 y of the absmax element
 
 
 def test_lion_kernel_folded_scalars_edge_cases(tb):
