@@ -49,7 +49,8 @@ DEFAULT_GRID["qft_m4"] = DEFAULT_GRID["qft"]  # int4 momentum: the same lr scale
 METHODS = ("fp32_adamw", "fp32_lion", "qft", "qft_rtn", "qft_ef", "qft_m4", "peqa", "qst", "lora")
 # qft's "qft" config section per variant (qft: the defaults; qft_stack is bench/qa_fidelity.py's)
 QFT_VARIANTS = {"qft": {"rounding": "sr"}, "qft_rtn": {"rounding": "rtn"}, "qft_ef": {"rounding": "ef"},
-                "qft_stack": {"rounding": "sr", "flow": "stack"}, "qft_m4": {"rounding": "sr", "momentum_bits": 4}}
+                "qft_stack": {"rounding": "sr", "flow": "stack"}, "qft_m4": {"rounding": "sr", "momentum_bits": 4},
+                "qft_bits32": {"rounding": "sr", "rand_bits": 32}}
 VALIDATION_PLAY = "as_you_like_it"
 
 

@@ -19,7 +19,8 @@ at that lr, and the test scores are the mean over seeds there. The test split ne
 
 Methods: qft (qft_ds's defaults: the fused flow, stochastic rounding), qft_stack ("flow": "stack"), qft_ef
 ("rounding": "ef": error feedback, the weight rounded to nearest with an int8 carry of its residual), qft_m4
-("momentum_bits": 4: int4 Lion momentum, issue 15 asks for it within 0.5% of qft's answer loss), fp32_lion,
+("momentum_bits": 4: int4 Lion momentum, issue 15 asks for it within 0.5% of qft's answer loss), qft_bits32
+("rand_bits": 32: the stochastic roundings' random stream before 16 bits became the default), fp32_lion,
 fp32_adamw, lora (peft r16 on every linear layer but the head, AdamW) and peqa (4-bit, group 128, AdamW on the
 scales). `--lrs METHOD[=LR,...]` runs a grid (DEFAULT_GRID without lrs) for each of --seeds;
 `--methods M ...` limits --grid and --at_chosen to some methods (bench/qa_grid.sh: EXTRA="--methods ...").
@@ -50,19 +51,19 @@ import fidelity  # noqa: E402
 import fidelity_report as report  # noqa: E402
 import qa_task  # noqa: E402
 
-METHODS = ("qft", "qft_stack", "qft_ef", "qft_m4", "fp32_lion", "fp32_adamw", "lora", "peqa")
+METHODS = ("qft", "qft_stack", "qft_ef", "qft_m4", "qft_bits32", "fp32_lion", "fp32_adamw", "lora", "peqa")
 # Lion's lr about 3-10x below AdamW's; the issue's chosen lrs (qft and fp32 Lion 2e-5, AdamW 1e-4, LoRA 1e-3,
 # PEQA 2e-4) sit inside each grid.
 # The Lion grids reach 2e-4: on the speaker task qft and fp32 Lion chose 1e-4, the old grid's edge
 # (results/qa_fidelity_speaker_20261129-1655.json).
 _LION_GRID = [1e-5, 2e-5, 5e-5, 1e-4, 2e-4]
 DEFAULT_GRID = {"qft": _LION_GRID, "qft_stack": _LION_GRID, "qft_ef": _LION_GRID, "qft_m4": _LION_GRID,
-                "fp32_lion": _LION_GRID,
+                "qft_bits32": _LION_GRID, "fp32_lion": _LION_GRID,
                 "fp32_adamw": [3e-5, 1e-4, 3e-4], "lora": [3e-4, 1e-3, 3e-3], "peqa": [1e-4, 2e-4, 5e-4]}
 SECOND_SEED = ("qft", "qft_ef", "qft_m4", "fp32_lion")  # --at_chosen: a second seed at the lr chosen with seed 0
 # Relative cost of a run, measured with 10 runs sharing an H200: --part balances the parts with it.
-COST = {"qft": 2.0, "qft_stack": 3.0, "qft_ef": 2.0, "qft_m4": 2.0, "fp32_lion": 1.0, "fp32_adamw": 1.0,
-        "lora": 1.3, "peqa": 1.5}  # qft_ef, qft_m4: as qft (qft_ef: one more int8 tensor), not yet measured
+COST = {"qft": 2.0, "qft_stack": 3.0, "qft_ef": 2.0, "qft_m4": 2.0, "qft_bits32": 2.0, "fp32_lion": 1.0,
+        "fp32_adamw": 1.0, "lora": 1.3, "peqa": 1.5}  # qft_ef, qft_m4, qft_bits32: as qft, not measured
 # Setup keys that parts of one experiment share (checked by --merge).
 SAME = ("model", "task", "data_sha256", "steps", "warmup", "bsz", "max_len", "val_rows", "test_rows")
 KEYS = {"val_start": "validation answer loss before training (the method's own model: quantized for qft)",
@@ -358,7 +359,7 @@ def main(argv=None):
                        "exact_match": "greedy answer == reference, both stripped",
                        "weight_decay": {"lion": 0.1, **fidelity.WEIGHT_DECAY},
                        "qft": "qft_ds defaults (fused flow, SR); qft_stack: flow stack; qft_ef: rounding ef; "
-                              "qft_m4: momentum_bits 4",
+                              "qft_m4: momentum_bits 4; qft_bits32: rand_bits 32",
                        "peqa": "4-bit RTN, group 128, AdamW on scales", "lora": "peft r=16 alpha=32 all-linear",
                        "keys": KEYS}
     name = f"qa_fidelity_{args.task}"

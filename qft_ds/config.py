@@ -21,7 +21,8 @@ _METHOD_KEYS = {
     "rounding": ("qft",), "flow": ("qft",), "outlier_frac": ("qft",), "block_size": ("qft",),
     "backend": ("qft",), "outlier_refresh": ("qft",), "gradient_checkpointing": ("qft", "peqa"),
     "reuse_recomputed_weight": ("qft",), "fuse_projections": ("qft",), "fuse_norms": ("qft",),
-    "checkpoint_reentrant": ("qft",), "clip_mode": ("qft",), "momentum_bits": ("qft",), "chunked_loss": ("qft",),
+    "checkpoint_reentrant": ("qft",), "clip_mode": ("qft",), "momentum_bits": ("qft",), "rand_bits": ("qft",),
+    "chunked_loss": ("qft",),
     "bits": ("peqa", "qst"), "r": ("qst",), "downsample": ("qst",), "adapter_rank": ("qst",),
 }
 
@@ -36,6 +37,7 @@ class QFTConfig:
     group_size: int = 128           # int8 weight group (input columns), adjusted to divide the row
     block_size: int = 256           # int8 block of momentum and gradient buffers
     momentum_bits: int = 8          # Lion momentum codes: 8 (int8) or 4 (int4, two per byte; even block_size)
+    rand_bits: int = 0              # random bits per element for the stochastic roundings: 0 (the backend's default), 16, 32, 8
     backend: str = "auto"           # kernels: auto | torch | triton
     seed: int = 0                   # stochastic-rounding key
     outlier_refresh: int = 0        # re-select outliers every N steps (0: never)
@@ -109,6 +111,8 @@ class QFTConfig:
         if self.momentum_bits == 4 and self.block_size % 2:
             raise ValueError(f"'{where}.momentum_bits' 4 packs two codes per byte within a block: "
                              f"'{where}.block_size' must be even, got {self.block_size}")
+        if self.rand_bits not in (0, 16, 32, 8):
+            raise ValueError(f"'{where}.rand_bits' must be 0 (the backend's default), 16, 32 or 8, got {self.rand_bits}")
         if self.bits not in (3, 4):
             raise ValueError(f"'{where}.bits' must be 3 or 4, got {self.bits}")
         if self.chunked_loss < 0:

@@ -142,7 +142,7 @@ def build_optimizer(model: torch.nn.Module, cfg: QFTConfig, params: dict) -> QFT
                   weight_decay=wd, rounding=cfg.rounding, flow=cfg.resolved_flow(), block_size=cfg.block_size,
                   seed=cfg.seed, max_grad_norm=cfg.max_grad_norm, backend=cfg.backend,
                   outlier_refresh=cfg.outlier_refresh, outlier_frac=cfg.outlier_frac, clip_mode=cfg.clip_mode,
-                  momentum_bits=cfg.momentum_bits)
+                  momentum_bits=cfg.momentum_bits, rand_bits=cfg.rand_bits)
     # the ZeRO stage picks where the int8 state lives; placed once torch.distributed is up (opt.shard())
     sharding = (ZeroSharding(cfg.zero_stage) if cfg.zero_stage
                 else NoSharding(reduce_dtype=torch.bfloat16 if cfg.comm_dtype == "bf16" else torch.float32))

@@ -57,7 +57,8 @@ class QFTLion(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
                  rounding: str = "sr", flow: str = "fused", block_size: int = 256, seed: int = 0,
                  max_grad_norm: float = 0.0, backend: str = "auto", outlier_refresh: int = 0,
-                 outlier_frac: float = 0.01, clip_mode: str = "budget", momentum_bits: int = 8, sharding=None):
+                 outlier_frac: float = 0.01, clip_mode: str = "budget", momentum_bits: int = 8, rand_bits: int = 0,
+                 sharding=None):
         check_hyperparams({"lr": lr, "betas": betas, "weight_decay": weight_decay}, "optimizer.params")
         if not (isinstance(max_grad_norm, (int, float)) and math.isfinite(max_grad_norm) and max_grad_norm >= 0):
             raise ValueError(f"gradient_clipping must be a finite number >= 0, got {max_grad_norm!r}")
@@ -66,6 +67,9 @@ class QFTLion(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
         self.rounding, self.block_size, self.seed = rounding, block_size, seed
         self.momentum = MomentumFormat(momentum_bits, block_size)  # int8 or int4 codes (quant/momentum.py)
+        if rand_bits not in (0, 16, 32, 8):
+            raise ValueError(f"QFTLion: rand_bits must be 0 (the backend's default), 16, 32 or 8, got {rand_bits!r}")
+        self.rand_bits = rand_bits or None  # None: the kernels' default stream; the torch backend its own generator
         self.max_grad_norm, self.backend = max_grad_norm, backend
         self.outlier_refresh, self.outlier_frac = outlier_refresh, outlier_frac
         self.weights = [_qweight(p) for g in self.param_groups for p in g["params"] if _qweight(p)]
@@ -259,7 +263,7 @@ class QFTLion(torch.optim.Optimizer):
                                weight_decay=group["weight_decay"], rounding=self.rounding, seed=self.seed,
                                step=self.step_count, offset=own.offset, outlier_idx=own.outlier_idx,
                                outlier_val=own.outlier_val, residual=own.residual, grad_scale=coef, finite=finite,
-                               clip=budget, momentum_bits=self.momentum.bits)
+                               clip=budget, momentum_bits=self.momentum.bits, rand_bits=self.rand_bits)
         self.sharding.after_update(w)
 
     @torch.no_grad()
