@@ -2,11 +2,15 @@
 gradient read, int8 weight and momentum read and written, the per-group and per-block fp32 scales read and
 written; 2048 elements per program, 4 warps) but almost no arithmetic, timed against a copy in the same
 process. What it reaches bounds what the Lion kernel can reach: the gap between them is the arithmetic's.
-Session scratch (bench/NOTES.md has the reading); prints one JSON line.
+Session scratch (bench/NOTES.md has the reading); prints one JSON line (the 0728 result file is its
+output before the header fields were added: commit 432e568, 2026-11-30 07:28 UTC).
 
-    python bench/sessions/lion_ceiling_20261130.py
+    python bench/sessions/lion_ceiling_20261130.py --commit SHA
 """
+import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import triton
@@ -36,6 +40,11 @@ def streams_kernel(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, n, G: tl.constexpr, K: t
 
 
 def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--commit", default=None)
+    args = p.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import common
     dev = torch.device("cuda")
     n = 4096 * 11008
     x = torch.randn(2**28, device=dev)
@@ -53,8 +62,8 @@ def main():
     nbytes = n * (2 + 2 + 2) + 2 * (n // 128 + n // 256) * 4  # lion_bandwidth's count for int8 momentum
     c1 = copy()
     gbs = nbytes / t / 1e6
-    print(json.dumps({"device": torch.cuda.get_device_name(), "n": n, "chunk": chunk, "num_warps": 4, "ms": t,
-                      "gbs": gbs, "copy_gbs": c0, "copy_gbs_end": c1, "frac_of_copy": gbs / c0}))
+    print(json.dumps({**common.header(args.commit), "n": n, "chunk": chunk, "num_warps": 4, "ms": t, "gbs": gbs,
+                      "copy_gbs": c0, "copy_gbs_end": c1, "frac_of_copy": gbs / c0}))
 
 
 if __name__ == "__main__":
