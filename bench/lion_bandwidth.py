@@ -137,22 +137,64 @@ def best_per_bits(rows):
     return best
 
 
+def plot(result: dict, path, ceiling: float | None = None) -> list[tuple[str, float]]:
+    """A bar per row of the bits sweep (1% outliers fused): its share of the copy bandwidth, the 80% target
+    and (`ceiling`, a share) what the kernel's streams alone reach drawn as lines. Returns the bars."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    bars = []
+    for row in result["lion_bits_sweep"]:
+        rounds = row.get("philox_rounds", 10)
+        label = f"int{row['momentum_bits']}\n{row['rand_bits']} bits" + (f"\n{rounds} rounds" if rounds != 10 else "")
+        bars.append((label, row["gbs"] / result["copy_gbs"]))
+    fig, ax = plt.subplots(figsize=(1.1 * len(bars) + 2, 4))
+    ax.bar(range(len(bars)), [100 * v for _, v in bars],
+           color=["tab:blue" if "int8" in label else "tab:orange" for label, _ in bars])
+    ax.set_xticks(range(len(bars)), [label for label, _ in bars], fontsize=8)
+    ax.axhline(80, color="k", ls="--", lw=1, label="target: 80% of copy")
+    if ceiling is not None:
+        ax.axhline(100 * ceiling, color="tab:green", ls=":", lw=1.5, label="the streams alone")
+    ax.set_ylabel("% of copy bandwidth (1% outliers)")
+    ax.set_ylim(0, 115)  # room above the lines for the legend
+    ax.set_title(f"Lion kernel, {result.get('device', '?')}, {result.get('commit', '?')}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return bars
+
+
 def main(argv=None):
-    """Standalone: `python bench/lion_bandwidth.py --commit SHA` writes bench/results/lion_sweep_*.json, the
-    bits sweep included."""
+    """Standalone: `python bench/lion_bandwidth.py --commit SHA` writes bench/results/lion_sweep_*.json and a
+    PNG beside it, the bits sweep included; `--plot RESULT.json [--ceiling C.json]` redraws the PNG of a
+    result (C: bench/sessions/lion_ceiling_20261130.py's output)."""
     import argparse
+    import json
     import sys
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import common
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--commit", default=None)
+    p.add_argument("--plot", metavar="RESULT.json", help="draw the PNG of a result instead of running")
+    p.add_argument("--ceiling", metavar="C.json", help="with --plot: the streams-only ceiling's result")
     args = p.parse_args(argv)
+    if args.plot:
+        result = json.loads(Path(args.plot).read_text())
+        if "lion_bits_sweep" not in result:
+            raise SystemExit(f"{args.plot}: no 'lion_bits_sweep': not a lion_bandwidth.py result")
+        ceiling = json.loads(Path(args.ceiling).read_text())["frac_of_copy"] if args.ceiling else None
+        out = Path(args.plot).with_suffix(".png")
+        plot(result, out, ceiling)
+        print(f"wrote {out}")
+        return
     if not torch.cuda.is_available():
         raise SystemExit("lion_bandwidth.py times the Triton kernel: no CUDA device here")
     path = common.write_result("lion_sweep", {**common.header(args.commit),
                                               **bandwidths(torch.device("cuda"), bits_sweep=True)})
-    print(f"wrote {path}")
+    plot(json.loads(path.read_text()), path.with_suffix(".png"))
+    print(f"wrote {path} and its PNG")
 
 
 if __name__ == "__main__":

@@ -42,3 +42,25 @@ def test_the_sweep_and_the_int4_momentum_timings_run(monkeypatch):
     assert sorted(out["lion_bits_best"]) == ["m4_bits8", "m8_bits16", "m8_bits16_rounds7", "m8_bits32", "m8_bits8"]
     for row in out["lion_bits_sweep"]:
         assert row["outliers"] == 0.01 and row["frac_of_copy"] == pytest.approx(row["gbs"] / out["copy_gbs"])
+
+
+def test_the_plot_draws_every_bits_row_of_a_real_result(tmp_path):
+    """`--plot` on the committed H200 result: one bar per row of its bits sweep, each the row's share of
+    the copy bandwidth, and a PNG written beside the (copied) result."""
+    pytest.importorskip("matplotlib")
+    import json
+    import shutil
+    import lion_bandwidth as lb
+    results = Path(__file__).resolve().parents[2] / "bench" / "results"
+    src = results / "lion_sweep_20261130-0728.json"
+    result = json.loads(src.read_text())
+    bars = lb.plot(result, tmp_path / "a.png", ceiling=0.88)
+    assert [round(v, 6) for _, v in bars] == [round(r["gbs"] / result["copy_gbs"], 6) for r in result["lion_bits_sweep"]]
+    assert bars[0][0].startswith("int8\n16 bits") and 0.6 < bars[0][1] < 0.75  # the default, int8: 68%
+    assert (tmp_path / "a.png").stat().st_size > 10_000
+    shutil.copy(src, tmp_path / "r.json")
+    lb.main(["--plot", str(tmp_path / "r.json"), "--ceiling", str(results / "lion_ceiling_20261130-0728.json")])
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="not a lion_bandwidth.py result"):
+        (tmp_path / "x.json").write_text("{}")
+        lb.main(["--plot", str(tmp_path / "x.json")])
