@@ -20,7 +20,7 @@ from triton.language import core as tlc  # to_tensor: triton 3.6 has it only her
 
 from .triton_momentum import (SR_PER_QMAX4, _load_m, _load_m4_tile, _m_scale, _store_m,  # noqa: F401
                               _store_m4_tile)
-from .triton_rng import (INTERPRETED, SR_MAGIC, SR_PER_QMAX, _bits, _bits_3d, _bits_rows,  # noqa: F401
+from .triton_rng import (INTERPRETED, SR_MAGIC, SR_PER_QMAX, SR_UNIT, _bits, _bits_3d, _bits_rows,  # noqa: F401
                          _mulhilo, _philox, _shares, _sr_codes, _sr_inv, _tile_groups, _uniform)
 
 SR, RTN, EF = 0, 1, 2
@@ -52,7 +52,7 @@ def _ef_carry(y, q, hw):
     addend hw (triton_rng._shares): unbiased at any lr (to 1/256 of a carry step for RAND_BITS 8). Rounded
     to nearest, an update below s/508 (lr 1e-5 on a group of absmax 0.65, or any warm-up's first steps) was
     lost every step. |y - q| <= 1/2, so no clamp is needed."""
-    return _sr_codes((y - q) * 254.0, 32768.0, hw)
+    return _sr_codes((y - q) * 254.0, SR_UNIT, hw)
 
 
 @triton.jit

@@ -170,12 +170,13 @@ def _shares(bits, RAND_BITS: tl.constexpr = 16):
 SR_PER_QMAX = tl.constexpr((1.0 + 2.0**-20) / 127.0)
 SR_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23, bits 0x4B400000
 SR_UNMAGIC2 = tl.constexpr(0x69800000)  # -2 * 0x4B400000 mod 2^32: removes the doubled magic
+SR_UNIT = tl.constexpr(32768.0)  # 2^15: one code is 2^15 on the FMA's integer grid
 
 
 @triton.jit
 def _sr_inv(s):
     """2^15 / s; 0 for s = 0, and for s < 1e-30, where it would overflow (such a block rounds to 0)."""
-    return tl.where(s > 1e-30, 32768.0 / s, 0.0)
+    return tl.where(s > 1e-30, SR_UNIT / s, 0.0)
 
 
 @triton.jit

@@ -39,6 +39,7 @@ from qft_ds.flow import GradientFlow
 from qft_ds.nn.qmodules import norm_only_gradients
 from qft_ds.ops import configure as configure_ops, get_ops
 from qft_ds.ops.reference import clip_scale
+from qft_ds.ops.reference_rng import RAND_BITS_CHOICES
 from qft_ds.optim.clipping import ClipBudgets
 from qft_ds.optim.hyperparams import check_hyperparams
 from qft_ds.optim.host import fetch
@@ -67,7 +68,7 @@ class QFTLion(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay))
         self.rounding, self.block_size, self.seed = rounding, block_size, seed
         self.momentum = MomentumFormat(momentum_bits, block_size)  # int8 or int4 codes (quant/momentum.py)
-        if rand_bits not in (0, 16, 32, 8):
+        if rand_bits not in (0, *RAND_BITS_CHOICES):
             raise ValueError(f"QFTLion: rand_bits must be 0 (the backend's default), 16, 32 or 8, got {rand_bits!r}")
         self.rand_bits = rand_bits or None  # None: the kernels' default stream; the torch backend its own generator
         self.max_grad_norm, self.backend = max_grad_norm, backend
