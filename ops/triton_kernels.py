@@ -21,7 +21,7 @@ from triton.language import core as tlc  # to_tensor: triton 3.6 has it only her
 from .triton_momentum import (SR_PER_QMAX4, _load_m, _load_m4_tile, _m_scale, _store_m,  # noqa: F401
                               _store_m4_tile)
 from .triton_rng import (INTERPRETED, SR_MAGIC, SR_PER_QMAX, SR_UNIT, _bits, _bits_3d, _bits_rows,  # noqa: F401
-                         _mulhilo, _philox, _shares, _sr_codes, _sr_inv, _tile_groups, _uniform)
+                         _mulhilo, _philox, _shares, _sr_codes, _sr_codes4, _sr_inv, _tile_groups, _uniform)
 
 SR, RTN, EF = 0, 1, 2
 
@@ -332,7 +332,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
     hw, hm = _shares(_bits_3d(key, start + offset, RM, K, G, ROUNDS, RAND_BITS), RAND_BITS)
     if ROUNDING == 0:
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) * SR_PER_QMAX)
-        q = _sr_codes(w, _sr_inv(s_new)[:, :, None], hw)
+        q = _sr_codes4(w, _sr_inv(s_new)[:, :, None], hw)
     else:
         s_new = tl.maximum(s, tl.max(tl.abs(w), axis=2) / 127.0)
         inv = tl.where(s_new > 0, 1.0 / s_new, 0.0)
@@ -351,7 +351,7 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
             _outlier_zero(oi, om, w_ptr, r_ptr, OB, ROUNDING)
     # momentum: always stochastic (unbiased EMA)
-    q = _sr_codes(m, _sr_inv(ms_new)[None, :, None], hm)
+    q = _sr_codes4(m, _sr_inv(ms_new)[None, :, None], hm)
     if M4 and M4_VEC:
         _store_m4_tile(m_ptr, start, bytes_left, q, RM, K, G)
     else:

@@ -18,6 +18,8 @@ def test_the_sweep_and_the_int4_momentum_timings_run(monkeypatch):
         pytest.skip("the triton interpreter is off (TRITON_INTERPRET)")
     calls = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, return_mode=None: (calls.append(fn()), 1.0)[1])
+    graphed = []  # no CUDA graph on the CPU: each back-to-back timing runs its step once
+    monkeypatch.setattr(lb, "graph_ms", lambda fn: (graphed.append(fn()), 2.0)[1])
     monkeypatch.setattr(lb, "SWEEP", lb.SWEEP[:1])
     bits = [k for k in lb.BITS_SWEEP if k["momentum_bits"] == 8 or (k["rand_bits"] == 8)]
     assert len(bits) == 5  # int8 momentum at 16, 32 and 8 bits and at 16 bits with 7 Philox rounds; int4 at 8
@@ -40,8 +42,10 @@ def test_the_sweep_and_the_int4_momentum_timings_run(monkeypatch):
     assert [(r["m4_vec"], r["outliers"]) for r in out["lion_m4_vec_sweep"]] == [(False, 0.01), (True, 0.01)]
     assert [r["keep_outliers"] for r in out["lion_keep_outliers_sweep"]] == [False, True]
     assert sorted(out["lion_bits_best"]) == ["m4_bits8", "m8_bits16", "m8_bits16_rounds7", "m8_bits32", "m8_bits8"]
+    assert len(graphed) == 5 + 2 + 2  # the same three sweeps' rows, timed back to back too
     for row in out["lion_bits_sweep"]:
         assert row["outliers"] == 0.01 and row["frac_of_copy"] == pytest.approx(row["gbs"] / out["copy_gbs"])
+        assert row["ms_graph"] == 2.0 and row["frac_of_copy_graph"] == pytest.approx(row["frac_of_copy"] / 2)
 
 
 def test_the_plot_draws_every_bits_row_of_a_real_result(tmp_path):
