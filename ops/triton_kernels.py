@@ -19,9 +19,10 @@ import triton.language as tl
 from triton.language import core as tlc  # to_tensor: triton 3.6 has it only here
 
 from .triton_momentum import (SR_PER_QMAX4, _load_m, _load_m4_tile, _m_scale, _store_m,  # noqa: F401
-                              _store_m4_tile)
+                              _store_m4_sr_tile, _store_m4_tile)
 from .triton_rng import (INTERPRETED, SR_MAGIC, SR_PER_QMAX, SR_UNIT, _bits, _bits_3d, _bits_rows,  # noqa: F401
-                         _mulhilo, _philox, _shares, _sr_codes, _sr_codes4, _sr_inv, _tile_groups, _uniform)
+                         _mulhilo, _philox, _rcp, _shares, _sr_codes, _sr_codes4, _sr_inv, _sr_sum, _tile_groups,
+                         _uniform)
 
 SR, RTN, EF = 0, 1, 2
 
@@ -41,9 +42,10 @@ def _load_ok(ok_ptr, OK_FLOAT: tl.constexpr):
 def _clip_scalars(norm_ptr, clip, grad_scale, beta1, beta2):
     """A clipping budget on the device: the gradient's scale min(grad_scale, clip / (norm + eps)) (as
     reference.clip_scale) and the folded scalars of triton_backend._lion_scalars, from the norm the
-    fused flow measured: no host sync per tensor. A zero scale gives mix = inf (sign(m)), as on the host."""
-    gs = tl.minimum(grad_scale, clip / (tl.load(norm_ptr).to(tl.float32) + 1e-6))
-    return gs, beta1 / ((1.0 - beta1) * gs), (1.0 - beta2) * gs
+    fused flow measured: no host sync per tensor. A zero scale gives mix = inf (sign(m)), as on the host.
+    The two divisions are approximate reciprocals (_rcp: within an ulp; only the sign of c depends on them)."""
+    gs = tl.minimum(grad_scale, clip * _rcp(tl.load(norm_ptr).to(tl.float32) + 1e-6))
+    return gs, beta1 * _rcp((1.0 - beta1) * gs), (1.0 - beta2) * gs
 
 
 @triton.jit
@@ -351,9 +353,10 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
             _outlier_zero(oi, om, w_ptr, r_ptr, OB, ROUNDING)
     # momentum: always stochastic (unbiased EMA)
-    q = _sr_codes4(m, _sr_inv(ms_new)[None, :, None], hm)
     if M4 and M4_VEC:
-        _store_m4_tile(m_ptr, start, bytes_left, q, RM, K, G)
+        _store_m4_sr_tile(m_ptr, start, bytes_left, _sr_sum(m, _sr_inv(ms_new)[None, :, None], hm), RM, K, G)
+    elif M4:
+        _store_m(m_ptr, start, local, _sr_codes(m, _sr_inv(ms_new)[None, :, None], hm), mask, RM * K * G, M4)
     else:
-        _store_m(m_ptr, start, local, q, mask, RM * K * G, M4)
+        _store_m(m_ptr, start, local, _sr_codes4(m, _sr_inv(ms_new)[None, :, None], hm), mask, RM * K * G, M4)
     _store_rows(ms_ptr + start // (K * G) + rm, ms_new, bmask)

@@ -4,7 +4,7 @@ per element or (M4_VEC) as whole byte tiles. Twin of reference.pack_int4 / quant
 import triton
 import triton.language as tl
 
-from .triton_rng import SR_PER_QMAX, _tile_groups
+from .triton_rng import INTERPRETED, SR_PER_QMAX, SR_UNMAGIC2, _tile_groups
 
 # int4 momentum (M4): codes in [-7, 7], two per byte (element 2i in the low nibble, two's complement), as
 # reference.pack_int4. The SR scale is absmax / 7 with the same margin as SR_PER_QMAX.
@@ -66,10 +66,42 @@ def _load_m4_tile(m_ptr, start, bytes_left, RM: tl.constexpr, K: tl.constexpr, G
     split the access into single bytes."""
     local = _m4_bytes(RM, K, G)
     byte = tl.load(m_ptr.to(tl.pointer_type(tl.int8)) + start // 2 + local, mask=local < bytes_left, other=0)
-    byte = byte.to(tl.int32)
-    lo = (byte << 28) >> 28
-    hi = byte >> 4
-    return tl.reshape(tl.join(lo, hi), (K, RM, G)).to(tl.float32)
+    if INTERPRETED:
+        byte = byte.to(tl.int32)
+        lo = ((byte << 28) >> 28).to(tl.float32)
+        hi = (byte >> 4).to(tl.float32)
+    else:  # four bytes per register: each nibble, sign bit flipped, is the low byte of the float 2^23 + (n ^ 8)
+        lo, hi = tl.inline_asm_elementwise(
+            "{ .reg .b32 a, b, s, k; mov.b32 k, 0x4B000000; "
+            "lop3.b32 a, $8, 0x0F0F0F0F, 0x08080808, 0x6A; shr.u32 s, $8, 4; "
+            "lop3.b32 b, s, 0x0F0F0F0F, 0x08080808, 0x6A; "
+            "prmt.b32 $0, a, k, 0x7540; prmt.b32 $1, a, k, 0x7541; prmt.b32 $2, a, k, 0x7542; "
+            "prmt.b32 $3, a, k, 0x7543; prmt.b32 $4, b, k, 0x7540; prmt.b32 $5, b, k, 0x7541; "
+            "prmt.b32 $6, b, k, 0x7542; prmt.b32 $7, b, k, 0x7543; "
+            "add.f32 $0, $0, 0fCB000008; add.f32 $1, $1, 0fCB000008; add.f32 $2, $2, 0fCB000008; "
+            "add.f32 $3, $3, 0fCB000008; add.f32 $4, $4, 0fCB000008; add.f32 $5, $5, 0fCB000008; "
+            "add.f32 $6, $6, 0fCB000008; add.f32 $7, $7, 0fCB000008; }",
+            "=r,=r,=r,=r,=r,=r,=r,=r,r", [byte], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    return tl.reshape(tl.join(lo, hi), (K, RM, G))
+
+
+@triton.jit
+def _store_m4_sr_tile(m_ptr, start, bytes_left, u, RM: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
+    """_store_m4_tile of the codes triton_rng._sr_codes makes from the SR sums u (_sr_sum), the same bytes:
+    byte 2 of each sum holds its code's nibble (the 0x80 that _sr_codes adds leaves the low nibble alone),
+    so byte permutes gather four pairs' bytes and one shift and one LOP3 pack them, where the shifts and
+    masks per element took ~2.5 instructions."""
+    if INTERPRETED:
+        _store_m4_tile(m_ptr, start, bytes_left, ((u + SR_UNMAGIC2) >> 16).to(tl.int8), RM, K, G)
+    else:
+        lo, hi = tl.split(tl.reshape(u, (K, RM, G // 2, 2)))
+        byte = tl.inline_asm_elementwise(
+            "{ .reg .b32 a, b, l, c, d, h; prmt.b32 a, $1, $2, 0x0062; prmt.b32 b, $3, $4, 0x0062; "
+            "prmt.b32 l, a, b, 0x5410; prmt.b32 c, $5, $6, 0x0062; prmt.b32 d, $7, $8, 0x0062; "
+            "prmt.b32 h, c, d, 0x5410; shl.b32 h, h, 4; lop3.b32 $0, l, h, 0x0F0F0F0F, 0xE4; }",
+            "=r,r,r,r,r,r,r,r,r", [lo, hi], dtype=tl.int8, is_pure=True, pack=4)
+        local = _m4_bytes(RM, K, G)
+        tl.store(m_ptr.to(tl.pointer_type(tl.int8)) + start // 2 + local, byte, mask=local < bytes_left)
 
 
 @triton.jit

@@ -174,17 +174,34 @@ SR_UNIT = tl.constexpr(32768.0)  # 2^15: one code is 2^15 on the FMA's integer g
 
 
 @triton.jit
+def _rcp(x):
+    """1 / x, approximate (rcp.approx: within 1 ulp, one MUFU where the rounded division's range checks take
+    ~8 instructions per program and value); the interpreter divides."""
+    if INTERPRETED:
+        return 1.0 / x
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
 def _sr_inv(s):
-    """2^15 / s; 0 for s = 0, and for s < 1e-30, where it would overflow (such a block rounds to 0)."""
-    return tl.where(s > 1e-30, SR_UNIT / s, 0.0)
+    """2^15 / s; 0 for s = 0, and for s < 1e-30, where it would overflow (such a block rounds to 0). _rcp's
+    ulp is far inside the SR scale's margin (SR_PER_QMAX)."""
+    return tl.where(s > 1e-30, SR_UNIT * _rcp(s), 0.0)
+
+
+@triton.jit
+def _sr_sum(x, inv, h):
+    """2t + h (uint32: its wrap-around is the point), whose byte 2 plus 0x80 is the code (the comment above)."""
+    t = tl.fma(x, inv, SR_MAGIC).to(tl.uint32, bitcast=True)
+    return t + t + h
 
 
 @triton.jit
 def _sr_codes(x, inv, h):
     """int8 codes of x * inv / 2^15 (inv from _sr_inv), stochastically rounded with the 16-bit addend h
-    (from _shares), as the comment above says. uint32 arithmetic: its wrap-around is the point."""
-    t = tl.fma(x, inv, SR_MAGIC).to(tl.uint32, bitcast=True)
-    return ((t + t + h + SR_UNMAGIC2) >> 16).to(tl.int8)
+    (from _shares), as the comment above says."""
+    return ((_sr_sum(x, inv, h) + SR_UNMAGIC2) >> 16).to(tl.int8)
 
 
 @triton.jit
@@ -195,9 +212,7 @@ def _sr_codes4(x, inv, h):
     _sr_codes."""
     if INTERPRETED:
         return _sr_codes(x, inv, h)
-    t = tl.fma(x, inv, SR_MAGIC).to(tl.uint32, bitcast=True)
-    u = t + t + h
     return tl.inline_asm_elementwise(
         "{ .reg .b32 a, b, c; prmt.b32 a, $1, $2, 0x0062; prmt.b32 b, $3, $4, 0x0062; "
         "prmt.b32 c, a, b, 0x5410; xor.b32 $0, c, 0x80808080; }",
-        "=r,r,r,r,r", [u], dtype=tl.int8, is_pure=True, pack=4)
+        "=r,r,r,r,r", [_sr_sum(x, inv, h)], dtype=tl.int8, is_pure=True, pack=4)

@@ -1,9 +1,11 @@
-"""Session A/B (issue 15, the Lion kernel at >= 80% of copy): the working tree's lion_kernel_3d against the
-kernel of the commit before it (a copy of that commit's ops/triton_kernels.py carried untracked as
-ops/_lion_before.py; same arguments), at 10 and 7 Philox rounds, int8 and int4 momentum with 1% outliers,
-in one process with the copy. Each is timed back to back as the fused flow launches it
-(lion_bandwidth.graph_ms: the gradient's norm as the flag, a clipping budget) and by do_bench as
-lion_bandwidth.py's older rows; outputs checked bit-equal to the before-kernel's at the same rounds.
+"""Session A/B (issue 15, the Lion kernel at >= 80% of copy): the working tree's lion_kernel_3d against
+cb852f9's (copies of that commit's ops/triton_kernels.py, triton_rng.py and triton_momentum.py carried
+untracked as ops/_lion_before.py, _rng_before.py and _momentum_before.py, their imports pointed at each
+other; same arguments), at 10 and 7 Philox rounds, int8 and int4 momentum with 1% outliers, in one process
+with the copy. Each is timed back to back as the fused flow launches it (lion_bandwidth.graph_ms: the
+gradient's norm as the flag, a clipping budget) and by do_bench as lion_bandwidth.py's older rows; the
+outputs compared with the before-kernel's at the same rounds (the share of codes that differ: the
+approximate reciprocal flips rare roundings).
 
     python bench/sessions/lion_pack_20261130.py --commit SHA --out DIR
 """
@@ -80,7 +82,13 @@ def main():
                        "frac_of_copy_graph": nbytes[mb] / t_graph / 1e6 / out["copy_gbs"], "ms_do_bench": t_bench,
                        "frac_of_copy_do_bench": nbytes[mb] / t_bench / 1e6 / out["copy_gbs"]}
                 if name == "after":
-                    row["same_bits_as_before"] = all(torch.equal(a, b) for a, b in zip(outs["before"], st))
+                    b = outs["before"]
+                    row["same_bits_as_before"] = all(torch.equal(x_, y_) for x_, y_ in zip(b, st))
+                    row["w_codes_differing"] = (b[0] != st[0]).float().mean().item()
+                    row["m_codes_differing"] = (b[2] != st[2]).float().mean().item()
+                    row["scales_max_rel_diff"] = max(((x_ - y_).abs() / x_.abs().clamp_min(1e-30)).max().item()
+                                                     for x_, y_ in ((b[1], st[1]), (b[3], st[3])))
+                    row["outliers_max_abs_diff"] = (b[4] - st[4]).abs().max().item()
                 out["rows"].append(row)
                 print(json.dumps(row), flush=True)
     out["copy_gbs_end"] = 2 * x.numel() * 4 / do_bench(lambda: y.copy_(x), return_mode="median") / 1e6
