@@ -1,12 +1,19 @@
-"""Session A/B (issue 15): lion_kernel_3d with its loads ordered against the tree's (HEAD) kernel, in one process
-with the copy: `va`, every tile load volatile and first in the source, the finite flag gating only the stores,
-so that the outliers' pointer chase waits behind the tile's loads instead of before them; `vb`, only the
-outliers' pointers volatile. The variants were untracked copies of ops/triton_kernels.py (ops/_lion_va.py,
-ops/_lion_vb.py, deleted after the run: both were slower, bench/NOTES.md), so this script is the record of
-bench/results/lion_order_20261130-0930.json. int8 and int4 momentum, 1% outliers, timed back to
-back (lion_bandwidth.graph_ms) and by do_bench; outputs checked bit-equal to HEAD's.
+"""Session A/B for the Lion kernel (issue 15): lion_kernel_3d of the working tree ("head") against other
+versions of it, in one process with the copy, on one LLaMA-7B MLP weight with 1% outliers, int8 and int4
+momentum, 10 and 7 Philox rounds. Each version is an untracked copy of ops/triton_kernels.py (and, where it
+differs, of triton_rng.py and triton_momentum.py, their imports pointed at each other) carried as
+ops/_lion_<name>.py; `--kernels a,b` times the tree's kernel, qft_ds.ops._lion_a and _lion_b, and the
+tree's again. Each is timed back to back as the fused flow launches it (lion_bandwidth.graph_ms: the
+gradient's norm as the flag, a clipping budget) and by do_bench, and its outputs are compared with the
+tree's (codes, scales, outliers), and a non-finite norm must write nothing.
 
-    python bench/sessions/lion_order_20261130.py --commit SHA --out DIR
+    python bench/sessions/lion_kernel_ab_20261130.py --kernels before --commit SHA --out DIR
+
+Results: lion_pack_20261130-0911/-0917.json (cb852f9 as "before" against the tree as "after", rows named
+so by the first version of this script) and lion_order_20261130-0930.json (two load orders, va and vb).
+Other session A/Bs of that day ran against code that was not kept, with scripts only in git history:
+lion_persist_20261130-0904.json (programs of several chunks) and lion_regs_20261130-0927.json (a
+`maxnreg` knob), both from bench/sessions/ at commit 53b2ee3.
 """
 import argparse
 import importlib
@@ -31,11 +38,12 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None)
-    p.add_argument("--variants", default="va,vb")
+    p.add_argument("--kernels", required=True, help="comma-separated names of ops/_lion_<name>.py")
     args = p.parse_args()
     dev = torch.device("cuda")
+    names = args.kernels.split(",")
     kernels = {"head": None, **{v: Launcher(importlib.import_module(f"qft_ds.ops._lion_{v}").lion_kernel_3d)
-                                for v in args.variants.split(",")}}
+                                for v in names}}
     x = torch.randn(2**28, device=dev)
     y = torch.empty_like(x)
     out = {**common.header(args.commit), "n": N, "rows": [],
@@ -75,25 +83,29 @@ def main():
     for mb in (8, 4):
         for rounds in (10, 7):
             first = None
-            for name in [*kernels, "head"]:  # HEAD again last: the clocks drift
+            for name in ["head", *names, "head"]:  # the tree's again last: the clocks drift
                 st = fresh(mb)
                 step(st, mb, kernels[name], rounds, True)()
                 torch.cuda.synchronize()
-                same = None if first is None else all(torch.equal(a, b) for a, b in zip(first, st))
-                first = first or st
-                nan = fresh(mb)  # a non-finite norm writes nothing
+                row = {"momentum_bits": mb, "philox_rounds": rounds, "kernel": name}
+                if first is None:
+                    first = st
+                else:
+                    row["same_bits_as_head"] = all(torch.equal(a, b) for a, b in zip(first, st))
+                    row["w_codes_differing"] = (first[0] != st[0]).float().mean().item()
+                    row["m_codes_differing"] = (first[2] != st[2]).float().mean().item()
+                    row["outliers_max_abs_diff"] = (first[4] - st[4]).abs().max().item()
+                nan = fresh(mb)
                 step(nan, mb, kernels[name], rounds, True, torch.tensor(float("nan"), device=dev))()
-                untouched = all(torch.equal(a, b) for a, b in zip(fresh(mb), nan))
+                row["nan_norm_writes_nothing"] = all(torch.equal(a, b) for a, b in zip(fresh(mb), nan))
                 t_graph = graph_ms(step(fresh(mb), mb, kernels[name], rounds, True))
                 t_bench = do_bench(step(fresh(mb), mb, kernels[name], rounds, False), return_mode="median")
-                row = {"momentum_bits": mb, "philox_rounds": rounds, "kernel": name, "same_bits_as_head": same,
-                       "nan_norm_writes_nothing": untouched, "ms_graph": t_graph,
-                       "frac_of_copy_graph": nbytes[mb] / t_graph / 1e6 / out["copy_gbs"], "ms_do_bench": t_bench,
-                       "frac_of_copy_do_bench": nbytes[mb] / t_bench / 1e6 / out["copy_gbs"]}
+                row.update(ms_graph=t_graph, frac_of_copy_graph=nbytes[mb] / t_graph / 1e6 / out["copy_gbs"],
+                           ms_do_bench=t_bench, frac_of_copy_do_bench=nbytes[mb] / t_bench / 1e6 / out["copy_gbs"])
                 out["rows"].append(row)
                 print(json.dumps(row), flush=True)
     out["copy_gbs_end"] = 2 * x.numel() * 4 / do_bench(lambda: y.copy_(x), return_mode="median") / 1e6
-    print(f"wrote {common.write_result('lion_order', out, args.out)}")
+    print(f"wrote {common.write_result('lion_kernel_ab', out, args.out)}")
 
 
 if __name__ == "__main__":
