@@ -29,6 +29,12 @@ except ImportError:
 
 
 def pytest_configure(config):
+    if torch.cuda.is_available() and "gpu" not in (config.getoption("markexpr") or ""):
+        # shown in the warnings summary, which -q keeps
+        config.issue_config_time_warning(pytest.PytestWarning(
+            "CUDA is visible: the tests not marked gpu were written for the CPU, and DeepSpeed moves their models "
+            "to the GPU; run the CPU suite with CUDA_VISIBLE_DEVICES= (README) and the GPU's with -m gpu"),
+            stacklevel=2)
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
     config.addinivalue_line("markers", "slow: end-to-end runs of more than a few seconds")
     config.addinivalue_line("markers", "network: needs PyPI (downloads); run with QFT_DS_NETWORK_TESTS=1")
