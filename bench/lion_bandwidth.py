@@ -64,6 +64,33 @@ def graph_ms(fn, launches: int = 20, trials: int = 7) -> float:
     return statistics.median(times)
 
 
+def copy_gbs(dev, numel: int = 2**28) -> float:
+    """The copy's bandwidth (read + write, GB/s) of `numel` fp32 values, by do_bench: the yardstick."""
+    from triton.testing import do_bench
+    x = torch.randn(numel, device=dev)
+    y = torch.empty_like(x)
+    return 2 * x.numel() * 4 / do_bench(lambda: y.copy_(x), return_mode="median") / 1e6
+
+
+def lion_bytes(n: int, momentum_bits: int = 8, grad_bytes: int = 2) -> float:
+    """Bytes one Lion step moves over an n-element weight: int8 weight and int8/int4 momentum read and
+    written, the gradient read, the fp32 group (128) and block (256) scales read and written."""
+    return n * (2 + 2 * momentum_bits / 8 + grad_bytes) + 2 * (n // 128 + n // 256) * 4
+
+
+def weight_inputs(dev, n: int, generator=None) -> dict:
+    """A random LLaMA-like weight's Lion inputs: int8 weight (group 128), int8 and packed int4 momentum
+    (block 256), a bf16 gradient, 1% outliers (sorted int32 indices) and their fp32 values."""
+    from qft_ds.ops import reference as ref
+    kw = dict(device=dev, generator=generator)
+    w, ws = ref.quantize_blockwise(torch.randn(n, **kw) * 0.02, 128)
+    m8 = ref.quantize_blockwise(torch.randn(n, **kw) * 1e-3, 256)
+    m4 = ref.quantize_momentum(torch.randn(n, **kw) * 1e-3, 256, 1, 0, bits=4)  # packed int4, scales
+    g = (torch.randn(n, **kw) * 1e-2).bfloat16()
+    o_idx = torch.randperm(n, **kw)[: n // 100].sort().values.to(torch.int32)
+    return {"w": w, "ws": ws, "m8": m8, "m4": m4, "g": g, "o_idx": o_idx, "o_val": torch.randn(n // 100, **kw) * 0.05}
+
+
 def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     """Copy bandwidth (read + write) and the int8 Lion kernel's, on a 4096 x 11008 weight.
 
@@ -78,18 +105,13 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     `frac_of_copy`: one call per timing, the host's launch gap and a flag allocation counted) and back to
     back as the fused flow launches the kernel (`ms_graph`, `gbs_graph`, `frac_of_copy_graph`: graph_ms).
     """
-    from qft_ds.ops import get_ops, reference as ref
+    from qft_ds.ops import get_ops
     from triton.testing import do_bench
-    x = torch.randn(copy_numel, device=dev)
-    y = torch.empty_like(x)
-    copy_gbs = 2 * x.numel() * 4 / do_bench(lambda x=x, y=y: y.copy_(x), return_mode="median") / 1e6
-    del x, y
-    out = {"copy_gbs": copy_gbs, "lion_sweep": []}
-    w, ws = ref.quantize_blockwise(torch.randn(n, device=dev) * 0.02, 128)
-    m, ms = ref.quantize_blockwise(torch.randn(n, device=dev) * 1e-3, 256)
-    m4 = ref.quantize_momentum(torch.randn(n, device=dev) * 1e-3, 256, 1, 0, bits=4)  # packed int4, scales
-    grads = {"bf16": (torch.randn(n, device=dev) * 1e-2).bfloat16()}
-    grads["fp32"] = grads["bf16"].float()
+    copy = copy_gbs(dev, copy_numel)
+    out = {"copy_gbs": copy, "lion_sweep": []}
+    inp = weight_inputs(dev, n)
+    w, ws, (m, ms), m4, o_idx, o_val = inp["w"], inp["ws"], inp["m8"], inp["m4"], inp["o_idx"], inp["o_val"]
+    grads = {"bf16": inp["g"], "fp32": inp["g"].float()}
     step = [0]
 
     norm = torch.full((), 0.5, device=dev)  # the fused flow's finite flag: the gradient's norm
@@ -106,8 +128,7 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
                           rounding="sr", seed=0, step=step[0], offset=0, momentum_bits=momentum_bits, **flow,
                           **knobs)
         ms_ = graph_ms(run) if graph else do_bench(run, return_mode="median")
-        nbytes = n * (2 + 2 * momentum_bits / 8 + g.element_size()) + 2 * (n // 128 + n // 256) * 4
-        return ms_, nbytes / ms_ / 1e6
+        return ms_, lion_bytes(n, momentum_bits, g.element_size()) / ms_ / 1e6
 
     triton_ops, torch_ops = get_ops("triton", dev), get_ops("torch", dev)
     for gname, g in grads.items():
@@ -117,8 +138,6 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
             print(f"  lion triton grad={gname} {knobs}: {ms_:.3f} ms {gbs:.0f} GB/s", flush=True)
     # With 1% outliers, as in training: the torch ops around the kernel against the fused kernel (the
     # host launch cost is what matters in training; this times the device side only).
-    o_idx = torch.randperm(n, device=dev)[: n // 100].sort().values.to(torch.int32)
-    o_val = torch.randn(n // 100, device=dev) * 0.05
     for knobs in (dict(layout="2pass"), dict(layout="3d", fused_outliers=True)):
         ms_, gbs = timed(triton_ops, grads["bf16"], outlier_idx=o_idx, outlier_val=o_val, **knobs)
         out["lion_sweep"].append({"grad": "bf16", "outliers": 0.01, **knobs, "ms": ms_, "gbs": gbs})
@@ -128,20 +147,20 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     out["lion_m4_ms"], out["lion_m4_gbs"] = timed(triton_ops, grads["bf16"], momentum_bits=4)
     out["lion_m4_outliers_ms"], out["lion_m4_outliers_gbs"] = timed(
         triton_ops, grads["bf16"], momentum_bits=4, outlier_idx=o_idx, outlier_val=o_val)
-    out["lion_m4_frac_of_copy"] = out["lion_m4_gbs"] / copy_gbs
+    out["lion_m4_frac_of_copy"] = out["lion_m4_gbs"] / copy
     print(f"  lion triton int4 momentum: {out['lion_m4_ms']:.3f} ms {out['lion_m4_gbs']:.0f} GB/s; with 1% "
           f"outliers {out['lion_m4_outliers_ms']:.3f} ms", flush=True)
     def outlier_sweep(sweep):  # 1% outliers fused, as in training
         rows = []
         for knobs in sweep if bits_sweep else []:
-            both = [timed(triton_ops, grads["bf16"], graph=graph, layout="3d", fused_outliers=True,
-                          outlier_idx=o_idx, outlier_val=o_val, **knobs) for graph in (False, True)]
-            (ms_, gbs), (ms_g, gbs_g) = both
+            (ms_, gbs), (ms_g, gbs_g) = (timed(triton_ops, grads["bf16"], graph=graph, layout="3d",
+                                               fused_outliers=True, outlier_idx=o_idx, outlier_val=o_val, **knobs)
+                                         for graph in (False, True))
             rows.append({"grad": "bf16", "outliers": 0.01, **knobs, "ms": ms_, "gbs": gbs,
-                         "frac_of_copy": gbs / copy_gbs, "ms_graph": ms_g, "gbs_graph": gbs_g,
-                         "frac_of_copy_graph": gbs_g / copy_gbs})
-            print(f"  lion triton with 1% outliers {knobs}: {ms_:.3f} ms {gbs / copy_gbs:.0%} of copy; "
-                  f"back to back {ms_g:.3f} ms {gbs_g / copy_gbs:.0%}", flush=True)
+                         "frac_of_copy": gbs / copy, "ms_graph": ms_g, "gbs_graph": gbs_g,
+                         "frac_of_copy_graph": gbs_g / copy})
+            print(f"  lion triton with 1% outliers {knobs}: {ms_:.3f} ms {gbs / copy:.0%} of copy; "
+                  f"back to back {ms_g:.3f} ms {gbs_g / copy:.0%}", flush=True)
         return rows
 
     out["lion_bits_sweep"] = outlier_sweep(BITS_SWEEP)
@@ -151,10 +170,8 @@ def bandwidths(dev, n=4096 * 11008, copy_numel=2**28, bits_sweep=False):
     out["lion_keep_outliers_sweep"] = outlier_sweep(KEEP_OUTLIERS_SWEEP)
     out["lion_torch_ms"], out["lion_torch_gbs"] = timed(torch_ops, grads["bf16"])
     out["lion_kernel_gbs"] = out["lion_triton_gbs"]
-    out["lion_kernel_frac_of_copy"] = out["lion_triton_gbs"] / copy_gbs
-    x = torch.randn(copy_numel, device=dev)  # again at the end: the clocks drift over a sweep
-    y = torch.empty_like(x)
-    out["copy_gbs_end"] = 2 * x.numel() * 4 / do_bench(lambda x=x, y=y: y.copy_(x), return_mode="median") / 1e6
+    out["lion_kernel_frac_of_copy"] = out["lion_triton_gbs"] / copy
+    out["copy_gbs_end"] = copy_gbs(dev, copy_numel)  # again at the end: the clocks drift over a sweep
     out["lion_bytes_per_param"] = round(4 + 2 + 2 * (1 / 128 + 1 / 256) * 4, 3)
     out["lion_m4_bytes_per_param"] = round(3 + 2 + 2 * (1 / 128 + 1 / 256) * 4, 3)
     return out

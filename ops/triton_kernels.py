@@ -353,10 +353,11 @@ def lion_kernel_3d(w_ptr, ws_ptr, m_ptr, ms_ptr, g_ptr, r_ptr, ok_ptr, n, lr, be
             oi = tl.load(oi_ptr + j + ob, mask=om, other=0).to(tl.int64)
             _outlier_zero(oi, om, w_ptr, r_ptr, OB, ROUNDING)
     # momentum: always stochastic (unbiased EMA)
+    inv_m = _sr_inv(ms_new)[None, :, None]
     if M4 and M4_VEC:
-        _store_m4_sr_tile(m_ptr, start, bytes_left, _sr_sum(m, _sr_inv(ms_new)[None, :, None], hm), RM, K, G)
+        _store_m4_sr_tile(m_ptr, start, bytes_left, _sr_sum(m, inv_m, hm), RM, K, G)
     elif M4:
-        _store_m(m_ptr, start, local, _sr_codes(m, _sr_inv(ms_new)[None, :, None], hm), mask, RM * K * G, M4)
+        _store_m(m_ptr, start, local, _sr_codes(m, inv_m, hm), mask, RM * K * G, M4)
     else:
-        _store_m(m_ptr, start, local, _sr_codes4(m, _sr_inv(ms_new)[None, :, None], hm), mask, RM * K * G, M4)
+        _store_m(m_ptr, start, local, _sr_codes4(m, inv_m, hm), mask, RM * K * G, M4)
     _store_rows(ms_ptr + start // (K * G) + rm, ms_new, bmask)

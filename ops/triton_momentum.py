@@ -4,7 +4,7 @@ per element or (M4_VEC) as whole byte tiles. Twin of reference.pack_int4 / quant
 import triton
 import triton.language as tl
 
-from .triton_rng import INTERPRETED, SR_PER_QMAX, SR_UNMAGIC2, _tile_groups
+from .triton_rng import INTERPRETED, SR_PER_QMAX, _sum_codes, _tile_groups
 
 # int4 momentum (M4): codes in [-7, 7], two per byte (element 2i in the low nibble, two's complement), as
 # reference.pack_int4. The SR scale is absmax / 7 with the same margin as SR_PER_QMAX.
@@ -87,12 +87,12 @@ def _load_m4_tile(m_ptr, start, bytes_left, RM: tl.constexpr, K: tl.constexpr, G
 
 @triton.jit
 def _store_m4_sr_tile(m_ptr, start, bytes_left, u, RM: tl.constexpr, K: tl.constexpr, G: tl.constexpr):
-    """_store_m4_tile of the codes triton_rng._sr_codes makes from the SR sums u (_sr_sum), the same bytes:
-    byte 2 of each sum holds its code's nibble (the 0x80 that _sr_codes adds leaves the low nibble alone),
+    """_store_m4_tile of the codes of the SR sums u (triton_rng._sr_sum, _sum_codes), the same bytes: byte 2
+    of each sum holds its code's nibble (the 0x80 that _sum_codes adds leaves the low nibble alone),
     so byte permutes gather four pairs' bytes and one shift and one LOP3 pack them, where the shifts and
     masks per element took ~2.5 instructions."""
     if INTERPRETED:
-        _store_m4_tile(m_ptr, start, bytes_left, ((u + SR_UNMAGIC2) >> 16).to(tl.int8), RM, K, G)
+        _store_m4_tile(m_ptr, start, bytes_left, _sum_codes(u), RM, K, G)
     else:
         lo, hi = tl.split(tl.reshape(u, (K, RM, G // 2, 2)))
         byte = tl.inline_asm_elementwise(

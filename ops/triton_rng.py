@@ -198,10 +198,16 @@ def _sr_sum(x, inv, h):
 
 
 @triton.jit
+def _sum_codes(u):
+    """int8 codes of SR sums u (_sr_sum): byte 2, less the doubled magic."""
+    return ((u + SR_UNMAGIC2) >> 16).to(tl.int8)
+
+
+@triton.jit
 def _sr_codes(x, inv, h):
     """int8 codes of x * inv / 2^15 (inv from _sr_inv), stochastically rounded with the 16-bit addend h
     (from _shares), as the comment above says."""
-    return ((_sr_sum(x, inv, h) + SR_UNMAGIC2) >> 16).to(tl.int8)
+    return _sum_codes(_sr_sum(x, inv, h))
 
 
 @triton.jit

@@ -45,12 +45,10 @@ def main():
     args = p.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import common
+    from lion_bandwidth import copy_gbs, lion_bytes
     dev = torch.device("cuda")
     n = 4096 * 11008
-    x = torch.randn(2**28, device=dev)
-    y = torch.empty_like(x)
-    copy = lambda: 2 * x.numel() * 4 / do_bench(lambda: y.copy_(x), return_mode="median") / 1e6  # noqa: E731
-    c0 = copy()
+    c0 = copy_gbs(dev)
     w = torch.randint(-127, 128, (n,), dtype=torch.int8, device=dev)
     m = torch.randint(-127, 128, (n,), dtype=torch.int8, device=dev)
     ws, ms = torch.rand(n // 128, device=dev), torch.rand(n // 256, device=dev)
@@ -59,9 +57,8 @@ def main():
     grid = (triton.cdiv(n, chunk),)
     t = do_bench(lambda: streams_kernel[grid](w, ws, m, ms, g, n, G=128, K=2, RM=chunk // 256, num_warps=4),
                  return_mode="median")
-    nbytes = n * (2 + 2 + 2) + 2 * (n // 128 + n // 256) * 4  # lion_bandwidth's count for int8 momentum
-    c1 = copy()
-    gbs = nbytes / t / 1e6
+    c1 = copy_gbs(dev)
+    gbs = lion_bytes(n) / t / 1e6
     print(json.dumps({**common.header(args.commit), "n": n, "chunk": chunk, "num_warps": 4, "ms": t, "gbs": gbs,
                       "copy_gbs": c0, "copy_gbs_end": c1, "frac_of_copy": gbs / c0}))
 

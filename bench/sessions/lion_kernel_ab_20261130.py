@@ -26,8 +26,8 @@ from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
-from lion_bandwidth import graph_ms  # noqa: E402
-from qft_ds.ops import get_ops, reference as ref  # noqa: E402
+from lion_bandwidth import copy_gbs, graph_ms, lion_bytes, weight_inputs  # noqa: E402
+from qft_ds.ops import get_ops  # noqa: E402
 from qft_ds.ops import triton_backend as tb  # noqa: E402
 from qft_ds.ops.triton_launch import Launcher  # noqa: E402
 
@@ -44,22 +44,14 @@ def main():
     names = args.kernels.split(",")
     kernels = {"head": None, **{v: Launcher(importlib.import_module(f"qft_ds.ops._lion_{v}").lion_kernel_3d)
                                 for v in names}}
-    x = torch.randn(2**28, device=dev)
-    y = torch.empty_like(x)
-    out = {**common.header(args.commit), "n": N, "rows": [],
-           "copy_gbs": 2 * x.numel() * 4 / do_bench(lambda: y.copy_(x), return_mode="median") / 1e6}
-    gen = torch.Generator(device=dev).manual_seed(0)
-    w0, ws0 = ref.quantize_blockwise(torch.randn(N, device=dev, generator=gen) * 0.02, 128)
-    moms = {8: ref.quantize_blockwise(torch.randn(N, device=dev, generator=gen) * 1e-3, 256),
-            4: ref.quantize_momentum(torch.randn(N, device=dev, generator=gen) * 1e-3, 256, 1, 0, bits=4)}
-    g = (torch.randn(N, device=dev, generator=gen) * 1e-2).bfloat16()
-    o_idx = torch.randperm(N, device=dev, generator=gen)[: N // 100].sort().values.to(torch.int32)
-    w0[o_idx.long()] = 0
-    o_val0 = torch.randn(N // 100, device=dev, generator=gen) * 0.05
+    out = {**common.header(args.commit), "n": N, "rows": [], "copy_gbs": copy_gbs(dev)}
+    inp = weight_inputs(dev, N, torch.Generator(device=dev).manual_seed(0))
+    w0, ws0, g, o_idx, o_val0 = inp["w"], inp["ws"], inp["g"], inp["o_idx"], inp["o_val"]
+    w0[o_idx.long()] = 0  # the hybrid invariant: an outlier's dense code is 0
+    moms = {8: inp["m8"], 4: inp["m4"]}
     norm = torch.tensor(0.5, device=dev)
     ops = get_ops("triton", dev)
     orig = tb._kernel
-    nbytes = {mb: N * (2 + 2 * mb / 8 + 2) + 2 * (N // 128 + N // 256) * 4 for mb in (8, 4)}
 
     def fresh(mb):
         return [w0.clone(), ws0.clone(), moms[mb][0].clone(), moms[mb][1].clone(), o_val0.clone()]
@@ -100,11 +92,12 @@ def main():
                 row["nan_norm_writes_nothing"] = all(torch.equal(a, b) for a, b in zip(fresh(mb), nan))
                 t_graph = graph_ms(step(fresh(mb), mb, kernels[name], rounds, True))
                 t_bench = do_bench(step(fresh(mb), mb, kernels[name], rounds, False), return_mode="median")
-                row.update(ms_graph=t_graph, frac_of_copy_graph=nbytes[mb] / t_graph / 1e6 / out["copy_gbs"],
-                           ms_do_bench=t_bench, frac_of_copy_do_bench=nbytes[mb] / t_bench / 1e6 / out["copy_gbs"])
+                nbytes = lion_bytes(N, mb)
+                row.update(ms_graph=t_graph, frac_of_copy_graph=nbytes / t_graph / 1e6 / out["copy_gbs"],
+                           ms_do_bench=t_bench, frac_of_copy_do_bench=nbytes / t_bench / 1e6 / out["copy_gbs"])
                 out["rows"].append(row)
                 print(json.dumps(row), flush=True)
-    out["copy_gbs_end"] = 2 * x.numel() * 4 / do_bench(lambda: y.copy_(x), return_mode="median") / 1e6
+    out["copy_gbs_end"] = copy_gbs(dev)
     print(f"wrote {common.write_result('lion_kernel_ab', out, args.out)}")
 
 
